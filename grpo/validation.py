@@ -1,0 +1,44 @@
+"""Config checks that run before any model loads; each message names the offending key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work, named by its key."""
+
+
+def _require(ok: bool, key: str, why: str, value: object) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {why}")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Reject values that would fail later (after minutes of model loading) or silently."""
+    alg, tr = cfg.algorithm, cfg.trainer
+    g = alg.num_responses_per_prompt
+    _require(g >= 2, "algorithm.num_responses_per_prompt", "must be >= 2 (group baseline)", g)
+    _require(0 < alg.clip_ratio < 1, "algorithm.clip_ratio", "must be in (0, 1)", alg.clip_ratio)
+    _require(alg.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0", alg.kl_coef)
+    _require(tr.learning_rate > 0, "trainer.learning_rate", "must be > 0", tr.learning_rate)
+    _require(tr.batch_size >= 1, "trainer.batch_size", "must be >= 1", tr.batch_size)
+    _require(tr.max_steps >= 1, "trainer.max_steps", "must be >= 1", tr.max_steps)
+    _require(tr.max_new_tokens > 0, "trainer.max_new_tokens", "must be > 0", tr.max_new_tokens)
+    _require(
+        tr.max_prompt_length > 0, "trainer.max_prompt_length", "must be > 0", tr.max_prompt_length
+    )
+    rows = tr.batch_size * g
+    _require(
+        tr.micro_batch_size >= 1 and rows % tr.micro_batch_size == 0,
+        "trainer.micro_batch_size",
+        f"must divide trainer.batch_size * algorithm.num_responses_per_prompt = {rows}",
+        tr.micro_batch_size,
+    )
+    _require(tr.device in ("auto", "cpu", "cuda"), "trainer.device", "auto|cpu|cuda", tr.device)
+    if cfg.data.get("path") is not None:
+        for split in ("train", "test"):
+            file = Path(cfg.data.path).expanduser() / f"{split}.jsonl"
+            _require(file.is_file(), "data.path", f"{split} file not found: {file}", cfg.data.path)
