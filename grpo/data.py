@@ -34,17 +34,20 @@ def _problem(rng: random.Random, operation: str, max_operand: int, max_factor: i
     if operation == "add":
         a, b = rng.randint(1, max_operand), rng.randint(1, max_operand)
         c, sign = a + b, "+"
-        question = f"{name} has {a} {item}s and gets {b} more. How many {item}s does {name} have now?"
+        question = (
+            f"{name} has {a} {item}s and gets {b} more. How many {item}s does {name} have now?"
+        )
     elif operation == "sub":
         a, b = sorted((rng.randint(1, max_operand), rng.randint(1, max_operand)), reverse=True)
         c, sign = a - b, "-"
-        question = f"{name} had {a} {item}s and gave away {b}. How many {item}s does {name} have left?"
+        question = (
+            f"{name} had {a} {item}s and gave away {b}. How many {item}s does {name} have left?"
+        )
     elif operation == "mul":
         a, b = rng.randint(2, max_factor), rng.randint(2, max_factor)
         c, sign = a * b, "*"
         question = (
-            f"{name} buys {a} bags with {b} {item}s in each bag. "
-            f"How many {item}s does {name} buy?"
+            f"{name} buys {a} bags with {b} {item}s in each bag. How many {item}s does {name} buy?"
         )
     else:
         raise ValueError(f"data.operations: unknown operation {operation!r} (add, sub, mul)")
@@ -105,7 +108,9 @@ def _validate(rows: list[dict], source: str, skip_invalid: bool) -> tuple[list[R
         if problem is None:
             kept.append({"question": row["question"], "answer": row["answer"]})
         elif not skip_invalid:
-            raise ValueError(f"{source}, line {line}: {problem} (set data.skip_invalid=true to skip)")
+            raise ValueError(
+                f"{source}, line {line}: {problem} (set data.skip_invalid=true to skip)"
+            )
     return kept, len(rows) - len(kept)
 
 

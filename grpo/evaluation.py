@@ -68,8 +68,13 @@ def evaluate(
             policy.tokenizer, [r["question"] for r in chunk], policy.use_chat_template
         )
         rollout = generate(
-            policy.model, policy.tokenizer, prompts, max_new_tokens=max_new_tokens,
-            max_prompt_length=max_prompt_length, do_sample=False, stop_pattern=stop_pattern,
+            policy.model,
+            policy.tokenizer,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            max_prompt_length=max_prompt_length,
+            do_sample=False,
+            stop_pattern=stop_pattern,
         )
         answers = [r["answer"] for r in chunk]
         scored = score_completions(rollout.texts, answers, reward_fn, rollout.lengths.tolist())

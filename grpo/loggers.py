@@ -14,7 +14,11 @@ class RunLogger:
     """Writes every logged number to `run_dir/metrics.jsonl` and shows a progress bar."""
 
     def __init__(
-        self, run_dir: str | Path, max_steps: int, run_config: dict[str, Any], progress_bar: bool = True
+        self,
+        run_dir: str | Path,
+        max_steps: int,
+        run_config: dict[str, Any],
+        progress_bar: bool = True,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"

@@ -20,7 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -111,7 +116,10 @@ def tiny_checkpoint(
         )
         bpe.train_from_iterator(_tiny_tokenizer_corpus(), trainer)
         tokenizer = PreTrainedTokenizerFast(
-            tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+            tokenizer_object=bpe,
+            unk_token="<unk>",
+            bos_token="<s>",
+            eos_token="</s>",
             pad_token="<pad>",
         )
         config = LlamaConfig(

@@ -35,8 +35,12 @@ class Rollout:
     def rows(self, index: slice) -> Rollout:
         """The rollout restricted to rows `index` (a micro-batch)."""
         return Rollout(
-            self.prompt_ids[index], self.prompt_mask[index], self.completion_ids[index],
-            self.completion_mask[index], self.truncated[index], self.texts[index],
+            self.prompt_ids[index],
+            self.prompt_mask[index],
+            self.completion_ids[index],
+            self.completion_mask[index],
+            self.truncated[index],
+            self.texts[index],
         )
 
 
@@ -65,7 +69,9 @@ class StopOnPattern(StoppingCriteria):
             if row in self.stopped_at:
                 done[row] = True
                 continue
-            text = self.tokenizer.decode(input_ids[row, self.prompt_len :], skip_special_tokens=True)
+            text = self.tokenizer.decode(
+                input_ids[row, self.prompt_len :], skip_special_tokens=True
+            )
             if self.pattern.search(text):
                 self.stopped_at[row] = input_ids.shape[1] - self.prompt_len
                 done[row] = True
@@ -89,8 +95,12 @@ def generate(
     """Sample `num_return_sequences` completions per prompt, rows grouped by prompt."""
     device = next(model.parameters()).device
     enc = tokenizer(
-        prompts, return_tensors="pt", padding=True, add_special_tokens=False,
-        truncation=True, max_length=max_prompt_length,
+        prompts,
+        return_tensors="pt",
+        padding=True,
+        add_special_tokens=False,
+        truncation=True,
+        max_length=max_prompt_length,
     ).to(device)
     prompt_ids = enc.input_ids.repeat_interleave(num_return_sequences, 0)
     prompt_mask = enc.attention_mask.repeat_interleave(num_return_sequences, 0)
@@ -148,10 +158,17 @@ def token_logprobs(
     mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], 1)
     position_ids = (mask.cumsum(1) - 1).clamp(min=0)
     t = rollout.completion_ids.shape[1]
-    logits = model(
-        input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=t + 1,
-        use_cache=False,
-    ).logits[:, :-1].float()
+    logits = (
+        model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            logits_to_keep=t + 1,
+            use_cache=False,
+        )
+        .logits[:, :-1]
+        .float()
+    )
     if temperature != 1.0:
         logits = logits / temperature
     chosen = logits.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)

@@ -74,14 +74,21 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     optimizer = instantiate(tr.optimizer)(trainable)
     scheduler = instantiate(tr.scheduler)(optimizer)
     logger = instantiate(cfg.logging, _partial_=True)(
-        run_dir=run_dir, max_steps=tr.max_steps, run_config=OmegaConf.to_container(cfg, resolve=True)
+        run_dir=run_dir,
+        max_steps=tr.max_steps,
+        run_config=OmegaConf.to_container(cfg, resolve=True),
     )
     scale = cfg.algorithm.advantage_scale if cfg.algorithm.advantage_normalization else "none"
 
     def run_eval(step: int) -> dict[str, float]:
         metrics, _ = evaluate(
-            policy, data.test, reward_fn, tr.eval_max_new_tokens, tr.eval_batch_size,
-            tr.max_prompt_length, tr.stop_pattern,
+            policy,
+            data.test,
+            reward_fn,
+            tr.eval_max_new_tokens,
+            tr.eval_batch_size,
+            tr.max_prompt_length,
+            tr.stop_pattern,
         )
         logger.log(step, metrics)
         return metrics
@@ -96,8 +103,16 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             policy.tokenizer, [r["question"] for r in rows[::g]], policy.use_chat_template
         )
         rollout = generate(
-            policy.model, policy.tokenizer, prompts, g, tr.max_new_tokens, tr.max_prompt_length,
-            tr.temperature, tr.top_p, stop_pattern=tr.stop_pattern, min_new_tokens=tr.min_new_tokens,
+            policy.model,
+            policy.tokenizer,
+            prompts,
+            g,
+            tr.max_new_tokens,
+            tr.max_prompt_length,
+            tr.temperature,
+            tr.top_p,
+            stop_pattern=tr.stop_pattern,
+            min_new_tokens=tr.min_new_tokens,
         )
         t1 = time.perf_counter()
         # 3. Score. 4. Group advantages.
@@ -107,8 +122,15 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         t2 = time.perf_counter()
         # 5. Policy update.
         stats = policy_update(
-            policy, rollout, advantages, loss_fn, optimizer, reference, tr.micro_batch_size,
-            tr.max_grad_norm, tr.temperature,
+            policy,
+            rollout,
+            advantages,
+            loss_fn,
+            optimizer,
+            reference,
+            tr.micro_batch_size,
+            tr.max_grad_norm,
+            tr.temperature,
         )
         scheduler.step()
         t3 = time.perf_counter()
@@ -116,15 +138,17 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         metrics = {f"train/{k}": v for k, v in stats.items()}
         metrics.update(reward_metrics(rewards, scores.parts, g))
         metrics.update(completion_metrics(rollout))
-        metrics.update({
-            "train/learning_rate": scheduler.get_last_lr()[0],
-            "train/epoch": sampler.epoch,
-            "time/generate_s": t1 - t0,
-            "time/score_s": t2 - t1,
-            "time/update_s": t3 - t2,
-            "time/step_s": t3 - t0,
-            "time/tokens_per_s": float(rollout.lengths.sum()) / (t3 - t0),
-        })
+        metrics.update(
+            {
+                "train/learning_rate": scheduler.get_last_lr()[0],
+                "train/epoch": sampler.epoch,
+                "time/generate_s": t1 - t0,
+                "time/score_s": t2 - t1,
+                "time/update_s": t3 - t2,
+                "time/step_s": t3 - t0,
+                "time/tokens_per_s": float(rollout.lengths.sum()) / (t3 - t0),
+            }
+        )
         logger.log(step, metrics)
         if tr.eval_every and step % tr.eval_every == 0 and step < tr.max_steps:
             run_eval(step)

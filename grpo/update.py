@@ -70,13 +70,21 @@ def policy_update(
         logp, entropy = token_logprobs(model, micro, temperature, with_entropy=True)
         ref = reference(micro) if reference is not None else None
         loss, stats = loss_fn(
-            logp, None, ref, advantages[rows], micro.completion_mask, entropy=entropy,
-            num_sequences=n, num_tokens=num_tokens,
+            logp,
+            None,
+            ref,
+            advantages[rows],
+            micro.completion_mask,
+            entropy=entropy,
+            num_sequences=n,
+            num_tokens=num_tokens,
         )
         loss.backward()
         weight = float(micro.completion_mask.sum()) / max(num_tokens, 1)
         for key, value in stats.items():
-            totals[key] = totals.get(key, 0.0) + (value if key in ADDITIVE_STATS else value * weight)
+            totals[key] = totals.get(key, 0.0) + (
+                value if key in ADDITIVE_STATS else value * weight
+            )
     params = [p for p in model.parameters() if p.requires_grad]
     limit = max_grad_norm if max_grad_norm is not None else math.inf
     totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, limit))

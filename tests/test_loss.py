@@ -1,0 +1,263 @@
+import math
+
+import pytest
+import torch
+
+from grpo.loss import AGGREGATIONS, GRPOLoss, kl_k3
+
+MAX_LEN = 7
+
+
+def random_batch(seed: int, batch: int = 6, length: int = MAX_LEN) -> dict[str, torch.Tensor]:
+    """Float64 inputs with ragged masks (rows 0 and 3 have a single token) and junk padding."""
+    gen = torch.Generator().manual_seed(seed)
+    logprobs = -3 * torch.rand(batch, length, generator=gen, dtype=torch.float64)
+    lengths = torch.randint(1, length + 1, (batch,), generator=gen)
+    lengths[0] = lengths[3] = 1
+    lengths[1] = length
+    # Log-ratios of spread 0.8 clip many tokens; token (1, 0) has ratio e^1.5 > 3 and A < 0,
+    # so the dual clip c = 3 is active somewhere.
+    old_logprobs = logprobs + 0.8 * torch.randn(batch, length, generator=gen)
+    old_logprobs[1, 0] = logprobs[1, 0] - 1.5
+    advantages = torch.randn(batch, generator=gen, dtype=torch.float64)
+    advantages[1] = -advantages[1].abs()
+    return {
+        "logprobs": logprobs,
+        "old_logprobs": old_logprobs,
+        "ref_logprobs": logprobs + 0.3 * torch.randn(batch, length, generator=gen),
+        "advantages": advantages,
+        "mask": torch.arange(length) < lengths.unsqueeze(1),
+        "entropy": 2 * torch.rand(batch, length, generator=gen, dtype=torch.float64),
+    }
+
+
+def reference_loss(
+    inputs: dict[str, torch.Tensor],
+    *,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: float | None,
+    beta: float,
+    entropy_coef: float,
+    aggregation: str,
+) -> tuple[float, float]:
+    """DeepSeekMath eq. 3/4 with explicit loops over python floats: (loss, clip fraction)."""
+    logp, old, ref, ent, mask = (
+        inputs[k].tolist() for k in ("logprobs", "old_logprobs", "ref_logprobs", "entropy", "mask")
+    )
+    advantages = inputs["advantages"].tolist()
+    sequence_sums, sequence_lengths, clipped = [], [], 0
+    for i, a in enumerate(advantages):
+        total, n = 0.0, 0
+        for t in range(len(logp[i])):
+            if not mask[i][t]:
+                continue
+            ratio = math.exp(logp[i][t] - old[i][t])
+            clipped_ratio = min(max(ratio, 1 - clip_low), 1 + clip_high)
+            surrogate = min(ratio * a, clipped_ratio * a)
+            clipped += clipped_ratio * a < ratio * a
+            if dual_clip is not None and a < 0:
+                surrogate = max(surrogate, dual_clip * a)
+            d = ref[i][t] - logp[i][t]
+            kl = math.exp(d) - d - 1
+            total += -(surrogate - beta * kl) - entropy_coef * ent[i][t]
+            n += 1
+        sequence_sums.append(total)
+        sequence_lengths.append(n)
+    num_sequences, num_tokens = len(advantages), sum(sequence_lengths)
+    if aggregation == "seq_mean_token_mean":
+        per_sequence = [s / n for s, n in zip(sequence_sums, sequence_lengths, strict=True)]
+        loss = sum(per_sequence) / num_sequences
+    elif aggregation == "token_mean":
+        loss = sum(sequence_sums) / num_tokens
+    else:
+        loss = sum(s / MAX_LEN for s in sequence_sums) / num_sequences
+    return loss, clipped / num_tokens
+
+
+@pytest.mark.parametrize("aggregation", sorted(AGGREGATIONS))
+@pytest.mark.parametrize("dual_clip", [None, 3.0])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_loss_matches_loop_reference(aggregation, dual_clip, seed):
+    inputs = random_batch(seed)
+    hyper = {"clip_low": 0.2, "clip_high": 0.28, "beta": 0.04, "entropy_coef": 0.01}
+    loss_fn = GRPOLoss(
+        clip_ratio_low=hyper["clip_low"],
+        clip_ratio_high=hyper["clip_high"],
+        dual_clip=dual_clip,
+        kl_coef=hyper["beta"],
+        entropy_coef=hyper["entropy_coef"],
+        aggregation=aggregation,
+        max_completion_length=MAX_LEN,
+    )
+    loss, stats = loss_fn(**inputs)
+    expected, clip_fraction = reference_loss(
+        inputs, dual_clip=dual_clip, aggregation=aggregation, **hyper
+    )
+    assert loss.dtype == torch.float64
+    assert abs(loss.item() - expected) < 1e-6
+    assert abs(stats["total_loss"] - expected) < 1e-6
+    assert abs(stats["clip_fraction"] - clip_fraction) < 1e-12
+    assert stats["clip_fraction"] > 0
+    if dual_clip is not None:
+        assert stats["dual_clip_fraction"] > 0
+    recombined = stats["policy_loss"] + stats["kl_penalty"] - stats["entropy_bonus"]
+    assert abs(recombined - stats["total_loss"]) < 1e-12
+    assert all(isinstance(v, float) for v in stats.values())
+
+
+@pytest.mark.parametrize("aggregation", sorted(AGGREGATIONS))
+def test_gradcheck_wrt_logprobs(aggregation):
+    inputs = random_batch(seed=3, batch=4, length=4)
+    logprobs = inputs.pop("logprobs").requires_grad_()
+    loss_fn = GRPOLoss(
+        clip_ratio_low=0.2,
+        clip_ratio_high=0.28,
+        dual_clip=3.0,
+        kl_coef=0.1,
+        entropy_coef=0.01,
+        aggregation=aggregation,
+        max_completion_length=4,
+    )
+    assert torch.autograd.gradcheck(lambda lp: loss_fn(lp, **inputs)[0], (logprobs,))
+
+
+def test_on_policy_loss_is_minus_mean_advantage_with_nonzero_gradient():
+    inputs = random_batch(seed=4)
+    logprobs = inputs["logprobs"].requires_grad_()
+    advantages, mask = inputs["advantages"], inputs["mask"]
+    loss, stats = GRPOLoss(kl_coef=0.0)(logprobs, None, None, advantages, mask)
+    assert abs(loss.item() + advantages.mean().item()) < 1e-12
+    assert stats["ratio_mean"] == 1.0 and stats["clip_fraction"] == 0.0
+    loss.backward()
+    # d/dlogp of -(1/B) sum_i (1/|o_i|) sum_t r A_i with r = 1 is -A_i / (B |o_i|).
+    lengths = mask.sum(1, keepdim=True)
+    expected = torch.where(mask, -advantages.unsqueeze(1) / (len(advantages) * lengths), 0.0)
+    torch.testing.assert_close(logprobs.grad, expected)
+    assert logprobs.grad.abs().sum() > 0
+
+
+def single_token_grads(ratios, advantages, **loss_kwargs):
+    """Gradient of the loss w.r.t. each row's single token with the given ratio and advantage."""
+    logprobs = torch.tensor(ratios, dtype=torch.float64).log().unsqueeze(1).requires_grad_()
+    loss, stats = GRPOLoss(kl_coef=0.0, **loss_kwargs)(
+        logprobs,
+        torch.zeros_like(logprobs),
+        None,
+        torch.tensor(advantages, dtype=torch.float64),
+        torch.ones_like(logprobs, dtype=torch.bool),
+    )
+    loss.backward()
+    return logprobs.grad.squeeze(1), stats
+
+
+def test_clipped_in_direction_of_advantage_has_zero_gradient():
+    grads, stats = single_token_grads([1.5, 0.5, 1.5, 0.5], [1.0, -1.0, -1.0, 1.0])
+    assert grads[0] == 0  # ratio > 1 + eps and A > 0: no push further up
+    assert grads[1] == 0  # ratio < 1 - eps and A < 0: no push further down
+    # Clipped against the advantage: the unclipped term wins the min, d(-r A)/dlogp / B = -r A / 4.
+    torch.testing.assert_close(grads[2:], torch.tensor([0.375, -0.125], dtype=torch.float64))
+    assert stats["clip_fraction"] == 0.5
+
+
+def test_clip_higher_lets_rare_tokens_grow():
+    symmetric, _ = single_token_grads([1.25], [1.0], clip_ratio=0.2)
+    clip_higher, _ = single_token_grads([1.25], [1.0], clip_ratio_low=0.2, clip_ratio_high=0.28)
+    assert symmetric[0] == 0
+    assert clip_higher[0] == pytest.approx(-1.25)
+
+
+def test_dual_clip_bounds_negative_advantage_tokens():
+    plain, _ = single_token_grads([4.0, 4.0], [-1.0, 1.0])
+    dual, stats = single_token_grads([4.0, 4.0], [-1.0, 1.0], dual_clip=3.0)
+    assert plain[0] == pytest.approx(2.0)  # -r A / B = 4 / 2: unbounded without the dual clip
+    assert dual[0] == 0
+    assert plain[1] == dual[1] == 0  # A > 0 is clipped as usual, the dual clip does not apply
+    assert stats["dual_clip_fraction"] == 0.5
+
+
+def test_kl_is_nonnegative_and_zero_at_reference():
+    gen = torch.Generator().manual_seed(5)
+    logprobs = -5 * torch.rand(1000, generator=gen)
+    assert (kl_k3(logprobs, logprobs + 3 * torch.randn(1000, generator=gen)) >= 0).all()
+    assert torch.equal(kl_k3(logprobs, logprobs), torch.zeros(1000))
+    # Tiny float32 log-ratios, where exp(d) - d - 1 would round below zero.
+    tiny = torch.logspace(-9, -3, 50)
+    assert (kl_k3(torch.zeros(50), tiny) >= 0).all()
+    assert (kl_k3(torch.zeros(50), -tiny) >= 0).all()
+    inputs = random_batch(seed=5)
+    inputs["ref_logprobs"] = inputs["logprobs"].clone()
+    _, stats = GRPOLoss(entropy_coef=0.01)(**inputs)
+    assert stats["kl_penalty"] == stats["kl_mean"] == stats["kl_std"] == 0.0
+
+
+@pytest.mark.parametrize("aggregation", sorted(AGGREGATIONS))
+def test_micro_batches_sum_to_full_batch(aggregation):
+    inputs = random_batch(seed=6)
+    loss_fn = GRPOLoss(
+        dual_clip=3.0, entropy_coef=0.01, aggregation=aggregation, max_completion_length=MAX_LEN
+    )
+    logprobs = inputs.pop("logprobs").requires_grad_()
+    full, _ = loss_fn(logprobs, **inputs)
+    (full_grad,) = torch.autograd.grad(full, logprobs)
+
+    totals = {"num_sequences": 6, "num_tokens": int(inputs["mask"].sum())}
+    micro_losses = []
+    for rows in (slice(0, 2), slice(2, 6)):
+        micro = {k: v[rows] for k, v in inputs.items()}
+        loss, stats = loss_fn(logprobs[rows], **micro, **totals)
+        assert stats["total_loss"] == loss.item()
+        micro_losses.append(loss)
+    accumulated = sum(micro_losses)
+    (accumulated_grad,) = torch.autograd.grad(accumulated, logprobs)
+    torch.testing.assert_close(accumulated, full, rtol=0, atol=1e-12)
+    torch.testing.assert_close(accumulated_grad, full_grad, rtol=0, atol=1e-12)
+
+
+def test_dr_grpo_gradient_is_independent_of_length():
+    # Two completions with the same advantage, of 2 and 8 tokens, on-policy, no KL.
+    logprobs = torch.full((2, 8), -1.0, dtype=torch.float64, requires_grad=True)
+    mask = torch.arange(8) < torch.tensor([[2], [8]])
+    advantages = torch.tensor([1.0, 1.0], dtype=torch.float64)
+
+    def first_token_grads(aggregation):
+        loss_fn = GRPOLoss(kl_coef=0.0, aggregation=aggregation, max_completion_length=8)
+        (grad,) = torch.autograd.grad(loss_fn(logprobs, None, None, advantages, mask)[0], logprobs)
+        return grad[:, 0]
+
+    short, long = first_token_grads("seq_mean_token_sum_norm")
+    assert short == long == -1.0 / (2 * 8)
+    short, long = first_token_grads("seq_mean_token_mean")
+    assert short == -1.0 / (2 * 2) and long == -1.0 / (2 * 8)  # 1/length: short tokens weigh 4x
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"clip_ratio": 0.0}, "^clip_ratio must"),
+        ({"clip_ratio": 1.0}, "^clip_ratio must"),
+        ({"clip_ratio_low": 1.0}, "^clip_ratio_low"),
+        ({"clip_ratio_high": 0.0}, "^clip_ratio_high"),
+        ({"dual_clip": 1.0}, "^dual_clip"),
+        ({"kl_coef": -0.1}, "^kl_coef"),
+        ({"entropy_coef": -0.1}, "^entropy_coef"),
+        ({"aggregation": "sum"}, "^aggregation .*seq_mean_token_sum_norm.*token_mean"),
+        ({"aggregation": "seq_mean_token_sum_norm"}, "^max_completion_length"),
+        ({"max_completion_length": 0}, "^max_completion_length"),
+    ],
+)
+def test_invalid_hyperparameters_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        GRPOLoss(**kwargs)
+
+
+def test_invalid_inputs_name_the_argument():
+    inputs = random_batch(seed=7)
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        GRPOLoss(kl_coef=0.04)(**{**inputs, "ref_logprobs": None})
+    with pytest.raises(ValueError, match="entropy"):
+        GRPOLoss(entropy_coef=0.01)(**{**inputs, "entropy": None})
+    with pytest.raises(ValueError, match="advantages"):
+        GRPOLoss()(**{**inputs, "advantages": inputs["advantages"][:3]})
+    with pytest.raises(ValueError, match="mask"):
+        GRPOLoss()(**{**inputs, "mask": inputs["mask"][:, :3]})
