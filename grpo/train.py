@@ -80,7 +80,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     )
     scale = cfg.algorithm.advantage_scale if cfg.algorithm.advantage_normalization else "none"
 
-    def run_eval(step: int) -> dict[str, float]:
+    def run_eval() -> dict[str, float]:
         metrics, _ = evaluate(
             policy,
             data.test,
@@ -90,10 +90,10 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             tr.max_prompt_length,
             tr.stop_pattern,
         )
-        logger.log(step, metrics)
         return metrics
 
-    before = run_eval(0)
+    before = run_eval()
+    after: dict[str, float] = {}
     for step in range(1, tr.max_steps + 1):
         t0 = time.perf_counter()
         # 1-2. Sample prompts, generate G completions each (rows grouped by prompt).
@@ -149,11 +149,11 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
                 "time/tokens_per_s": float(rollout.lengths.sum()) / (t3 - t0),
             }
         )
+        if step == tr.max_steps or (tr.eval_every and step % tr.eval_every == 0):
+            after = run_eval()
+            metrics.update(after)
         logger.log(step, metrics)
-        if tr.eval_every and step % tr.eval_every == 0 and step < tr.max_steps:
-            run_eval(step)
 
-    after = run_eval(tr.max_steps)
     logger.close()
     policy.model.save_pretrained(run_dir / "model")
     policy.tokenizer.save_pretrained(run_dir / "model")
