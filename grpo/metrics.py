@@ -1,10 +1,14 @@
-"""Per-step numbers about a scored rollout, under the names the logs use."""
+"""Per-step numbers about a scored rollout, under the names the logs use, and sample records."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
 from grpo.advantages import group_reward_spread
+from grpo.answer import ANSWER_MARKER
+from grpo.rewards import RewardOutput
 from grpo.rollout import Rollout
 
 
@@ -37,3 +41,36 @@ def completion_metrics(rollout: Rollout) -> dict[str, float]:
         "completions/max_length": lengths.max().item(),
         "completions/truncated_fraction": rollout.truncated.double().mean().item(),
     }
+
+
+def parameter_norm(parameters: list[torch.Tensor]) -> float:
+    """Global L2 norm of `parameters` (e.g. the trainable ones), for model monitoring."""
+    with torch.no_grad():
+        return torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(p.detach().float()) for p in parameters])
+        ).item()
+
+
+def final_answer(answer: str) -> str:
+    """The ground truth as written after the last `####` (the whole text when there is none)."""
+    return answer.rsplit(ANSWER_MARKER, 1)[-1].strip()
+
+
+def sample_records(
+    rows: list[dict[str, str]],
+    texts: list[str],
+    scores: RewardOutput,
+    advantages: torch.Tensor,
+) -> list[dict[str, Any]]:
+    """One record per completion for sample tables: prompt, completion, truth, reward, parts."""
+    return [
+        {
+            "prompt": row["question"],
+            "completion": text,
+            "ground_truth": final_answer(row["answer"]),
+            "reward": scores.total[i],
+            "advantage": advantages[i].item(),
+            "parts": {name: values[i] for name, values in scores.parts.items()},
+        }
+        for i, (row, text) in enumerate(zip(rows, texts, strict=True))
+    ]

@@ -12,8 +12,11 @@ import re
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria
 
+from grpo import fast_generate
 from grpo.prompts import chat_messages, format_prompt
 
 
@@ -91,8 +94,16 @@ def generate(
     do_sample: bool = True,
     stop_pattern: str | None = None,
     min_new_tokens: int = 0,
+    backend: str = "lean",
 ) -> Rollout:
-    """Sample `num_return_sequences` completions per prompt, rows grouped by prompt."""
+    """Sample `num_return_sequences` completions per prompt, rows grouped by prompt.
+
+    `backend`: "lean" decodes with `grpo.fast_generate.sample` where it supports the model
+    (same greedy tokens as transformers, less overhead per token), else with transformers'
+    `generate`; "transformers" always uses `generate`.
+    """
+    if backend not in ("lean", "transformers"):
+        raise ValueError(f"trainer.generation_backend={backend!r}: expected lean | transformers")
     device = next(model.parameters()).device
     enc = tokenizer(
         prompts,
@@ -106,19 +117,34 @@ def generate(
     prompt_mask = enc.attention_mask.repeat_interleave(num_return_sequences, 0)
     prompt_len = prompt_ids.shape[1]
     stop = StopOnPattern(tokenizer, stop_pattern, prompt_len) if stop_pattern else None
-    sampling = {"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}
-    out = model.generate(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=min_new_tokens,
-        do_sample=do_sample,
-        stopping_criteria=[stop] if stop else None,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        use_cache=True,
-        **sampling,
-    )
+    if backend == "lean" and fast_generate.supports(model):
+        out, _ = fast_generate.sample(
+            model,
+            prompt_ids,
+            prompt_mask,
+            max_new_tokens,
+            tokenizer.eos_token_id,
+            tokenizer.pad_token_id,
+            min_new_tokens,
+            temperature,
+            top_p,
+            do_sample,
+            stop,
+        )
+    else:
+        sampling = {"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}
+        out = model.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            do_sample=do_sample,
+            stopping_criteria=[stop] if stop else None,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            use_cache=True,
+            **sampling,
+        )
     completion_ids = out[:, prompt_len:]
     lengths, truncated = _completion_lengths(
         completion_ids, tokenizer.eos_token_id, stop.stopped_at if stop else {}
@@ -147,16 +173,58 @@ def token_logprobs(
     rollout: Rollout,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    entropy_grad: bool = False,
+    chunk_logits: int = 2**24,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (N, T) of the completion tokens under `model`, at the sampling temperature.
 
-    Only the logits of completion positions are computed (`logits_to_keep`), and log-probs are
-    gathered as `logit - logsumexp` so no full log-softmax tensor is kept for backward.
-    Entropy (N, T), when asked, is computed without gradient, for logging.
+    For Llama/Qwen2/Qwen3 models the backbone runs once and the LM head only at sampled
+    completion tokens (padding skipped), in chunks of at most `chunk_logits` logits (tokens x
+    vocabulary; 0 = one chunk) that are recomputed in backward: no (N, T, V) tensor is ever
+    held. Other models compute the completion positions' logits (`logits_to_keep`). Padding
+    positions get log-prob 0. Entropy (N, T), when asked, is computed without gradient, for
+    logging, unless `entropy_grad` (an entropy bonus in the loss needs its gradient).
     """
     ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)
     mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], 1)
     position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+    t = rollout.completion_ids.shape[1]
+    lm = fast_generate.causal_lm(model)
+    head = lm.get_output_embeddings()
+    if (
+        lm.config.model_type not in fast_generate.SUPPORTED_MODEL_TYPES
+        or type(head) is not nn.Linear
+    ):
+        return _logprobs_from_logits(
+            model, ids, mask, position_ids, rollout, temperature, with_entropy, entropy_grad
+        )
+    hidden = getattr(lm, lm.base_model_prefix)(
+        input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state[:, -(t + 1) : -1]
+    valid = rollout.completion_mask.bool()
+    rows = max(1, chunk_logits // head.out_features) if chunk_logits else int(valid.sum())
+    logp, entropy = _ChunkedLogProbs.apply(
+        hidden[valid], head.weight, rollout.completion_ids[valid], temperature, with_entropy, rows
+    )
+    logp = hidden.new_zeros(valid.shape, dtype=torch.float32).masked_scatter(valid, logp)
+    if not with_entropy:
+        return logp, None
+    if not (entropy_grad and torch.is_grad_enabled()):
+        entropy = entropy.detach()
+    return logp, hidden.new_zeros(valid.shape, dtype=torch.float32).masked_scatter(valid, entropy)
+
+
+def _logprobs_from_logits(
+    model: PreTrainedModel,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    rollout: Rollout,
+    temperature: float,
+    with_entropy: bool,
+    entropy_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`token_logprobs` for any model: the logits of the completion positions at once."""
     t = rollout.completion_ids.shape[1]
     logits = (
         model(
@@ -172,10 +240,65 @@ def token_logprobs(
     if temperature != 1.0:
         logits = logits / temperature
     chosen = logits.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
-    logp = chosen - logits.logsumexp(-1)
+    valid = rollout.completion_mask.bool()
+    logp = torch.where(valid, chosen - logits.logsumexp(-1), 0.0)
     entropy = None
     if with_entropy:
-        with torch.no_grad():
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
             p = logits.softmax(-1)
-            entropy = -(p * torch.log_softmax(logits, -1)).sum(-1)
+            entropy = torch.where(valid, -(p * torch.log_softmax(logits, -1)).sum(-1), 0.0)
     return logp, entropy
+
+
+class _ChunkedLogProbs(torch.autograd.Function):
+    """Log-probs (and entropies) of chosen tokens from final hidden states, chunk by chunk.
+
+    Forward keeps only the hidden states and each row's logsumexp; backward recomputes a
+    chunk's logits and applies d logp / d z = (onehot - p) / temperature and
+    d H / d z = -p (log p + H) / temperature.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, ids, temperature, with_entropy, rows):
+        n = ids.shape[0]
+        logp, lse = (hidden.new_empty(n, dtype=torch.float32) for _ in range(2))
+        entropy = hidden.new_zeros(n, dtype=torch.float32)
+        for start in range(0, n, rows):
+            part = slice(start, start + rows)
+            logits = _head_logits(hidden[part], weight, temperature)
+            lse[part] = logits.logsumexp(-1)
+            logp[part] = logits.gather(1, ids[part, None])[:, 0] - lse[part]
+            if with_entropy:
+                entropy[part] = lse[part] - (torch.exp(logits - lse[part, None]) * logits).sum(-1)
+        ctx.save_for_backward(hidden, weight, ids, lse, entropy)
+        ctx.temperature, ctx.rows = temperature, rows
+        ctx.set_materialize_grads(False)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, ids, lse, entropy = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        for start in range(0, ids.shape[0], ctx.rows):
+            part = slice(start, start + ctx.rows)
+            log_p = _head_logits(hidden[part], weight, ctx.temperature) - lse[part, None]
+            p = log_p.exp()
+            grad = torch.zeros_like(p)
+            if grad_logp is not None:
+                grad -= p * grad_logp[part, None]
+                grad.scatter_add_(1, ids[part, None], grad_logp[part, None])
+            if grad_entropy is not None:
+                grad -= p * (log_p + entropy[part, None]) * grad_entropy[part, None]
+            grad = (grad / ctx.temperature).to(hidden.dtype)
+            if grad_hidden is not None:
+                grad_hidden[part] = grad @ weight
+            if grad_weight is not None:
+                grad_weight.addmm_(grad.T, hidden[part])
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def _head_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Float32 logits of the LM head, divided by the temperature."""
+    logits = F.linear(hidden, weight).float()
+    return logits / temperature if temperature != 1.0 else logits

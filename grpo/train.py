@@ -32,9 +32,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from grpo.advantages import group_advantages
-from grpo.evaluation import evaluate
-from grpo.metrics import completion_metrics, reward_metrics
+from grpo.checkpoint import Checkpointer, start_run
+from grpo.comparison import compare_models
+from grpo.dynamic_sampling import ScoredRollout, sample_groups
+from grpo.metrics import completion_metrics, parameter_norm, reward_metrics, sample_records
 from grpo.rollout import generate, render_prompts
+from grpo.run_info import job_threads
 from grpo.update import make_reference, policy_update
 from grpo.validation import validate_config
 
@@ -57,19 +60,25 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     """Run GRPO as configured, writing into `run_dir`; returns `cfg.objective` from the end."""
     validate_config(cfg)
     tr, g = cfg.trainer, cfg.algorithm.num_responses_per_prompt
-    if tr.num_threads:
-        torch.set_num_threads(tr.num_threads)
+    if threads := job_threads(tr.num_threads):  # null: the job's share of cores in a sweep
+        torch.set_num_threads(threads)
+    resume = start_run(cfg, run_dir)  # metadata; None = fresh run, refused over an existing one
     seed_everything(cfg.seed)
 
     # Build: data, reward, loss, sampler, policy (+ reference), optimiser, logger.
     data = instantiate(cfg.data)
     reward_fn = instantiate(cfg.reward)
+    evaluator = instantiate(cfg.eval.heldout)
     loss_fn = instantiate(cfg.algorithm.loss)
     sampler = instantiate(
         cfg.algorithm.sampler, num_prompts=len(data.train), batch_size=tr.batch_size, seed=cfg.seed
     )
     policy = instantiate(cfg.model, device=resolve_device(tr.device))
-    reference = make_reference(policy, tr.temperature) if cfg.algorithm.kl_coef > 0 else None
+    reference = (
+        make_reference(policy, tr.temperature, **cfg.algorithm.reference_update)
+        if cfg.algorithm.kl_coef > 0
+        else None
+    )
     trainable = [p for p in policy.model.parameters() if p.requires_grad]
     optimizer = instantiate(tr.optimizer)(trainable)
     scheduler = instantiate(tr.scheduler)(optimizer)
@@ -81,46 +90,58 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     scale = cfg.algorithm.advantage_scale if cfg.algorithm.advantage_normalization else "none"
 
     def run_eval() -> dict[str, float]:
-        metrics, _ = evaluate(
-            policy,
-            data.test,
-            reward_fn,
-            tr.eval_max_new_tokens,
-            tr.eval_batch_size,
-            tr.max_prompt_length,
-            tr.stop_pattern,
-        )
+        metrics, _ = evaluator(policy, data.test, reward_fn)
         return metrics
 
-    before = run_eval()
+    ckpt = Checkpointer(run_dir, tr, policy, optimizer, scheduler, sampler, logger, reference)
+    if resume is None:
+        start_step, before = 0, run_eval()
+        logger.log(0, before)
+    else:  # weights, optimizer, scheduler, sampler, RNG: continues exactly
+        start_step, before = ckpt.restore(resume)
     after: dict[str, float] = {}
-    for step in range(1, tr.max_steps + 1):
+    ckpt.catch_signals()  # SIGTERM/SIGINT: finish the step, checkpoint, exit
+    for step in range(start_step + 1, tr.max_steps + 1):
         t0 = time.perf_counter()
-        # 1-2. Sample prompts, generate G completions each (rows grouped by prompt).
-        batch = next(sampler)
-        rows = [data.train[i] for i in batch.prompt_indices]
-        prompts = render_prompts(
-            policy.tokenizer, [r["question"] for r in rows[::g]], policy.use_chat_template
+
+        def sample_and_score() -> ScoredRollout:
+            """1-3. Sample prompts, generate G completions each (rows grouped by prompt), score."""
+            rows = [data.train[i] for i in next(sampler).prompt_indices]
+            prompts = render_prompts(
+                policy.tokenizer, [r["question"] for r in rows[::g]], policy.use_chat_template
+            )
+            start = time.perf_counter()
+            rollout = generate(
+                policy.model,
+                policy.tokenizer,
+                prompts,
+                g,
+                tr.max_new_tokens,
+                tr.max_prompt_length,
+                tr.temperature,
+                tr.top_p,
+                stop_pattern=tr.stop_pattern,
+                min_new_tokens=tr.min_new_tokens,
+                backend=tr.generation_backend,
+            )
+            generate_s = time.perf_counter() - start
+            answers = [r["answer"] for r in rows]
+            scores = reward_fn(rollout.texts, answers, rollout.lengths.tolist())
+            return ScoredRollout(rows, rollout, scores, generate_s)
+
+        # Dynamic sampling (DAPO): drop groups whose rewards all agree, sample more to refill.
+        alg = cfg.algorithm
+        pad_id = policy.tokenizer.pad_token_id
+        batch, sampling_stats = sample_groups(
+            sample_and_score, tr.batch_size, g, pad_id, **alg.dynamic_sampling
         )
-        rollout = generate(
-            policy.model,
-            policy.tokenizer,
-            prompts,
-            g,
-            tr.max_new_tokens,
-            tr.max_prompt_length,
-            tr.temperature,
-            tr.top_p,
-            stop_pattern=tr.stop_pattern,
-            min_new_tokens=tr.min_new_tokens,
-        )
-        t1 = time.perf_counter()
-        # 3. Score. 4. Group advantages.
-        scores = reward_fn(rollout.texts, [r["answer"] for r in rows], rollout.lengths.tolist())
-        rewards = torch.tensor(scores.total, dtype=torch.float32)
-        advantages = group_advantages(rewards, g, scale=scale).to(rollout.completion_ids.device)
+        rows, rollout, scores, rewards = batch.rows, batch.rollout, batch.scores, batch.rewards
+        t1 = t0 + batch.generate_s  # generation; scoring and filtering count as scoring
+        # 4. Group advantages.
+        advantages = group_advantages(rewards, g, scale=scale, reward_range=alg.reward_range)
+        advantages = advantages.to(rollout.completion_ids.device)
         t2 = time.perf_counter()
-        # 5. Policy update.
+        # 5. Policy update: mu epochs over mini-batches; then a reference update, if one is due.
         stats = policy_update(
             policy,
             rollout,
@@ -131,7 +152,13 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             tr.micro_batch_size,
             tr.max_grad_norm,
             tr.temperature,
+            alg.update_epochs,
+            alg.num_mini_batches,
+            alg.mask_truncated,
         )
+        stats.update(sampling_stats)
+        if reference is not None:
+            reference.maybe_update(step)
         scheduler.step()
         t3 = time.perf_counter()
         # 6. Log, evaluate, checkpoint.
@@ -141,6 +168,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         metrics.update(
             {
                 "train/learning_rate": scheduler.get_last_lr()[0],
+                "train/param_norm": parameter_norm(trainable),
                 "train/epoch": sampler.epoch,
                 "time/generate_s": t1 - t0,
                 "time/score_s": t2 - t1,
@@ -153,13 +181,19 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             after = run_eval()
             metrics.update(after)
         logger.log(step, metrics)
+        logger.log_samples(step, sample_records(rows, rollout.texts, scores, advantages))
+        ckpt.step_end(step, before)  # a checkpoint every save_every steps, or on a signal
+    ckpt.release_signals()
 
-    logger.close()
     policy.model.save_pretrained(run_dir / "model")
     policy.tokenizer.save_pretrained(run_dir / "model")
     summary = {**after, "before": before, "after": after, "steps": tr.max_steps}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print_before_after(before, after)
+    if cfg.eval.comparison.at_end:  # the original and the trained model side by side
+        comparison = compare_models(cfg, policy, data.test, reward_fn, run_dir)
+        summary["comparison"] = comparison["comparison_stats"]
+    logger.finish(summary)
     return summary[cfg.objective]
 
 

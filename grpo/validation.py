@@ -38,6 +38,24 @@ def validate_config(cfg: DictConfig) -> None:
         tr.micro_batch_size,
     )
     _require(tr.device in ("auto", "cpu", "cuda"), "trainer.device", "auto|cpu|cuda", tr.device)
+    budget = tr.eval_max_new_tokens
+    _require(budget > 0, "trainer.eval_max_new_tokens", "must be > 0", budget)
+    _require(tr.eval_batch_size >= 1, "trainer.eval_batch_size", "must be >= 1", tr.eval_batch_size)
+    _require(tr.temperature > 0, "trainer.temperature", "must be > 0", tr.temperature)
+    _require(0 < tr.top_p <= 1, "trainer.top_p", "must be in (0, 1]", tr.top_p)
+    _require(tr.eval_every >= 0, "trainer.eval_every", "must be >= 0", tr.eval_every)
+    _require(tr.save_every >= 0, "trainer.save_every", "must be >= 0", tr.save_every)
+    keep = tr.keep_checkpoints
+    _require(keep >= 1, "trainer.keep_checkpoints", "must be >= 1", keep)
+    threads = tr.num_threads
+    _require(threads is None or threads >= 1, "trainer.num_threads", "null or >= 1", threads)
+    resume = tr.resume
+    _require(
+        resume in (None, "auto") or Path(str(resume)).expanduser().exists(),
+        "trainer.resume",
+        "null, auto, or an existing checkpoint or run folder",
+        resume,
+    )
     if cfg.data.get("path") is not None:
         for split in ("train", "test"):
             file = Path(cfg.data.path).expanduser() / f"{split}.jsonl"

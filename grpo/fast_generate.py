@@ -1,0 +1,239 @@
+"""A lean sampling loop for Llama-family models: `generate`'s work, little of its overhead.
+
+transformers' `generate` rebuilds the attention mask, position ids, rotary tables and cache
+bookkeeping on every token, and runs a pipeline of logits processors and stopping criteria;
+for a small model on CPU that Python work is most of a decoding step. `sample` runs the prompt
+through the model's own forward once (prefill), then decodes with the model's own modules
+(norms, projections, MLP, LM head; LoRA and 4-bit layers included) in a short loop: key/value
+buffers allocated once, rotary tables computed once, one boolean mask updated in place.
+
+Each operation mirrors transformers' sdpa code path, so greedy decoding returns the same tokens
+as `generate`, and sampling from the same random state draws the same tokens. Models it cannot
+mirror (other architectures, eager attention, sliding windows, extra logits processors in
+the generation config) are left to `generate`: see `supports`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from transformers import (
+    DynamicCache,
+    GenerationConfig,
+    PreTrainedModel,
+    TopPLogitsWarper,
+)
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+# Generation-config fields that would add logits processors this loop does not apply.
+UNSUPPORTED_GENERATION_FIELDS = (
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "bad_words_ids",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "sequence_bias",
+    "min_length",
+)
+
+# stop(ids so far, scores) -> (N,) bool, True where a row is done (a transformers StoppingCriteria).
+Stop = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def causal_lm(model: PreTrainedModel) -> PreTrainedModel:
+    """The transformers model, under its peft wrapper if there is one."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def supports(model: PreTrainedModel) -> bool:
+    """True when `sample` mirrors `generate` exactly for this model."""
+    lm = causal_lm(model)
+    config = lm.config
+    rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    defaults = GenerationConfig()
+    return (
+        config.model_type in SUPPORTED_MODEL_TYPES
+        and config._attn_implementation == "sdpa"
+        and all(t == "full_attention" for t in getattr(config, "layer_types", None) or [])
+        and rope not in ("dynamic", "longrope")
+        and all(
+            getattr(lm.generation_config, f, None) == getattr(defaults, f, None)
+            for f in UNSUPPORTED_GENERATION_FIELDS
+        )
+    )
+
+
+def sample_token(probs: torch.Tensor) -> torch.Tensor:
+    """One draw per row from `probs` (N, V) by inverting its cumulative sum.
+
+    Same distribution as `torch.multinomial(probs, 1)`, which on CPU draws one exponential
+    number per vocabulary entry (milliseconds per step for a 49k vocabulary); this draws one
+    uniform number per row. The float64 cumsum keeps each token's share exact to ~1e-16.
+    """
+    cdf = probs.double().cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0].clamp_(max=probs.shape[1] - 1)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class _Decoder:
+    """One token per row through the model's layers, with preallocated key/value buffers."""
+
+    def __init__(
+        self, lm: PreTrainedModel, cache: DynamicCache, prompt_mask: torch.Tensor, steps: int
+    ):
+        body = lm.model
+        self.embed, self.norm, self.head = body.embed_tokens, body.norm, lm.lm_head
+        self.layers = [
+            (
+                layer.input_layernorm,
+                layer.self_attn,
+                getattr(layer.self_attn, "q_norm", None),  # Qwen3 normalises q and k per head
+                getattr(layer.self_attn, "k_norm", None),
+                layer.post_attention_layernorm,
+                layer.mlp,
+            )
+            for layer in body.layers
+        ]
+        n, p = prompt_mask.shape
+        self.length = p  # filled cache slots
+        self.keys, self.values = [], []
+        for layer in cache.layers:
+            k, v = layer.keys, layer.values
+            self.keys.append(k.new_empty(*k.shape[:2], p + steps, k.shape[-1]))
+            self.values.append(v.new_empty(*v.shape[:2], p + steps, v.shape[-1]))
+            self.keys[-1][:, :, :p], self.values[-1][:, :, :p] = k, v
+        # transformers passes no mask (and uses enable_gqa) when no row is padded.
+        self.mask = None
+        if not bool(prompt_mask.all()):
+            self.mask = torch.ones(n, 1, 1, p + steps, dtype=torch.bool, device=prompt_mask.device)
+            self.mask[:, 0, 0, :p] = prompt_mask.bool()
+        # Rotary tables for every position a row can reach, indexed by position each step.
+        positions = torch.arange(int(prompt_mask.sum(1).max()) + steps, device=prompt_mask.device)
+        self.cos, self.sin = body.rotary_emb(self.keys[0][:1, :1, :1], positions[None])
+
+    def _attention(self, i: int, attn, q_norm, k_norm, h: torch.Tensor, cos, sin) -> torch.Tensor:
+        n, head_dim, groups = h.shape[0], attn.head_dim, attn.num_key_value_groups
+        q, k = attn.q_proj(h).view(n, 1, -1, head_dim), attn.k_proj(h).view(n, 1, -1, head_dim)
+        if q_norm is not None:
+            q, k = q_norm(q), k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = attn.v_proj(h).view(n, 1, -1, head_dim).transpose(1, 2)
+        q = (q * cos) + (_rotate_half(q) * sin)
+        k = (k * cos) + (_rotate_half(k) * sin)
+        end = self.length + 1
+        self.keys[i][:, :, self.length : end] = k
+        self.values[i][:, :, self.length : end] = v
+        mask = None if self.mask is None else self.mask[..., :end]
+        kwargs = {}
+        if groups > 1 and mask is None:
+            kwargs["enable_gqa"] = True
+        elif groups > 1:  # one query per row: fold the query heads onto their key/value head
+            q = q.reshape(n, -1, groups, head_dim)
+        out = F.scaled_dot_product_attention(
+            q,
+            self.keys[i][:, :, :end],
+            self.values[i][:, :, :end],
+            attn_mask=mask,
+            dropout_p=0.0,
+            scale=attn.scaling,
+            is_causal=False,
+            **kwargs,
+        )
+        out = out.reshape(n, -1, 1, head_dim).transpose(1, 2).contiguous()
+        return attn.o_proj(out.reshape(n, 1, -1).contiguous())
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Float32 next-token logits (N, V) after feeding `tokens` (N,) at `positions` (N,)."""
+        h = self.embed(tokens[:, None])
+        cos, sin = self.cos[0, positions][:, None, None], self.sin[0, positions][:, None, None]
+        for i, (norm1, attn, q_norm, k_norm, norm2, mlp) in enumerate(self.layers):
+            h = h + self._attention(i, attn, q_norm, k_norm, norm1(h), cos, sin)
+            h = h + mlp(norm2(h))
+        self.length += 1
+        if self.mask is not None:
+            self.mask[:, 0, 0, self.length - 1] = True
+        return self.head(self.norm(h))[:, -1].to(copy=True, dtype=torch.float32)
+
+
+@torch.no_grad()
+def sample(
+    model: PreTrainedModel,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    min_new_tokens: int = 0,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    do_sample: bool = True,
+    stop: Stop | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode up to `max_new_tokens` per row of a left-padded prompt batch.
+
+    Returns the sequences (N, P + steps), prompt included and finished rows padded with
+    `pad_token_id` as `generate` returns them, and the log-probability (N, steps) of each new
+    token under the model at `temperature` (log_softmax(logits / temperature), before
+    min_new_tokens and top_p shape the sampling distribution; 0 on padding). Sampling follows
+    `generate`'s order: EOS banned before `min_new_tokens`, then temperature, then top-p.
+    """
+    lm = causal_lm(model)
+    n, p = prompt_ids.shape
+    top_p_filter = TopPLogitsWarper(top_p) if do_sample and top_p < 1.0 else None
+    positions = (prompt_mask.long().cumsum(-1) - 1).masked_fill(prompt_mask == 0, 0)
+    cache = DynamicCache(config=lm.config)
+    logits = (
+        lm(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        .logits[:, -1]
+        .to(copy=True, dtype=torch.float32)
+    )
+    decoder = _Decoder(lm, cache, prompt_mask, max_new_tokens)
+    del cache
+    ids = prompt_ids.new_full((n, p + max_new_tokens), pad_token_id)
+    ids[:, :p] = prompt_ids
+    logprobs = torch.zeros(n, max_new_tokens, device=prompt_ids.device)
+    unfinished = torch.ones(n, dtype=torch.bool, device=prompt_ids.device)
+    position = positions[:, -1]
+    steps = 0
+    while True:
+        scaled = logits / temperature if temperature != 1.0 else logits
+        scores = logits
+        if steps < min_new_tokens:
+            scores = logits.clone()
+            scores[:, eos_token_id] = -torch.inf
+        if do_sample:
+            scores = scores / temperature if temperature != 1.0 else scores
+            if top_p_filter is not None:
+                scores = top_p_filter(ids, scores)
+            tokens = sample_token(F.softmax(scores, dim=-1))
+        else:
+            tokens = torch.argmax(scores, dim=-1)
+        tokens = torch.where(unfinished, tokens, pad_token_id)
+        chosen = scaled.gather(1, tokens[:, None])[:, 0] - scaled.logsumexp(-1)
+        logprobs[:, steps] = chosen.masked_fill(~unfinished, 0.0)
+        ids[:, p + steps] = tokens
+        steps += 1
+        unfinished &= tokens != eos_token_id
+        if stop is not None:
+            unfinished &= ~stop(ids[:, : p + steps], None)
+        if steps == max_new_tokens or not bool(unfinished.any()):
+            break
+        position = position + 1
+        logits = decoder.step(tokens, position)
+    return ids[:, : p + steps], logprobs[:, :steps]

@@ -1,0 +1,551 @@
+"""Speed benchmark against Hugging Face TRL: `python scripts/bench.py [--quick] [--install]`.
+
+The same GRPO workload runs through this project (its real CLI, `python -m grpo.train`) and
+through TRL's `GRPOTrainer` (pinned in requirements-bench.txt), alternating A B A B, each run
+in a fresh process: 2 prompts x 4 completions per step, completions forced to full length
+(min_new_tokens) so both sides generate the same tokens, fp32, kl_coef (beta) 0.04, the same
+learning rate, AdamW (fused, betas 0.9/0.99) and loss (DeepSeekMath's aggregation, TRL's
+loss_type="grpo"), no gradient checkpointing, torch threads pinned.
+
+Figures per side: median step time after warm-up (and its range over repeats), completions/s,
+generated tokens/s, peak RSS of the process, and the split of a step into generation, scoring
+plus reference forward, and the policy update. Also: the machine's fp32 matmul ceiling, the
+SmolLM2 step as a multiple of its FLOP floor, and how our step time grows with G x length.
+
+`--quick` runs the tiny workload only (under 3 minutes); its last line reads
+`ratio tiny completions/s ours/trl: X.XX`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+REQUIREMENTS = REPO / "requirements-bench.txt"
+TRL_VERSION = "1.16.0"
+SEED = 42
+LEARNING_RATE = 1e-5
+KL_COEF = 0.04
+NUM_TRAIN = 64  # training problems (arithmetic); the steps draw from them in a seeded order
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One benchmarked configuration; both sides run it with the same settings."""
+
+    name: str
+    model: str  # our model config group: tiny | smollm2_135m
+    new_tokens: int  # completion length (forced)
+    lora: bool = False
+    prompts: int = 2  # prompts per step
+    group: int = 4  # G, completions per prompt
+    warmup: int = 2  # steps left out of the figures
+    steps: int = 8  # measured steps
+    micro_batch: int = 8  # ours: completions per forward/backward (memory vs. speed)
+
+    @property
+    def completions(self) -> int:
+        return self.prompts * self.group
+
+
+TINY = Workload("tiny", "tiny", 32)
+SMOLLM2 = Workload("smollm2", "smollm2_135m", 64, warmup=1, steps=3, micro_batch=2)
+SMOLLM2_LORA = replace(SMOLLM2, name="smollm2-lora", lora=True)
+WORKLOADS = {w.name: w for w in (TINY, SMOLLM2, SMOLLM2_LORA)}
+SCALING = [(g, t) for g in (4, 8) for t in (32, 64)]  # (G, completion length) on the tiny model
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers: each runs in its own process and writes a JSON result.
+
+
+def model_folder(workload: Workload) -> str:
+    """The checkpoint folder both sides load (built once, cached)."""
+    from grpo.modeling import smollm2_checkpoint, tiny_checkpoint
+
+    cache = os.environ.get("GRPO_CACHE_DIR", "~/.cache/grpo")
+    return tiny_checkpoint(cache) if workload.model == "tiny" else smollm2_checkpoint(cache)
+
+
+def step_prompts(workload: Workload, use_chat_template: bool, tokenizer) -> list[dict[str, str]]:
+    """The problems of every step, in our trainer's order (data seed 0, sampler seed SEED)."""
+    from grpo.data import ArithmeticDataset
+    from grpo.rollout import render_prompts
+    from grpo.sampler import GroupedSampler
+
+    data = ArithmeticDataset(num_train=NUM_TRAIN, num_test=0).train
+    sampler = GroupedSampler(NUM_TRAIN, workload.prompts, workload.group, seed=SEED)
+    rows = [
+        data[i] for _ in range(workload.warmup + workload.steps) for i in sampler.next_prompts()
+    ]
+    texts = render_prompts(tokenizer, [r["question"] for r in rows], use_chat_template)
+    return [{"prompt": t, "answer": r["answer"]} for t, r in zip(texts, rows, strict=True)]
+
+
+def our_overrides(workload: Workload, threads: int, run_dir: str) -> list[str]:
+    """Hydra overrides that make our CLI run `workload` (and nothing slow around it)."""
+    t = workload.new_tokens
+    return [
+        f"model={workload.model}",
+        f"model.lora.enabled={str(workload.lora).lower()}",
+        "model.dtype=float32",
+        "model.gradient_checkpointing=false",
+        "reward=correctness",
+        f"seed={SEED}",
+        f"data.num_train={NUM_TRAIN}",
+        "data.num_test=2",
+        f"algorithm.num_responses_per_prompt={workload.group}",
+        f"algorithm.kl_coef={KL_COEF}",
+        f"trainer.batch_size={workload.prompts}",
+        f"trainer.max_steps={workload.warmup + workload.steps}",
+        f"trainer.learning_rate={LEARNING_RATE}",
+        "++trainer.optimizer.fused=true",  # TRL's default optimizer: adamw_torch_fused
+        f"trainer.max_new_tokens={t}",
+        f"trainer.min_new_tokens={t}",
+        f"trainer.micro_batch_size={workload.micro_batch}",
+        f"trainer.num_threads={threads}",
+        "trainer.eval_max_new_tokens=4",
+        "eval.heldout.num_samples=0",
+        "eval.comparison.at_end=false",
+        "logging.progress_bar=false",
+        "logging.plots=false",
+        "logging.samples_every=0",
+        f"hydra.run.dir={run_dir}",
+    ]
+
+
+def run_ours(workload: Workload, threads: int) -> dict:
+    """Our trainer through its CLI entry point, with the no-grad forward passes timed."""
+    import runpy
+
+    import torch
+
+    import grpo.update
+
+    reference_s: list[float] = []  # per step: log-prob forwards without gradient (reference)
+    logprobs, update = grpo.update.token_logprobs, grpo.update.policy_update
+
+    def timed_logprobs(*args, **kwargs):
+        if torch.is_grad_enabled():
+            return logprobs(*args, **kwargs)
+        start = time.perf_counter()
+        out = logprobs(*args, **kwargs)
+        reference_s[-1] += time.perf_counter() - start
+        return out
+
+    def timed_update(*args, **kwargs):
+        reference_s.append(0.0)
+        return update(*args, **kwargs)
+
+    grpo.update.token_logprobs, grpo.update.policy_update = timed_logprobs, timed_update
+    with tempfile.TemporaryDirectory() as run_dir:
+        sys.argv = ["grpo.train", *our_overrides(workload, threads, run_dir)]
+        runpy.run_module("grpo.train", run_name="__main__", alter_sys=True)
+        lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    steps = [m for m in map(json.loads, lines) if "time/step_s" in m]
+    measured = list(zip(steps, reference_s, strict=True))[workload.warmup :]
+    return {
+        "step_s": [m["time/step_s"] for m, _ in measured],
+        "generate_s": [m["time/generate_s"] for m, _ in measured],
+        "score_ref_s": [m["time/score_s"] + r for m, r in measured],
+        "update_s": [m["time/update_s"] - r for m, r in measured],
+        "mean_length": statistics.mean(m["completions/mean_length"] for m, _ in measured),
+    }
+
+
+def run_trl(workload: Workload, threads: int) -> dict:
+    """TRL's GRPOTrainer on the same problems, model folder and settings."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from grpo.modeling import load_tokenizer
+    from grpo.rewards import CorrectnessReward
+
+    torch.set_num_threads(threads)
+    folder = model_folder(workload)
+    tokenizer = load_tokenizer(folder)
+    chat = workload.model != "tiny"
+    dataset = Dataset.from_list(step_prompts(workload, chat, tokenizer))
+    correctness = CorrectnessReward(strict=False)
+
+    def reward(prompts, completions, answer, completion_ids, **kwargs):
+        return correctness(completions, answer, [len(c) for c in completion_ids]).total
+
+    timings: dict[str, list[float]] = {"generate": [], "rollout": [], "step": []}
+
+    class Timed(GRPOTrainer):
+        def _generate_single_turn(self, *args, **kwargs):
+            start = time.perf_counter()
+            out = super()._generate_single_turn(*args, **kwargs)
+            timings["generate"].append(time.perf_counter() - start)
+            return out
+
+        def _generate_and_score_completions(self, *args, **kwargs):
+            start = time.perf_counter()
+            out = super()._generate_and_score_completions(*args, **kwargs)
+            timings["rollout"].append(time.perf_counter() - start)
+            return out
+
+    class StepClock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            timings["step"].append(time.perf_counter() - self.start)
+
+    t = workload.new_tokens
+    with tempfile.TemporaryDirectory() as out_dir:
+        config = GRPOConfig(
+            output_dir=out_dir,
+            per_device_train_batch_size=workload.completions,
+            num_generations=workload.group,
+            max_completion_length=t,
+            generation_kwargs={"min_new_tokens": t},
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            beta=KL_COEF,
+            epsilon=0.2,
+            loss_type="grpo",
+            scale_rewards="group",
+            learning_rate=LEARNING_RATE,
+            lr_scheduler_type="constant",
+            adam_beta2=0.99,
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            max_steps=workload.warmup + workload.steps,
+            gradient_checkpointing=False,
+            bf16=False,
+            fp16=False,
+            use_cpu=True,
+            model_init_kwargs={"dtype": "float32"},
+            shuffle_dataset=False,
+            seed=SEED,
+            report_to="none",
+            save_strategy="no",
+            logging_steps=1,
+            disable_tqdm=True,
+        )
+        lora = None
+        if workload.lora:
+            targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+            lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=targets)
+        trainer = Timed(
+            model=folder,
+            reward_funcs=reward,
+            args=config,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=lora,
+            callbacks=[StepClock()],
+        )
+        trainer.train()
+    w = workload.warmup
+    lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "loss" in h]
+    rollout, generate = timings["rollout"][w:], timings["generate"][w:]
+    return {
+        "step_s": timings["step"][w:],
+        "generate_s": generate,
+        "score_ref_s": [r - g for r, g in zip(rollout, generate, strict=True)],
+        "update_s": [s - r for s, r in zip(timings["step"][w:], rollout, strict=True)],
+        "mean_length": statistics.mean(lengths[w:]),
+    }
+
+
+def run_matmul(threads: int, size: int = 4096, repeats: int = 3) -> dict:
+    """GFLOP/s of the best of `repeats` fp32 (size x size) @ (size x size) products."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return {"gflops": 2 * size**3 / best / 1e9}
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def run_floor(workload: Workload) -> dict:
+    """N (parameters doing matmuls, LM head included) and tokens per step of `workload`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from grpo.modeling import load_tokenizer
+
+    folder = model_folder(workload)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    n = sum(p.numel() for p in model.parameters()) - embed.numel()
+    n += head.numel() if head is embed else 0  # a tied head is counted once, as the head
+    tokenizer = load_tokenizer(folder)
+    rows = step_prompts(workload, workload.model != "tiny", tokenizer)[workload.warmup :]
+    prompt_tokens = sum(
+        len(tokenizer(r["prompt"], add_special_tokens=False).input_ids) for r in rows
+    )
+    tokens = workload.group * prompt_tokens + len(rows) * workload.group * workload.new_tokens
+    return {"params": n, "tokens_per_step": tokens / workload.steps}
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Run one measurement in this process and write its JSON to `args.out`."""
+    workload = replace(
+        WORKLOADS[args.workload],
+        **({"group": args.group} if args.group else {}),
+        **({"new_tokens": args.new_tokens} if args.new_tokens else {}),
+    )
+    if args.worker == "ours":
+        result = run_ours(workload, args.threads)
+    elif args.worker == "trl":
+        result = run_trl(workload, args.threads)
+    elif args.worker == "matmul":
+        result = run_matmul(args.threads)
+    else:
+        result = run_floor(workload)
+    Path(args.out).write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver: runs workers, alternating sides, and prints the tables.
+
+
+def spawn(kind: str, workload: Workload, threads: int, group: int = 0, new_tokens: int = 0):
+    """Run a worker process; returns its result with `peak_rss_mb` (ru_maxrss of the process)."""
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        WANDB_SILENT="true",
+        WANDB_MODE="offline",
+        TRANSFORMERS_VERBOSITY="error",
+        PYTHONWARNINGS="ignore",
+    )
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        cmd = [sys.executable, __file__, "--worker", kind, "--workload", workload.name]
+        cmd += ["--threads", str(threads), "--out", out.name]
+        cmd += ["--group", str(group), "--new-tokens", str(new_tokens)]
+        with tempfile.TemporaryFile() as log:
+            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            if proc.returncode != 0:
+                log.seek(0)
+                tail = log.read().decode(errors="replace")[-4000:]
+                raise SystemExit(f"bench worker {' '.join(cmd[2:])} failed:\n{tail}")
+        result = json.loads(Path(out.name).read_text())
+    result["peak_rss_mb"] = usage.ru_maxrss / 1024  # Linux: kilobytes
+    return result
+
+
+@dataclass
+class Summary:
+    """Medians over repeats (each repeat: the median of its measured steps) and ranges."""
+
+    step: float
+    step_lo: float
+    step_hi: float
+    generate: float
+    score_ref: float
+    update: float
+    rss: float
+    mean_length: float
+
+
+def summarise(runs: list[dict]) -> Summary:
+    per_run = {k: [statistics.median(r[k]) for r in runs] for k in runs[0] if k.endswith("_s")}
+    steps = per_run["step_s"]
+    return Summary(
+        step=statistics.median(steps),
+        step_lo=min(steps),
+        step_hi=max(steps),
+        generate=statistics.median(per_run["generate_s"]),
+        score_ref=statistics.median(per_run["score_ref_s"]),
+        update=statistics.median(per_run["update_s"]),
+        rss=statistics.median(r["peak_rss_mb"] for r in runs),
+        mean_length=statistics.median(r["mean_length"] for r in runs),
+    )
+
+
+def load() -> float:
+    return os.getloadavg()[0]
+
+
+def compare(workload: Workload, repeats: int, threads: int) -> dict[str, Summary]:
+    """Run ours and TRL alternately (A B A B ...), `repeats` times each."""
+    runs: dict[str, list[dict]] = {"ours": [], "trl": []}
+    for r in range(repeats):
+        for side in ("ours", "trl"):
+            before = load()
+            runs[side].append(spawn(side, workload, threads))
+            step = statistics.median(runs[side][-1]["step_s"])
+            print(
+                f"  {workload.name} repeat {r + 1}/{repeats} {side:4}: step {step * 1e3:8.1f} ms"
+                f"  (1-min load {before:.2f} -> {load():.2f})",
+                flush=True,
+            )
+    return {side: summarise(side_runs) for side, side_runs in runs.items()}
+
+
+HEADER = (
+    f"{'workload':<22}{'side':<6}{'step ms (range)':>24}{'compl/s':>9}{'tok/s':>8}"
+    f"{'gen ms':>9}{'score+ref':>10}{'update':>9}{'peak RSS MB':>12}"
+)
+
+
+def row(label: str, side: str, s: Summary, workload: Workload) -> str:
+    completions = workload.completions / s.step
+    spread = f"{s.step * 1e3:.1f} ({s.step_lo * 1e3:.1f}-{s.step_hi * 1e3:.1f})"
+    return (
+        f"{label:<22}{side:<6}{spread:>24}{completions:>9.1f}"
+        f"{completions * s.mean_length:>8.0f}{s.generate * 1e3:>9.1f}{s.score_ref * 1e3:>10.1f}"
+        f"{s.update * 1e3:>9.1f}{s.rss:>12.0f}"
+    )
+
+
+def ensure_trl(install: bool) -> None:
+    """Check that trl==TRL_VERSION is importable; install it (pinned, constrained) if asked."""
+    try:
+        from importlib.metadata import version
+
+        if version("trl") == TRL_VERSION:
+            return
+    except ImportError:
+        pass
+    except Exception:  # importlib.metadata.PackageNotFoundError
+        pass
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "-r", str(REQUIREMENTS)]
+    cmd += ["-c", str(REPO / "requirements.txt")]
+    if not install:
+        raise SystemExit(
+            f"trl=={TRL_VERSION} is not installed; run `make bench` or: {' '.join(cmd)}"
+        )
+    print(f"installing trl=={TRL_VERSION}: {' '.join(cmd)}", flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny workload only (< 3 minutes)")
+    parser.add_argument("--install", action="store_true", help="pip install trl if missing")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating repeats per side")
+    parser.add_argument(
+        "--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch CPU threads"
+    )
+    parser.add_argument(
+        "--workloads", default=",".join(WORKLOADS), help=f"comma list of {list(WORKLOADS)}"
+    )
+    parser.add_argument("--no-scaling", action="store_true", help="skip the G x length table")
+    # Worker mode (internal): run one measurement and write JSON.
+    parser.add_argument("--worker", choices=["ours", "trl", "matmul", "floor"])
+    parser.add_argument("--workload", default="tiny")
+    parser.add_argument("--group", type=int, default=0)
+    parser.add_argument("--new-tokens", type=int, default=0)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    names = ["tiny"] if args.quick else args.workloads.split(",")
+    unknown = sorted(set(names) - set(WORKLOADS))
+    if unknown:
+        raise SystemExit(f"--workloads: unknown {unknown}; choose from {list(WORKLOADS)}")
+    if args.repeats < 1 or args.threads < 1:
+        raise SystemExit("--repeats and --threads must be >= 1")
+    ensure_trl(args.install)
+    import torch
+    import transformers
+
+    print(
+        f"grpo bench: torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"trl {TRL_VERSION}, {platform.processor() or platform.machine()}, "
+        f"{args.threads} thread(s) pinned, {args.repeats} alternating repeats, "
+        f"1-min load at start {load():.2f}",
+        flush=True,
+    )
+    ceiling = spawn("matmul", TINY, args.threads)["gflops"]
+    print(
+        f"fp32 matmul ceiling (4096^3, {args.threads} threads): {ceiling:.0f} GFLOP/s", flush=True
+    )
+    results = {}
+    for name in names:
+        workload = WORKLOADS[name]
+        results[name] = compare(workload, args.repeats, args.threads)
+    print(f"\n{HEADER}")
+    for name, sides in results.items():
+        workload = WORKLOADS[name]
+        label = f"{name} T={workload.new_tokens}"
+        ours, trl = sides["ours"], sides["trl"]
+        print(row(label, "ours", ours, workload))
+        print(row(label, "trl", trl, workload))
+        print(
+            f"{'':<22}{'ours/trl':<10} completions/s {trl.step / ours.step:.2f}x, "
+            f"step time {ours.step / trl.step:.2f}x, peak RSS {ours.rss / trl.rss:.2f}x; "
+            f"mean length ours {ours.mean_length:.1f} trl {trl.mean_length:.1f}"
+        )
+    if "smollm2" in results:
+        floor = spawn("floor", SMOLLM2, args.threads)
+        flops = 10 * floor["params"] * floor["tokens_per_step"]  # 2N gen + 2N ref + 6N update
+        floor_s = flops / (ceiling * 1e9)
+        ours, trl = results["smollm2"]["ours"], results["smollm2"]["trl"]
+        print(
+            f"\nSmolLM2 FLOP floor: N = {floor['params'] / 1e6:.1f}M (LM head included), "
+            f"{floor['tokens_per_step']:.0f} tokens/step, 10N FLOPs/token (2N generation, "
+            f"2N reference, 6N policy forward+backward) = {flops / 1e12:.2f} TFLOP "
+            f"= {floor_s:.2f} s at the ceiling; ours {ours.step / floor_s:.1f}x the floor, "
+            f"TRL {trl.step / floor_s:.1f}x"
+        )
+    if not args.quick and not args.no_scaling:
+        scaling(args.repeats, args.threads)
+    if "tiny" in results:
+        ratio = results["tiny"]["trl"].step / results["tiny"]["ours"].step
+        print(f"\nratio tiny completions/s ours/trl: {ratio:.2f}")
+
+
+def scaling(repeats: int, threads: int) -> None:
+    """Our tiny step time for G x completion length in SCALING, and a linear fit."""
+    print(f"\nscaling (ours, tiny, {TINY.prompts} prompts, median of {repeats} runs)")
+    print(f"{'G':>3}{'length':>8}{'G x length':>12}{'step ms':>10}{'ms per G x length':>19}")
+    points = []
+    for g, t in SCALING:
+        workload = replace(TINY, group=g, new_tokens=t)
+        steps = [
+            statistics.median(spawn("ours", workload, threads, g, t)["step_s"])
+            for _ in range(repeats)
+        ]
+        step = statistics.median(steps)
+        points.append((g * t, step))
+        print(f"{g:>3}{t:>8}{g * t:>12}{step * 1e3:>10.1f}{step * 1e3 / (g * t):>19.3f}")
+    xs, ys = zip(*points, strict=True)
+    mx, my = statistics.mean(xs), statistics.mean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x in xs)
+    intercept = my - slope * mx
+    worst = max(abs(intercept + slope * x - y) / y for x, y in points)
+    print(
+        f"fit: step = {intercept * 1e3:.1f} ms + {slope * 1e6:.1f} us x (G x length); "
+        f"largest deviation from the line {worst:.0%}"
+    )
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    main()
