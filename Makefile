@@ -28,6 +28,11 @@ $(STAMP): requirements.txt
 train: install ## train the quickstart (SmolLM2-135M + LoRA on arithmetic, CPU, offline)
 	OMP_NUM_THREADS=$(shell nproc) $(PY) -m grpo.train experiment=quickstart $(ARGS)
 
+train-ddp: install ## the quickstart on 2 processes (torchrun, data parallel; gloo on CPU)
+	OMP_NUM_THREADS=$(shell echo $$(( $$(nproc) / 2 > 1 ? $$(nproc) / 2 : 1 ))) $(VENV)/bin/torchrun \
+		--standalone --nproc_per_node=2 -m grpo.train experiment=quickstart \
+		trainer.micro_batch_size=8 $(ARGS)
+
 test: install ## run the default test suite (no slow tests)
 	$(PY) -m pytest -q -n 2 -m "not slow" $(ARGS)
 
@@ -38,8 +43,8 @@ lint: install ## ruff check and format check
 	$(PY) -m ruff check grpo scripts tests
 	$(PY) -m ruff format --check grpo scripts tests
 
-bench: install ## speed benchmark against TRL (scripts/bench.py)
-	$(PY) scripts/bench.py $(ARGS)
+bench: install ## speed benchmark against TRL (scripts/bench.py; installs trl, ARGS=--quick)
+	$(PY) scripts/bench.py --install $(ARGS)
 
 clean: ## remove caches (keeps .venv and outputs/)
 	rm -rf .pytest_cache .ruff_cache

@@ -39,6 +39,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, open_dict
 from safetensors.torch import load_file, save_file
 
+from grpo import distributed
 from grpo.run_info import record_run
 from grpo.validation import ConfigError
 
@@ -114,7 +115,7 @@ def start_run(cfg: DictConfig, run_dir: Path) -> ResumePoint | None:
     record_run(cfg, Path(run_dir), point.step if point else None)
     if point is not None:
         rewind(Path(run_dir), point)
-        _pass_run_id(cfg, point.meta.get("run_id"))
+        pass_run_id(cfg, point.meta.get("run_id"))
         print(f"resuming {run_dir} from {point.path} (step {point.step})", file=sys.stderr)
     return point
 
@@ -132,7 +133,7 @@ def rewind(run_dir: Path, point: ResumePoint) -> None:
             _remove(later)
 
 
-def _pass_run_id(cfg: DictConfig, run_id: str | None) -> None:
+def pass_run_id(cfg: DictConfig, run_id: str | None) -> None:
     """Set `logging.resume_id` when the logger takes one (wandb resumes its run)."""
     if run_id is None:
         return
@@ -180,6 +181,17 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _this_rank(state: dict[str, Any], path: Path) -> dict[str, Any]:
+    """This rank's sampler and RNG states in a checkpoint's `trainer_state.pt`."""
+    others = state.get("other_ranks", [])
+    if len(others) + 1 != distributed.world_size():
+        raise ConfigError(
+            f"{path}: written by {len(others) + 1} processes; resume it with as many "
+            f"(now {distributed.world_size()})"
+        )
+    return state if distributed.rank() == 0 else others[distributed.rank() - 1]
+
+
 def _count_lines(path: Path) -> int:
     with path.open("rb") as f:
         return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
@@ -215,7 +227,16 @@ class Checkpointer:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     def save(self, step: int, before: dict[str, float]) -> Path:
-        """Write checkpoint `step` atomically, then delete all but the last `keep`."""
+        """Write checkpoint `step` atomically, then delete all but the last `keep`.
+
+        With several ranks every rank calls it and rank 0 writes, with each rank's sampler
+        position and RNG states (`other_ranks`): ranks sample differently.
+        """
+        ranks = distributed.gather_to_main(
+            {"sampler": self.stateful["sampler"].state_dict(), "rng": _rng_state()}
+        )
+        if ranks is None:  # not rank 0
+            return self.root / f"step_{step:06d}"
         weights = {n: p.detach().cpu().contiguous() for n, p in self._trainable().items()}
         bad = [n for n, t in weights.items() if not torch.isfinite(t).all()]
         if bad:
@@ -224,7 +245,7 @@ class Checkpointer:
                 f"checkpoint stays {self.latest()}"
             )
         self.root.mkdir(parents=True, exist_ok=True)
-        for stale in self.root.glob(".tmp-*"):  # left by a save that was killed
+        for stale in [*self.root.glob(".tmp-*"), *self.root.glob(".trash-*")]:  # from a kill
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{step:06d}-", dir=self.root))
         save_file(weights, tmp / WEIGHTS)
@@ -232,7 +253,7 @@ class Checkpointer:
             ref = {n: p.detach().cpu().contiguous() for n, p in self.reference.named_parameters()}
             save_file(ref, tmp / REFERENCE)
         state = {k: obj.state_dict() for k, obj in self.stateful.items()}
-        torch.save({**state, "rng": _rng_state(), "step": step}, tmp / STATE)
+        torch.save({**state, **ranks[0], "other_ranks": ranks[1:], "step": step}, tmp / STATE)
         meta = {
             "step": step,
             "run_id": getattr(self.logger, "run_id", None),
@@ -273,6 +294,7 @@ class Checkpointer:
                 for name, param in self.reference.named_parameters():
                     param.copy_(ref[name])
         state = torch.load(point.path / STATE, weights_only=True)
+        state.update(_this_rank(state, point.path))  # its own sampler position and RNG
         for key, obj in self.stateful.items():
             obj.load_state_dict(state[key])
         self.model.eval()  # as every step leaves it
@@ -283,16 +305,17 @@ class Checkpointer:
         """After step `step`: checkpoint every `save_every` steps, and when a stop signal came,
         then exit. The last step saves none: the run ends with model/ and summary.json."""
         due = self.save_every and step % self.save_every == 0
-        if step < self.max_steps and (due or self.stop_signal is not None):
+        stop = distributed.max_over_ranks(self.stop_signal or 0)  # all ranks stop together
+        if step < self.max_steps and (due or stop):
             path = self.save(step, before)
-            if self.stop_signal is not None:
-                name = signal.Signals(self.stop_signal).name
+            if stop:
+                name = signal.Signals(stop).name
                 print(
                     f"\n{name}: stopped after step {step}, checkpoint {path}; continue with the "
                     f"same overrides and trainer.resume=auto hydra.run.dir={self.run_dir}",
                     file=sys.stderr,
                 )
-                raise SystemExit(128 + self.stop_signal)
+                raise SystemExit(128 + stop)
 
     def catch_signals(self) -> None:
         """SIGTERM/SIGINT from now on: finish the step, checkpoint, exit (a second one, at once)."""

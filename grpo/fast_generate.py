@@ -8,9 +8,11 @@ through the model's own forward once (prefill), then decodes with the model's ow
 buffers allocated once, rotary tables computed once, one boolean mask updated in place.
 
 Each operation mirrors transformers' sdpa code path, so greedy decoding returns the same tokens
-as `generate`, and sampling from the same random state draws the same tokens. Models it cannot
-mirror (other architectures, eager attention, sliding windows, extra logits processors in
-the generation config) are left to `generate`: see `supports`.
+as `generate`, bit for bit. Sampling draws from the same distribution, by inverting the
+cumulative distribution (`sample_token`), so not the same tokens for a given seed. Each prompt
+is prefilled once for its G completions. Models it cannot mirror (other architectures, eager
+attention, sliding windows, extra logits processors in the generation config) are left to
+`generate`: see `supports`.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ UNSUPPORTED_GENERATION_FIELDS = (
     "min_length",
 )
 
+_DEFAULTS = GenerationConfig()
 # stop(ids so far, scores) -> (N,) bool, True where a row is done (a transformers StoppingCriteria).
 Stop = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
@@ -54,14 +57,13 @@ def supports(model: PreTrainedModel) -> bool:
     lm = causal_lm(model)
     config = lm.config
     rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
-    defaults = GenerationConfig()
     return (
         config.model_type in SUPPORTED_MODEL_TYPES
         and config._attn_implementation == "sdpa"
         and all(t == "full_attention" for t in getattr(config, "layer_types", None) or [])
         and rope not in ("dynamic", "longrope")
         and all(
-            getattr(lm.generation_config, f, None) == getattr(defaults, f, None)
+            getattr(lm.generation_config, f, None) == getattr(_DEFAULTS, f, None)
             for f in UNSUPPORTED_GENERATION_FIELDS
         )
     )
@@ -79,38 +81,44 @@ def sample_token(probs: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0].clamp_(max=probs.shape[1] - 1)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class _Decoder:
-    """One token per row through the model's layers, with preallocated key/value buffers."""
+    """One token per row through the model's layers, with preallocated key/value buffers.
+
+    Modules are called through `.forward` (no hook dispatch); rotary embedding uses
+    q * cos + roll(q) * sin', with sin' the sine with its first half negated, which is
+    transformers' q * cos + rotate_half(q) * sin to the bit.
+    """
 
     def __init__(
-        self, lm: PreTrainedModel, cache: DynamicCache, prompt_mask: torch.Tensor, steps: int
+        self,
+        lm: PreTrainedModel,
+        cache: DynamicCache,
+        prompt_mask: torch.Tensor,
+        steps: int,
+        copies: int,
     ):
         body = lm.model
         self.embed, self.norm, self.head = body.embed_tokens, body.norm, lm.lm_head
         self.layers = [
             (
-                layer.input_layernorm,
+                layer.input_layernorm.forward,
                 layer.self_attn,
                 getattr(layer.self_attn, "q_norm", None),  # Qwen3 normalises q and k per head
                 getattr(layer.self_attn, "k_norm", None),
-                layer.post_attention_layernorm,
-                layer.mlp,
+                layer.post_attention_layernorm.forward,
+                layer.mlp.forward,
             )
             for layer in body.layers
         ]
         n, p = prompt_mask.shape
         self.length = p  # filled cache slots
         self.keys, self.values = [], []
-        for layer in cache.layers:
-            k, v = layer.keys, layer.values
-            self.keys.append(k.new_empty(*k.shape[:2], p + steps, k.shape[-1]))
-            self.values.append(v.new_empty(*v.shape[:2], p + steps, v.shape[-1]))
-            self.keys[-1][:, :, :p], self.values[-1][:, :, :p] = k, v
+        for layer in cache.layers:  # each prompt's prefill, copied into its `copies` rows
+            for prefilled, buffers in ((layer.keys, self.keys), (layer.values, self.values)):
+                heads, dim = prefilled.shape[1], prefilled.shape[-1]
+                buffers.append(prefilled.new_empty(n, heads, p + steps, dim))
+                grouped = buffers[-1].view(n // copies, copies, heads, p + steps, dim)
+                grouped[:, :, :, :p] = prefilled[:, None]
         # transformers passes no mask (and uses enable_gqa) when no row is padded.
         self.mask = None
         if not bool(prompt_mask.all()):
@@ -118,50 +126,54 @@ class _Decoder:
             self.mask[:, 0, 0, :p] = prompt_mask.bool()
         # Rotary tables for every position a row can reach, indexed by position each step.
         positions = torch.arange(int(prompt_mask.sum(1).max()) + steps, device=prompt_mask.device)
-        self.cos, self.sin = body.rotary_emb(self.keys[0][:1, :1, :1], positions[None])
-
-    def _attention(self, i: int, attn, q_norm, k_norm, h: torch.Tensor, cos, sin) -> torch.Tensor:
-        n, head_dim, groups = h.shape[0], attn.head_dim, attn.num_key_value_groups
-        q, k = attn.q_proj(h).view(n, 1, -1, head_dim), attn.k_proj(h).view(n, 1, -1, head_dim)
-        if q_norm is not None:
-            q, k = q_norm(q), k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = attn.v_proj(h).view(n, 1, -1, head_dim).transpose(1, 2)
-        q = (q * cos) + (_rotate_half(q) * sin)
-        k = (k * cos) + (_rotate_half(k) * sin)
-        end = self.length + 1
-        self.keys[i][:, :, self.length : end] = k
-        self.values[i][:, :, self.length : end] = v
-        mask = None if self.mask is None else self.mask[..., :end]
-        kwargs = {}
-        if groups > 1 and mask is None:
-            kwargs["enable_gqa"] = True
-        elif groups > 1:  # one query per row: fold the query heads onto their key/value head
-            q = q.reshape(n, -1, groups, head_dim)
-        out = F.scaled_dot_product_attention(
-            q,
-            self.keys[i][:, :, :end],
-            self.values[i][:, :, :end],
-            attn_mask=mask,
-            dropout_p=0.0,
-            scale=attn.scaling,
-            is_causal=False,
-            **kwargs,
-        )
-        out = out.reshape(n, -1, 1, head_dim).transpose(1, 2).contiguous()
-        return attn.o_proj(out.reshape(n, 1, -1).contiguous())
+        cos, sin = body.rotary_emb(self.keys[0][:1, :1, :1], positions[None])
+        half = sin.shape[-1] // 2
+        self.cos, self.sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Float32 next-token logits (N, V) after feeding `tokens` (N,) at `positions` (N,)."""
-        h = self.embed(tokens[:, None])
-        cos, sin = self.cos[0, positions][:, None, None], self.sin[0, positions][:, None, None]
+        n, slot = tokens.shape[0], self.length
+        end = slot + 1
+        mask = None if self.mask is None else self.mask[..., :end]
+        cos = self.cos.index_select(0, positions)[:, None, None]
+        sin = self.sin.index_select(0, positions)[:, None, None]
+        h = self.embed.forward(tokens[:, None])
         for i, (norm1, attn, q_norm, k_norm, norm2, mlp) in enumerate(self.layers):
-            h = h + self._attention(i, attn, q_norm, k_norm, norm1(h), cos, sin)
+            x, d, groups = norm1(h), attn.head_dim, attn.num_key_value_groups
+            q, k = (
+                attn.q_proj.forward(x).view(n, 1, -1, d),
+                attn.k_proj.forward(x).view(n, 1, -1, d),
+            )
+            if q_norm is not None:
+                q, k = q_norm.forward(q), k_norm.forward(k)
+            qk = torch.cat((q, k), dim=2).transpose(1, 2)
+            qk = qk * cos + qk.roll(d // 2, -1) * sin
+            q, k = qk[:, : q.shape[2]], qk[:, q.shape[2] :]
+            self.keys[i][:, :, slot:end] = k
+            self.values[i][:, :, slot:end] = (
+                attn.v_proj.forward(x).view(n, 1, -1, d).transpose(1, 2)
+            )
+            kwargs = {}
+            if groups > 1 and mask is None:
+                kwargs["enable_gqa"] = True
+            elif groups > 1:  # one query per row: fold the query heads onto their key/value head
+                q = q.reshape(n, -1, groups, d)
+            out = F.scaled_dot_product_attention(
+                q,
+                self.keys[i][:, :, :end],
+                self.values[i][:, :, :end],
+                attn_mask=mask,
+                dropout_p=0.0,
+                scale=attn.scaling,
+                is_causal=False,
+                **kwargs,
+            )
+            h = h + attn.o_proj.forward(out.reshape(n, 1, -1))
             h = h + mlp(norm2(h))
-        self.length += 1
+        self.length = end
         if self.mask is not None:
-            self.mask[:, 0, 0, self.length - 1] = True
-        return self.head(self.norm(h))[:, -1].to(copy=True, dtype=torch.float32)
+            self.mask[:, 0, 0, slot] = True
+        return self.head.forward(self.norm.forward(h))[:, -1].to(copy=True, dtype=torch.float32)
 
 
 @torch.no_grad()
@@ -177,14 +189,19 @@ def sample(
     top_p: float = 1.0,
     do_sample: bool = True,
     stop: Stop | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode up to `max_new_tokens` per row of a left-padded prompt batch.
+    with_logprobs: bool = False,
+    num_return_sequences: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Decode up to `max_new_tokens` tokens, `num_return_sequences` times per prompt.
 
+    `prompt_ids` (B, P) are left-padded distinct prompts; each is prefilled once and its
+    key/value cache copied to its rows (N = B * num_return_sequences, grouped by prompt).
     Returns the sequences (N, P + steps), prompt included and finished rows padded with
-    `pad_token_id` as `generate` returns them, and the log-probability (N, steps) of each new
-    token under the model at `temperature` (log_softmax(logits / temperature), before
-    min_new_tokens and top_p shape the sampling distribution; 0 on padding). Sampling follows
-    `generate`'s order: EOS banned before `min_new_tokens`, then temperature, then top-p.
+    `pad_token_id` as `generate` returns them, and, with `with_logprobs`, the log-probability
+    (N, steps) of each new token under the model at `temperature` (log_softmax(logits /
+    temperature), before min_new_tokens and top_p shape the sampling distribution; 0 on
+    padding). Sampling follows `generate`'s order: EOS banned before `min_new_tokens`, then
+    temperature, then top-p.
     """
     lm = causal_lm(model)
     n, p = prompt_ids.shape
@@ -203,16 +220,20 @@ def sample(
         .logits[:, -1]
         .to(copy=True, dtype=torch.float32)
     )
-    decoder = _Decoder(lm, cache, prompt_mask, max_new_tokens)
+    g = num_return_sequences
+    prompt_ids, prompt_mask, positions, logits = (
+        x.repeat_interleave(g, 0) for x in (prompt_ids, prompt_mask, positions, logits)
+    )
+    n = n * g
+    decoder = _Decoder(lm, cache, prompt_mask, max_new_tokens, g)
     del cache
     ids = prompt_ids.new_full((n, p + max_new_tokens), pad_token_id)
     ids[:, :p] = prompt_ids
-    logprobs = torch.zeros(n, max_new_tokens, device=prompt_ids.device)
+    logprobs = torch.zeros(n, max_new_tokens, device=prompt_ids.device) if with_logprobs else None
     unfinished = torch.ones(n, dtype=torch.bool, device=prompt_ids.device)
     position = positions[:, -1]
     steps = 0
     while True:
-        scaled = logits / temperature if temperature != 1.0 else logits
         scores = logits
         if steps < min_new_tokens:
             scores = logits.clone()
@@ -225,8 +246,10 @@ def sample(
         else:
             tokens = torch.argmax(scores, dim=-1)
         tokens = torch.where(unfinished, tokens, pad_token_id)
-        chosen = scaled.gather(1, tokens[:, None])[:, 0] - scaled.logsumexp(-1)
-        logprobs[:, steps] = chosen.masked_fill(~unfinished, 0.0)
+        if logprobs is not None:
+            scaled = logits / temperature if temperature != 1.0 else logits
+            chosen = scaled.gather(1, tokens[:, None])[:, 0] - scaled.logsumexp(-1)
+            logprobs[:, steps] = chosen.masked_fill(~unfinished, 0.0)
         ids[:, p + steps] = tokens
         steps += 1
         unfinished &= tokens != eos_token_id
@@ -236,4 +259,4 @@ def sample(
             break
         position = position + 1
         logits = decoder.step(tokens, position)
-    return ids[:, : p + steps], logprobs[:, :steps]
+    return ids[:, : p + steps], None if logprobs is None else logprobs[:, :steps]

@@ -74,3 +74,14 @@ def sample_records(
         }
         for i, (row, text) in enumerate(zip(rows, texts, strict=True))
     ]
+
+
+def timing_metrics(t0: float, t1: float, t2: float, t3: float, tokens: int) -> dict[str, float]:
+    """Seconds spent generating (t0-t1), scoring (t1-t2) and updating (t2-t3); tokens/s."""
+    return {
+        "time/generate_s": t1 - t0,
+        "time/score_s": t2 - t1,
+        "time/update_s": t3 - t2,
+        "time/step_s": t3 - t0,
+        "time/tokens_per_s": tokens / (t3 - t0),
+    }

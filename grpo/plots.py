@@ -4,7 +4,8 @@ Four figures in `RUN_DIR/plots/`, each readable on its own:
 - `rewards.png`: training reward mean per step, with the batch's min-max and q25-q75 bands;
 - `loss_kl.png`: total and policy loss, and the KL to the reference (mean over tokens);
 - `completion_length.png`: completion length mean and max, and the fraction truncated;
-- `eval_accuracy.png`: held-out accuracies (greedy strict / lenient, pass@k, maj@k).
+- `eval_accuracy.png`: held-out accuracies (greedy strict / lenient, pass@k, maj@k), with the
+  evaluation before training (summary.json) at step 0.
 """
 
 from __future__ import annotations
@@ -156,6 +157,9 @@ def make_plots(run_dir: str | Path) -> list[Path]:
     """Draw every figure from `run_dir/metrics.jsonl` into `run_dir/plots/`; return the paths."""
     run_dir = Path(run_dir)
     steps = read_steps(run_dir / "metrics.jsonl")
+    summary = run_dir / "summary.json"
+    if summary.exists():  # the evaluation before training is drawn at step 0
+        steps = {0: json.loads(summary.read_text()).get("before", {}), **steps}
     out = run_dir / "plots"
     out.mkdir(exist_ok=True)
     name = "/".join(run_dir.resolve().parts[-2:])

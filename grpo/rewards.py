@@ -28,6 +28,10 @@ from grpo.answer import (
 _ERROR_TEXT_CHARS = 200
 
 
+class RewardError(ValueError):
+    """A reward function failed; the message names the reward and the sample."""
+
+
 @dataclass
 class RewardOutput:
     """Rewards for a batch: ``total[i]`` and its breakdown ``parts[name][i]``."""
@@ -47,7 +51,12 @@ class Reward(ABC):
     ) -> RewardOutput:
         """Score each completion against its ground-truth answer."""
         _check_batch(completions, answers, completion_lengths)
-        parts = self.parts(completions, answers, completion_lengths)
+        try:
+            parts = self.parts(completions, answers, completion_lengths)
+        except Exception as error:
+            raise RewardError(
+                self._describe_failure(completions, answers, completion_lengths, error)
+            ) from error
         total = [sum(values) for values in zip(*parts.values(), strict=True)]
         self._check_finite(total, completions)
         return RewardOutput(total=total, parts=parts)
@@ -60,6 +69,26 @@ class Reward(ABC):
         completion_lengths: Sequence[int] | None,
     ) -> dict[str, list[float]]:
         """The named parts of the reward, one value per completion each."""
+
+    def _describe_failure(
+        self,
+        completions: Sequence[str],
+        answers: Sequence[str],
+        completion_lengths: Sequence[int] | None,
+        error: Exception,
+    ) -> str:
+        """Name this reward, the error, and the first sample that fails on its own."""
+        message = f"{type(self).__name__} failed: {error}"
+        for index, (text, answer) in enumerate(zip(completions, answers, strict=True)):
+            lengths = None if completion_lengths is None else completion_lengths[index : index + 1]
+            try:
+                self.parts([text], [answer], lengths)
+            except Exception:
+                return (
+                    f"{message}; on completion {index} {text[:_ERROR_TEXT_CHARS]!r} "
+                    f"with answer {answer[:_ERROR_TEXT_CHARS]!r}"
+                )
+        return message
 
     def _check_finite(self, total: list[float], completions: Sequence[str]) -> None:
         """Raise ValueError naming this reward and the completion whose total is not finite."""

@@ -1,9 +1,9 @@
 """Rollouts: render prompts, sample G completions per prompt, and score tokens' log-probs.
 
-Generation uses transformers' `generate` (KV cache, sampling, left padding). A completion
-ends at EOS, at an optional stop pattern (e.g. the `#### N` answer line), or at
-`max_new_tokens`, in which case it is marked truncated. Its mask covers exactly the tokens
-the policy sampled, the EOS included.
+Generation uses `grpo.fast_generate` (a lean decoder for Llama/Qwen models, same greedy tokens)
+or transformers' `generate` (KV cache, sampling, left padding). A completion ends at EOS, at an
+optional stop pattern (e.g. the `#### N` answer line), or at `max_new_tokens`, in which case it
+is marked truncated. Its mask covers exactly the tokens the policy sampled, the EOS included.
 """
 
 from __future__ import annotations
@@ -120,8 +120,8 @@ def generate(
     if backend == "lean" and fast_generate.supports(model):
         out, _ = fast_generate.sample(
             model,
-            prompt_ids,
-            prompt_mask,
+            enc.input_ids,
+            enc.attention_mask,
             max_new_tokens,
             tokenizer.eos_token_id,
             tokenizer.pad_token_id,
@@ -130,6 +130,7 @@ def generate(
             top_p,
             do_sample,
             stop,
+            num_return_sequences=num_return_sequences,
         )
     else:
         sampling = {"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}
@@ -174,33 +175,72 @@ def token_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     entropy_grad: bool = False,
-    chunk_logits: int = 2**24,
+    chunk_logits: int | None = 2**24,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (N, T) of the completion tokens under `model`, at the sampling temperature.
 
-    For Llama/Qwen2/Qwen3 models the backbone runs once and the LM head only at sampled
-    completion tokens (padding skipped), in chunks of at most `chunk_logits` logits (tokens x
-    vocabulary; 0 = one chunk) that are recomputed in backward: no (N, T, V) tensor is ever
-    held. Other models compute the completion positions' logits (`logits_to_keep`). Padding
-    positions get log-prob 0. Entropy (N, T), when asked, is computed without gradient, for
-    logging, unless `entropy_grad` (an entropy bonus in the loss needs its gradient).
+    Columns that are padding in every row (left of the longest prompt, right of the longest
+    completion) are cut before the forward pass. For Llama/Qwen2/Qwen3 models the LM head then
+    runs only at sampled tokens, in chunks of at most `chunk_logits` logits (tokens x
+    vocabulary; 0 = one chunk) recomputed in backward, so no (N, T, V) tensor is ever held.
+    `chunk_logits=None`, and other models, compute all completion positions' logits at once
+    (`logits_to_keep`). Padding positions get log-prob 0. Entropy (N, T), when asked, is
+    computed without gradient, for logging, unless `entropy_grad` (an entropy bonus in the
+    loss needs its gradient).
     """
+    t = rollout.completion_ids.shape[1]
+    start = int(rollout.prompt_mask.any(0).long().argmax())
+    used = rollout.completion_mask.any(0).nonzero()
+    t_used = int(used[-1]) + 1 if len(used) else 1
+    trimmed = Rollout(
+        rollout.prompt_ids[:, start:],
+        rollout.prompt_mask[:, start:],
+        rollout.completion_ids[:, :t_used],
+        rollout.completion_mask[:, :t_used],
+        rollout.truncated,
+        rollout.texts,
+    )
+    lm = fast_generate.causal_lm(model)
+    head = lm.get_output_embeddings()
+    chunked = (
+        lm.config.model_type in fast_generate.SUPPORTED_MODEL_TYPES and type(head) is nn.Linear
+    )
+    if chunked and chunk_logits is not None:
+        logp, entropy = _logprobs_from_hidden(
+            model, head, trimmed, temperature, with_entropy, entropy_grad, chunk_logits
+        )
+    else:
+        logp, entropy = _logprobs_from_logits(
+            model, trimmed, temperature, with_entropy, entropy_grad
+        )
+    pad = (0, t - t_used)
+    return F.pad(logp, pad), None if entropy is None else F.pad(entropy, pad)
+
+
+def _model_inputs(rollout: Rollout) -> dict[str, torch.Tensor]:
+    """Prompt and completion as one left- and right-padded batch, with its position ids."""
     ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)
     mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], 1)
     position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids}
+
+
+def _logprobs_from_hidden(
+    model: PreTrainedModel,
+    head: nn.Linear,
+    rollout: Rollout,
+    temperature: float,
+    with_entropy: bool,
+    entropy_grad: bool,
+    chunk_logits: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`token_logprobs` from the backbone's hidden states and the chunked LM head."""
     t = rollout.completion_ids.shape[1]
-    lm = fast_generate.causal_lm(model)
-    head = lm.get_output_embeddings()
-    if (
-        lm.config.model_type not in fast_generate.SUPPORTED_MODEL_TYPES
-        or type(head) is not nn.Linear
-    ):
-        return _logprobs_from_logits(
-            model, ids, mask, position_ids, rollout, temperature, with_entropy, entropy_grad
-        )
-    hidden = getattr(lm, lm.base_model_prefix)(
-        input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False
-    ).last_hidden_state[:, -(t + 1) : -1]
+    # The model's own forward (hooks see it), for its final hidden states; one logit row each.
+    out = model(
+        **_model_inputs(rollout), output_hidden_states=True, logits_to_keep=1, use_cache=False
+    )
+    hidden = out.hidden_states[-1][:, -(t + 1) : -1]
     valid = rollout.completion_mask.bool()
     rows = max(1, chunk_logits // head.out_features) if chunk_logits else int(valid.sum())
     logp, entropy = _ChunkedLogProbs.apply(
@@ -216,9 +256,6 @@ def token_logprobs(
 
 def _logprobs_from_logits(
     model: PreTrainedModel,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    position_ids: torch.Tensor,
     rollout: Rollout,
     temperature: float,
     with_entropy: bool,
@@ -226,17 +263,8 @@ def _logprobs_from_logits(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`token_logprobs` for any model: the logits of the completion positions at once."""
     t = rollout.completion_ids.shape[1]
-    logits = (
-        model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=position_ids,
-            logits_to_keep=t + 1,
-            use_cache=False,
-        )
-        .logits[:, :-1]
-        .float()
-    )
+    logits = model(**_model_inputs(rollout), logits_to_keep=t + 1, use_cache=False).logits
+    logits = logits[:, :-1].float()
     if temperature != 1.0:
         logits = logits / temperature
     chosen = logits.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
@@ -254,8 +282,8 @@ class _ChunkedLogProbs(torch.autograd.Function):
     """Log-probs (and entropies) of chosen tokens from final hidden states, chunk by chunk.
 
     Forward keeps only the hidden states and each row's logsumexp; backward recomputes a
-    chunk's logits and applies d logp / d z = (onehot - p) / temperature and
-    d H / d z = -p (log p + H) / temperature.
+    chunk's logits z and applies d logp / d z = (onehot - p) / temperature and
+    d H / d z = -p (log p + H) / temperature. Two (chunk, V) buffers at a time, updated in place.
     """
 
     @staticmethod
@@ -268,8 +296,9 @@ class _ChunkedLogProbs(torch.autograd.Function):
             logits = _head_logits(hidden[part], weight, temperature)
             lse[part] = logits.logsumexp(-1)
             logp[part] = logits.gather(1, ids[part, None])[:, 0] - lse[part]
-            if with_entropy:
-                entropy[part] = lse[part] - (torch.exp(logits - lse[part, None]) * logits).sum(-1)
+            if with_entropy:  # H = lse - sum(p z)
+                p = (logits - lse[part, None]).exp_()
+                entropy[part] = lse[part] - p.mul_(logits).sum(-1)
         ctx.save_for_backward(hidden, weight, ids, lse, entropy)
         ctx.temperature, ctx.rows = temperature, rows
         ctx.set_materialize_grads(False)
@@ -279,22 +308,28 @@ class _ChunkedLogProbs(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, ids, lse, entropy = ctx.saved_tensors
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
-        for start in range(0, ids.shape[0], ctx.rows):
+        grad_weight = None
+        n = ids.shape[0]
+        g_logp = grad_logp if grad_logp is not None else lse.new_zeros(n)
+        for start in range(0, n, ctx.rows):
             part = slice(start, start + ctx.rows)
-            log_p = _head_logits(hidden[part], weight, ctx.temperature) - lse[part, None]
+            log_p = _head_logits(hidden[part], weight, ctx.temperature).sub_(lse[part, None])
             p = log_p.exp()
-            grad = torch.zeros_like(p)
-            if grad_logp is not None:
-                grad -= p * grad_logp[part, None]
-                grad.scatter_add_(1, ids[part, None], grad_logp[part, None])
+            # grad z = p * c + onehot * g_logp, with c = -g_logp - g_H (log p + H)
+            coef = -g_logp[part, None]
             if grad_entropy is not None:
-                grad -= p * (log_p + entropy[part, None]) * grad_entropy[part, None]
-            grad = (grad / ctx.temperature).to(hidden.dtype)
+                coef = log_p.add_(entropy[part, None]).mul_(-grad_entropy[part, None]).add_(coef)
+            grad = p.mul_(coef).scatter_add_(1, ids[part, None], g_logp[part, None])
+            if ctx.temperature != 1.0:
+                grad.div_(ctx.temperature)
+            grad = grad.to(hidden.dtype)
             if grad_hidden is not None:
-                grad_hidden[part] = grad @ weight
-            if grad_weight is not None:
-                grad_weight.addmm_(grad.T, hidden[part])
+                torch.mm(grad, weight, out=grad_hidden[part])
+            if ctx.needs_input_grad[1]:
+                if grad_weight is None:
+                    grad_weight = grad.T @ hidden[part]
+                else:
+                    grad_weight.addmm_(grad.T, hidden[part])
         return grad_hidden, grad_weight, None, None, None, None
 
 

@@ -194,10 +194,11 @@ def check_same_config(cfg: DictConfig, run_dir: Path) -> None:
         if saved.get(key) != now.get(key) and not key.startswith(RESUMABLE_KEYS)
     ]
     if differ:
+        started = json.loads((run_dir / "run_info.json").read_text())["overrides"]
         raise ConfigError(
             f"trainer.resume: the config differs from the run's ({run_dir / 'config.yaml'}) at "
             + "; ".join(differ[:10])
-            + ". Resume with the run's overrides (see its .hydra/overrides.yaml)."
+            + f". Resume with the run's overrides: {' '.join(started)}"
         )
 
 

@@ -1,7 +1,9 @@
 """The grouped sampler: batches of prompts, each repeated G times contiguously.
 
 GRPO's baseline is the mean reward of the G completions of one prompt, so rows of one prompt
-must stay together: rows `g*G .. g*G+G-1` belong to group `g`.
+must stay together: rows `g*G .. g*G+G-1` belong to group `g`. With data parallelism
+(`grpo.distributed`) every rank draws the same global batch and keeps its consecutive share of
+whole groups, so a group is never split across ranks.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ class GroupBatch:
 class GroupedSampler:
     """Yields `batch_size` prompts per batch, each repeated `group_size` (G) times.
 
+    `batch_size` is global: with `world_size` ranks, rank `rank` gets prompts
+    `rank * batch_size / world_size ...` of each batch (`local_batch_size` of them).
+
     Prompts are visited in a seeded random order per epoch (a new permutation each epoch,
     from `seed` and the epoch number); a batch that runs past the end of an epoch continues
     into the next one. `state_dict()` / `load_state_dict()` restore the exact position.
@@ -34,6 +39,8 @@ class GroupedSampler:
         group_size: int,
         seed: int = 0,
         shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if group_size < 2:
             raise ValueError(
@@ -44,11 +51,18 @@ class GroupedSampler:
             raise ValueError(f"trainer.batch_size must be >= 1 (got {batch_size})")
         if num_prompts < 1:
             raise ValueError("the training split is empty")
+        if batch_size % world_size:
+            raise ValueError(
+                f"trainer.batch_size={batch_size} must be a multiple of the {world_size} "
+                "processes: each takes an equal share of whole groups"
+            )
         self.num_prompts = num_prompts
         self.batch_size = batch_size
         self.group_size = group_size
         self.seed = seed
         self.shuffle = shuffle
+        self.rank = rank
+        self.local_batch_size = batch_size // world_size  # prompts of each batch on this rank
         self.epoch = 0
         self.position = 0
 
@@ -82,7 +96,9 @@ class GroupedSampler:
         return self
 
     def __next__(self) -> GroupBatch:
-        return self.expand(self.next_prompts())
+        """This rank's share of the next global batch (all of it in a single process)."""
+        start = self.rank * self.local_batch_size
+        return self.expand(self.next_prompts()[start : start + self.local_batch_size])
 
     def state_dict(self) -> dict[str, int]:
         """Everything needed to continue exactly where this sampler is."""

@@ -21,6 +21,7 @@ from contextlib import nullcontext
 
 import torch
 
+from grpo import distributed
 from grpo.loss import GRPOLoss
 from grpo.modeling import Policy
 from grpo.rollout import Rollout, token_logprobs
@@ -101,9 +102,11 @@ def loss_mask(rollout: Rollout, mask_truncated: bool) -> torch.Tensor:
 def normalisers(mask: torch.Tensor) -> dict[str, int]:
     """The loss normalisers of one optimiser step: completions with tokens, and tokens.
 
-    The one place they are computed; with data parallelism both must be summed over ranks here.
+    The one place they are computed. Summed over ranks: with data parallelism they count the
+    global batch, so each rank's loss is its part of the global batch's loss.
     """
-    return {"num_sequences": int(mask.any(1).sum()), "num_tokens": int(mask.sum())}
+    counts = {"num_sequences": int(mask.any(1).sum()), "num_tokens": int(mask.sum())}
+    return distributed.sum_over_ranks(counts)
 
 
 @torch.no_grad()
@@ -161,7 +164,7 @@ def policy_update(
     for _ in range(epochs):
         for start in range(0, n, size):
             rows = slice(start, start + size)
-            if not mask[rows].any():
+            if not normalisers(mask[rows])["num_tokens"]:  # on any rank
                 continue
             steps.append(
                 _optimizer_step(
@@ -206,7 +209,7 @@ def _optimizer_step(
     totals: dict[str, float] = {}
     for start in range(0, batch.completion_ids.shape[0], micro_batch_size):
         rows = slice(start, start + micro_batch_size)
-        if not mask[rows].any():
+        if not mask[rows].any() and distributed.world_size() == 1:  # ranks: same forwards (FSDP)
             continue  # no loss tokens: a zero gradient, skip the forward pass
         logp, entropy = token_logprobs(
             model,
@@ -228,9 +231,11 @@ def _optimizer_step(
         weight = float(mask[rows].sum()) / norm["num_tokens"]
         for key, value in stats.items():
             totals[key] = totals.get(key, 0.0) + (
-                value if key in ADDITIVE_STATS else value * weight
+                value if key in ADDITIVE_STATS else value * weight if weight else 0.0
             )
+    totals = distributed.sum_over_ranks(totals)  # the ranks' parts add up to the global batch's
     params = [p for p in model.parameters() if p.requires_grad]
+    distributed.sum_gradients(params)  # the ranks' parts add up to the global batch's gradient
     limit = max_grad_norm if max_grad_norm is not None else math.inf
     totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, limit))
     if not math.isfinite(totals["grad_norm"]):

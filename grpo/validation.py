@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -30,11 +31,24 @@ def validate_config(cfg: DictConfig) -> None:
     _require(
         tr.max_prompt_length > 0, "trainer.max_prompt_length", "must be > 0", tr.max_prompt_length
     )
-    rows = tr.batch_size * g
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # processes started by torchrun/accelerate
+    _require(
+        tr.batch_size % world == 0,
+        "trainer.batch_size",
+        f"must be a multiple of the {world} processes (WORLD_SIZE): each takes whole groups",
+        tr.batch_size,
+    )
+    _require(tr.strategy in ("ddp", "fsdp"), "trainer.strategy", "ddp|fsdp", tr.strategy)
+    if tr.strategy == "fsdp" and world > 1:  # grpo.distributed: shards the decoder layers
+        why = "FSDP here trains LoRA adapters of the decoder layers: needs model.lora.enabled=true"
+        _require(cfg.model.lora.enabled, "trainer.strategy", why, tr.strategy)
+        why = "FSDP runs keep no checkpoints yet: needs trainer.save_every=0, trainer.resume=null"
+        _require(tr.save_every == 0 and tr.resume is None, "trainer.strategy", why, tr.strategy)
+    rows, per = tr.batch_size * g // world, f" / {world} processes" if world > 1 else ""
     _require(
         tr.micro_batch_size >= 1 and rows % tr.micro_batch_size == 0,
         "trainer.micro_batch_size",
-        f"must divide trainer.batch_size * algorithm.num_responses_per_prompt = {rows}",
+        f"must divide trainer.batch_size * algorithm.num_responses_per_prompt{per} = {rows}",
         tr.micro_batch_size,
     )
     _require(tr.device in ("auto", "cpu", "cuda"), "trainer.device", "auto|cpu|cuda", tr.device)

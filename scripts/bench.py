@@ -27,7 +27,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from importlib import metadata
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,8 +60,8 @@ class Workload:
 
 
 TINY = Workload("tiny", "tiny", 32)
-SMOLLM2 = Workload("smollm2", "smollm2_135m", 64, warmup=1, steps=3, micro_batch=2)
-SMOLLM2_LORA = replace(SMOLLM2, name="smollm2-lora", lora=True)
+SMOLLM2 = Workload("smollm2", "smollm2_135m", 64, warmup=1, steps=3, micro_batch=1)
+SMOLLM2_LORA = replace(SMOLLM2, name="smollm2-lora", lora=True, micro_batch=4)
 WORKLOADS = {w.name: w for w in (TINY, SMOLLM2, SMOLLM2_LORA)}
 SCALING = [(g, t) for g in (4, 8) for t in (32, 64)]  # (G, completion length) on the tiny model
 
@@ -92,7 +93,9 @@ def step_prompts(workload: Workload, use_chat_template: bool, tokenizer) -> list
     return [{"prompt": t, "answer": r["answer"]} for t, r in zip(texts, rows, strict=True)]
 
 
-def our_overrides(workload: Workload, threads: int, run_dir: str) -> list[str]:
+def our_overrides(
+    workload: Workload, threads: int, run_dir: str, extra: list[str] = ()
+) -> list[str]:
     """Hydra overrides that make our CLI run `workload` (and nothing slow around it)."""
     t = workload.new_tokens
     return [
@@ -121,10 +124,11 @@ def our_overrides(workload: Workload, threads: int, run_dir: str) -> list[str]:
         "logging.plots=false",
         "logging.samples_every=0",
         f"hydra.run.dir={run_dir}",
+        *extra,
     ]
 
 
-def run_ours(workload: Workload, threads: int) -> dict:
+def run_ours(workload: Workload, threads: int, extra: list[str]) -> dict:
     """Our trainer through its CLI entry point, with the no-grad forward passes timed."""
     import runpy
 
@@ -149,7 +153,7 @@ def run_ours(workload: Workload, threads: int) -> dict:
 
     grpo.update.token_logprobs, grpo.update.policy_update = timed_logprobs, timed_update
     with tempfile.TemporaryDirectory() as run_dir:
-        sys.argv = ["grpo.train", *our_overrides(workload, threads, run_dir)]
+        sys.argv = ["grpo.train", *our_overrides(workload, threads, run_dir, extra)]
         runpy.run_module("grpo.train", run_name="__main__", alter_sys=True)
         lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     steps = [m for m in map(json.loads, lines) if "time/step_s" in m]
@@ -304,19 +308,96 @@ def run_floor(workload: Workload) -> dict:
     return {"params": n, "tokens_per_step": tokens / workload.steps}
 
 
+def _policy_and_rollout(workload: Workload, threads: int):
+    """Our policy (full fine-tuning) and a rollout of the first measured step's prompts."""
+    import torch
+
+    from grpo.modeling import load_policy
+    from grpo.rollout import generate
+
+    torch.set_num_threads(threads)
+    chat = workload.model != "tiny"
+    policy = load_policy(model_folder(workload), tokenizer={"use_chat_template": chat})
+    rows = step_prompts(workload, chat, policy.tokenizer)[workload.warmup :][: workload.prompts]
+    prompts = [r["prompt"] for r in rows]
+    t = workload.new_tokens
+    torch.manual_seed(SEED)
+    rollout = generate(policy.model, policy.tokenizer, prompts, workload.group, t, min_new_tokens=t)
+    return policy, prompts, rollout
+
+
+def _median_time(fn, repeats: int) -> tuple[float, float]:
+    """Median wall and CPU seconds of `fn()` over `repeats` calls, after one warm-up call."""
+    fn()
+    wall, cpu = [], []
+    for _ in range(repeats):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return statistics.median(wall), statistics.median(cpu)
+
+
+def run_generation_pieces(workload: Workload, threads: int) -> dict:
+    """`rollout.generate` with each backend, and the two samplers, on one step's prompts."""
+    import torch
+
+    from grpo.fast_generate import sample_token
+    from grpo.rollout import generate
+
+    policy, prompts, _ = _policy_and_rollout(workload, threads)
+    t, repeats = workload.new_tokens, 5 if workload.model == "tiny" else 2
+    result = {}
+    for backend in ("transformers", "lean"):
+        result[backend] = _median_time(
+            lambda b=backend: generate(
+                policy.model,
+                policy.tokenizer,
+                prompts,
+                workload.group,
+                t,
+                min_new_tokens=t,
+                backend=b,
+            ),
+            repeats,
+        )
+    probs = torch.softmax(torch.randn(workload.completions, policy.model.config.vocab_size), -1)
+    result["multinomial"] = _median_time(lambda: torch.multinomial(probs, 1), 100)
+    result["inverse_cdf"] = _median_time(lambda: sample_token(probs), 100)
+    return result
+
+
+def run_logprobs_piece(workload: Workload, threads: int, chunk: int | None, micro: int) -> dict:
+    """One policy forward + backward over a step's completions, `micro` at a time."""
+    from grpo.rollout import token_logprobs
+
+    policy, _, rollout = _policy_and_rollout(workload, threads)
+    model = policy.model.train()
+
+    def forward_backward():
+        for start in range(0, workload.completions, micro):
+            micro_batch = rollout.rows(slice(start, start + micro))
+            logp, _ = token_logprobs(model, micro_batch, with_entropy=True, chunk_logits=chunk)
+            logp.sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    return {"time": _median_time(forward_backward, 3)}
+
+
 def worker(args: argparse.Namespace) -> None:
     """Run one measurement in this process and write its JSON to `args.out`."""
-    workload = replace(
-        WORKLOADS[args.workload],
-        **({"group": args.group} if args.group else {}),
-        **({"new_tokens": args.new_tokens} if args.new_tokens else {}),
-    )
+    workload = Workload(**json.loads(args.spec))
     if args.worker == "ours":
-        result = run_ours(workload, args.threads)
+        result = run_ours(workload, args.threads, args.set)
     elif args.worker == "trl":
         result = run_trl(workload, args.threads)
     elif args.worker == "matmul":
         result = run_matmul(args.threads)
+    elif args.worker == "generation":
+        result = run_generation_pieces(workload, args.threads)
+    elif args.worker == "logprobs":
+        chunk, micro = json.loads(args.set[0])
+        result = run_logprobs_piece(workload, args.threads, chunk, micro)
     else:
         result = run_floor(workload)
     Path(args.out).write_text(json.dumps(result))
@@ -326,8 +407,11 @@ def worker(args: argparse.Namespace) -> None:
 # The driver: runs workers, alternating sides, and prints the tables.
 
 
-def spawn(kind: str, workload: Workload, threads: int, group: int = 0, new_tokens: int = 0):
-    """Run a worker process; returns its result with `peak_rss_mb` (ru_maxrss of the process)."""
+def spawn(kind: str, workload: Workload, threads: int, extra: list[str] = ()) -> dict:
+    """Run a worker process; returns its result with `peak_rss_mb` (ru_maxrss of the process).
+
+    `extra`: Hydra overrides added to our side's command line (ablations).
+    """
     env = dict(os.environ)
     env.update(
         OMP_NUM_THREADS=str(threads),
@@ -341,9 +425,8 @@ def spawn(kind: str, workload: Workload, threads: int, group: int = 0, new_token
         PYTHONWARNINGS="ignore",
     )
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        cmd = [sys.executable, __file__, "--worker", kind, "--workload", workload.name]
-        cmd += ["--threads", str(threads), "--out", out.name]
-        cmd += ["--group", str(group), "--new-tokens", str(new_tokens)]
+        cmd = [sys.executable, __file__, "--worker", kind, "--spec", json.dumps(asdict(workload))]
+        cmd += ["--threads", str(threads), "--out", out.name, *(f"--set={o}" for o in extra)]
         with tempfile.TemporaryFile() as log:
             proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
             _, status, usage = os.wait4(proc.pid, 0)
@@ -390,13 +473,13 @@ def load() -> float:
     return os.getloadavg()[0]
 
 
-def compare(workload: Workload, repeats: int, threads: int) -> dict[str, Summary]:
+def compare(workload: Workload, repeats: int, threads: int, extra: list[str]) -> dict[str, Summary]:
     """Run ours and TRL alternately (A B A B ...), `repeats` times each."""
     runs: dict[str, list[dict]] = {"ours": [], "trl": []}
     for r in range(repeats):
         for side in ("ours", "trl"):
             before = load()
-            runs[side].append(spawn(side, workload, threads))
+            runs[side].append(spawn(side, workload, threads, extra if side == "ours" else ()))
             step = statistics.median(runs[side][-1]["step_s"])
             print(
                 f"  {workload.name} repeat {r + 1}/{repeats} {side:4}: step {step * 1e3:8.1f} ms"
@@ -423,21 +506,17 @@ def row(label: str, side: str, s: Summary, workload: Workload) -> str:
 
 
 def ensure_trl(install: bool) -> None:
-    """Check that trl==TRL_VERSION is importable; install it (pinned, constrained) if asked."""
+    """Check that trl==TRL_VERSION is installed; install it (pinned, constrained) if asked."""
     try:
-        from importlib.metadata import version
-
-        if version("trl") == TRL_VERSION:
+        if metadata.version("trl") == TRL_VERSION:
             return
-    except ImportError:
-        pass
-    except Exception:  # importlib.metadata.PackageNotFoundError
+    except metadata.PackageNotFoundError:
         pass
     cmd = [sys.executable, "-m", "pip", "install", "-q", "-r", str(REQUIREMENTS)]
-    cmd += ["-c", str(REPO / "requirements.txt")]
+    cmd += ["-c", str(REPO / "requirements.txt")]  # moves no pin of the project
     if not install:
         raise SystemExit(
-            f"trl=={TRL_VERSION} is not installed; run `make bench` or: {' '.join(cmd)}"
+            f"trl=={TRL_VERSION} is not installed; run `make bench` or {' '.join(cmd)}"
         )
     print(f"installing trl=={TRL_VERSION}: {' '.join(cmd)}", flush=True)
     subprocess.run(cmd, check=True)
@@ -455,11 +534,23 @@ def main() -> None:
         "--workloads", default=",".join(WORKLOADS), help=f"comma list of {list(WORKLOADS)}"
     )
     parser.add_argument("--no-scaling", action="store_true", help="skip the G x length table")
+    parser.add_argument(
+        "--pieces",
+        action="store_true",
+        help="ablations of our pieces instead (generate backends, samplers, log-prob paths)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Hydra override for our side only, e.g. trainer.micro_batch_size=8 (repeatable)",
+    )
     # Worker mode (internal): run one measurement and write JSON.
-    parser.add_argument("--worker", choices=["ours", "trl", "matmul", "floor"])
-    parser.add_argument("--workload", default="tiny")
-    parser.add_argument("--group", type=int, default=0)
-    parser.add_argument("--new-tokens", type=int, default=0)
+    parser.add_argument(
+        "--worker", choices=["ours", "trl", "matmul", "floor", "generation", "logprobs"]
+    )
+    parser.add_argument("--spec", help="the workload as JSON")
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.worker:
@@ -471,6 +562,9 @@ def main() -> None:
         raise SystemExit(f"--workloads: unknown {unknown}; choose from {list(WORKLOADS)}")
     if args.repeats < 1 or args.threads < 1:
         raise SystemExit("--repeats and --threads must be >= 1")
+    if args.pieces:
+        pieces([WORKLOADS[n] for n in names if not WORKLOADS[n].lora], args.threads)
+        return
     ensure_trl(args.install)
     import torch
     import transformers
@@ -489,7 +583,7 @@ def main() -> None:
     results = {}
     for name in names:
         workload = WORKLOADS[name]
-        results[name] = compare(workload, args.repeats, args.threads)
+        results[name] = compare(workload, args.repeats, args.threads, args.set)
     print(f"\n{HEADER}")
     for name, sides in results.items():
         workload = WORKLOADS[name]
@@ -515,13 +609,13 @@ def main() -> None:
             f"TRL {trl.step / floor_s:.1f}x"
         )
     if not args.quick and not args.no_scaling:
-        scaling(args.repeats, args.threads)
+        scaling(args.repeats, args.threads, args.set)
     if "tiny" in results:
         ratio = results["tiny"]["trl"].step / results["tiny"]["ours"].step
         print(f"\nratio tiny completions/s ours/trl: {ratio:.2f}")
 
 
-def scaling(repeats: int, threads: int) -> None:
+def scaling(repeats: int, threads: int, extra: list[str]) -> None:
     """Our tiny step time for G x completion length in SCALING, and a linear fit."""
     print(f"\nscaling (ours, tiny, {TINY.prompts} prompts, median of {repeats} runs)")
     print(f"{'G':>3}{'length':>8}{'G x length':>12}{'step ms':>10}{'ms per G x length':>19}")
@@ -529,7 +623,7 @@ def scaling(repeats: int, threads: int) -> None:
     for g, t in SCALING:
         workload = replace(TINY, group=g, new_tokens=t)
         steps = [
-            statistics.median(spawn("ours", workload, threads, g, t)["step_s"])
+            statistics.median(spawn("ours", workload, threads, extra)["step_s"])
             for _ in range(repeats)
         ]
         step = statistics.median(steps)
@@ -544,6 +638,32 @@ def scaling(repeats: int, threads: int) -> None:
         f"fit: step = {intercept * 1e3:.1f} ms + {slope * 1e6:.1f} us x (G x length); "
         f"largest deviation from the line {worst:.0%}"
     )
+
+
+def pieces(workloads: list[Workload], threads: int) -> None:
+    """Our step's pieces under each switch, each measurement in a fresh process."""
+    print(f"pieces: {threads} thread(s), wall ms (CPU ms), medians; 1-min load {load():.2f}")
+    for workload in workloads:
+        t = workload.new_tokens
+        gen = spawn("generation", workload, threads)
+        shape = f"{workload.prompts} x {workload.group} x {t} tokens"
+        for key in ("transformers", "lean"):
+            wall, cpu = gen[key]
+            print(f"{workload.name}: generate {shape}, {key}: {wall * 1e3:.1f} ({cpu * 1e3:.1f})")
+        for key in ("multinomial", "inverse_cdf"):
+            wall, cpu = gen[key]
+            print(f"{workload.name}: sampler {key}: {wall * 1e3:.3f} ({cpu * 1e3:.3f}) per token")
+        for chunk in (None, 2**24):
+            for micro in (8, 2, 1):
+                piece = spawn("logprobs", workload, threads, [json.dumps([chunk, micro])])
+                wall, cpu = piece["time"]
+                print(
+                    f"{workload.name}: policy forward+backward, chunk_logits={chunk}, "
+                    f"micro-batch {micro}: {wall * 1e3:.1f} ({cpu * 1e3:.1f}), "
+                    f"process peak RSS {piece['peak_rss_mb']:.0f} MB",
+                    flush=True,
+                )
+    print(f"1-min load at the end {load():.2f}")
 
 
 if __name__ == "__main__":

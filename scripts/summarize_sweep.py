@@ -86,7 +86,6 @@ def collect(sweep_dir: Path, objective: str | None) -> tuple[list[dict[str, Any]
         records.append(
             {
                 "job": str(job.relative_to(sweep_dir)) or ".",
-                "dir": job,
                 "status": job_status(job),
                 "overrides": dict(o.split("=", 1) for o in overrides if "=" in o),
                 "steps": max((r["step"] for r in rows), default=0),
@@ -155,22 +154,43 @@ def markdown(rows: list[dict[str, Any]], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _short(value: str | None) -> str:
+    """An override value, numbers to 4 significant digits."""
+    try:
+        return f"{float(value):.4g}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _running_mean(values: tuple[float, ...]) -> list[float]:
+    """Mean of the last max(1, n // 10) values at each point."""
+    window = max(1, len(values) // 10)
+    recent = [values[max(0, i + 1 - window) : i + 1] for i in range(len(values))]
+    return [sum(r) / len(r) for r in recent]
+
+
 def plot_rewards(records: list[dict[str, Any]], varying: list[str], path: Path) -> None:
-    """Each job's `rewards/mean` per step; failed jobs dashed."""
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    """Each job's `rewards/mean` per step, raw and smoothed; jobs not done dashed."""
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     for r in records:
         curve = _values(r["rows"], REWARD)
         if not curve:
             continue
-        label = ", ".join(f"{k.split('.')[-1]}={r['overrides'].get(k)}" for k in varying)
+        label = ", ".join(f"{k.split('.')[-1]}={_short(r['overrides'].get(k))}" for k in varying)
         style = "-" if r["status"] == "done" else "--"
-        ax.plot(*zip(*curve, strict=True), style, label=f"{r['job']}: {label or r['status']}")
+        steps, values = zip(*curve, strict=True)
+        (raw,) = ax.plot(steps, values, style, alpha=0.25, linewidth=0.8)
+        ax.plot(steps, _running_mean(values), style, color=raw.get_color(), label=label)
     ax.set_xlabel("step")
-    ax.set_ylabel(f"{REWARD} (train)")
-    ax.set_title(f"reward per step, {len(records)} jobs (dashed: not done)")
+    ax.set_ylabel(f"{REWARD} (training batch)")
+    ax.set_title(
+        f"{path.parent.name}: reward per step, {len(records)} jobs "
+        "(faint: raw, bold: running mean over 10% of steps; dashed: not done)",
+        fontsize=10,
+    )
     ax.grid(alpha=0.3)
     if ax.lines:
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

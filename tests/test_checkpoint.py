@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, TINY, cli_env, run_train
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from grpo.checkpoint import (
@@ -26,6 +27,7 @@ from grpo.checkpoint import (
     ResumePoint,
     find_resume_point,
     list_checkpoints,
+    pass_run_id,
     rewind,
 )
 from grpo.sampler import GroupedSampler
@@ -89,12 +91,33 @@ def test_restore_continues_exactly_like_an_uninterrupted_run(tmp_path):
 def test_files_load_with_safetensors_and_weights_only_torch_load(tmp_path):
     parts = make_parts(seed=0)
     train_step(*parts)
-    path = checkpointer(tmp_path, parts).save(1, before={})
+    logger = SimpleNamespace(run_id="wandb-run-7")  # a logger that exposes its run id
+    trainer = SimpleNamespace(save_every=1, keep_checkpoints=2, max_steps=10)
+    path = Checkpointer(tmp_path, trainer, *parts, logger=logger).save(1, before={})
     weights = load_file(path / WEIGHTS)
     assert set(weights) == {"0.weight", "1.weight", "1.bias"}  # trainable only: 0.bias is frozen
     state = torch.load(path / STATE, weights_only=True)
     assert {"optimizer", "scheduler", "sampler", "rng", "step"} <= set(state)
-    assert json.loads((path / META).read_text())["step"] == 1
+    meta = json.loads((path / META).read_text())
+    assert meta["step"] == 1 and meta["run_id"] == "wandb-run-7"
+
+
+class ResumableLogger:
+    """A logger whose constructor takes the run id to resume."""
+
+    def __init__(self, run_dir: str, resume_id: str | None = None) -> None:
+        self.resume_id = resume_id
+
+
+def test_the_run_id_goes_to_a_logger_that_can_resume_it(capsys):
+    cfg = OmegaConf.create({"logging": {"_target_": f"{__name__}.ResumableLogger"}})
+    OmegaConf.set_struct(cfg, True)
+    pass_run_id(cfg, "wandb-run-7")
+    assert cfg.logging.resume_id == "wandb-run-7"
+    plain = OmegaConf.create({"logging": {"_target_": "grpo.loggers.RunLogger"}})
+    pass_run_id(plain, "wandb-run-7")
+    assert "resume_id" not in plain.logging
+    assert "cannot resume logger run wandb-run-7" in capsys.readouterr().err
 
 
 def test_keeps_only_the_last_k_and_no_temporary_folders(tmp_path):
@@ -241,7 +264,7 @@ def test_a_nan_gradient_stops_the_run_keeping_the_last_good_checkpoint(tmp_path)
     assert "FloatingPointError: non-finite gradient norm" in proc.stderr
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").open()]
     last_good = steps[-1]  # the failed step logged nothing
-    assert 1 <= last_good < 6 and steps == list(range(last_good + 1))
+    assert 1 <= last_good < 6 and steps == list(range(1, last_good + 1))
     assert list_checkpoints(run_dir)[-1].name == f"step_{last_good:06d}"
     for path in list_checkpoints(run_dir):
         assert all(torch.isfinite(t).all() for t in load_file(path / WEIGHTS).values())

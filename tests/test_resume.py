@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from grpo.validation import ConfigError
 # Long enough to be killed mid-run; periodic evaluation and samples use the RNG between steps.
 RUN = (
     *TINY,
-    "trainer.max_steps=24",
+    "trainer.max_steps=32",
     "trainer.eval_every=4",
     "logging.samples_every=3",
     "eval.comparison.at_end=false",
@@ -58,7 +59,7 @@ def wait_for(condition, process: subprocess.Popen, what: str) -> None:
 
 def assert_same_as_whole(run_dir: Path, whole_run: Path) -> None:
     assert compare_metrics(whole_run, run_dir) == []
-    assert [m["step"] for m in read_metrics(run_dir)] == list(range(25))  # each step once
+    assert [m["step"] for m in read_metrics(run_dir)] == list(range(1, 33))  # each step once
     assert (run_dir / "samples.jsonl").read_text() == (whole_run / "samples.jsonl").read_text()
 
 
@@ -83,7 +84,7 @@ def test_sigterm_saves_a_checkpoint_and_the_run_continues_from_it(tmp_path, whol
     stderr = run_dir.with_suffix(".stderr").read_text()
     assert "SIGTERM: stopped after step" in stderr and "trainer.resume=auto" in stderr
     (checkpoint,) = list_checkpoints(run_dir)
-    assert 3 <= int(checkpoint.name.split("_")[1]) < 24
+    assert 3 <= int(checkpoint.name.split("_")[1]) < 32
     proc = run_train(*RUN, "trainer.resume=auto", f"hydra.run.dir={run_dir}")
     assert f"from {checkpoint}" in proc.stderr
     assert_same_as_whole(run_dir, whole_run)
@@ -103,6 +104,8 @@ def test_resuming_with_a_different_config_is_refused(tmp_path):
         changed = compose("train", overrides=[*TINY, "algorithm.clip_ratio=0.1"])
         longer = compose("train", overrides=[*TINY, "trainer.max_steps=9", "trainer.resume=auto"])
     (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(original, resolve=True))
+    (tmp_path / "run_info.json").write_text(json.dumps({"overrides": list(TINY)}))
     check_same_config(longer, tmp_path)  # how long it runs may change
-    with pytest.raises(ConfigError, match=r"algorithm.clip_ratio \(run: 0.2, now: 0.1\)"):
+    with pytest.raises(ConfigError, match=r"algorithm.clip_ratio \(run: 0.2, now: 0.1\)") as error:
         check_same_config(changed, tmp_path)
+    assert str(error.value).endswith(f"Resume with the run's overrides: {' '.join(TINY)}")

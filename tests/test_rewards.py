@@ -15,6 +15,7 @@ from grpo.rewards import (
     FinalAnswerFormatReward,
     HybridReward,
     Reward,
+    RewardError,
     RewardOutput,
     SoftOverlongPunishment,
 )
@@ -227,8 +228,27 @@ def test_non_finite_combined_weight_is_caught() -> None:
     ],
 )
 def test_reward_configs_instantiate(name: str, expected: dict[str, list[float]]) -> None:
-    reward = instantiate(OmegaConf.load(REWARD_CONF / f"{name}.yaml"))
+    # The dapo reward reads its L_max from trainer.max_new_tokens.
+    root = OmegaConf.create({"trainer": {"max_new_tokens": 452}})
+    root.reward = OmegaConf.load(REWARD_CONF / f"{name}.yaml")
+    reward = instantiate(root.reward)
     output = reward(["3 + 4 = 7\n#### 7", "#### 8\n#### 8"], [TRUTH, TRUTH], [10, 448])
     for part, values in expected.items():
         assert output.parts[part] == [pytest.approx(value) for value in values]
     _assert_parts_sum_to_total(output)
+
+
+class _FailsOnEmpty(CorrectnessReward):
+    """A user reward with a bug: it cannot handle an empty completion."""
+
+    def parts(self, completions, answers, completion_lengths):
+        if any(not text for text in completions):
+            raise IndexError("empty completion")
+        return super().parts(completions, answers, completion_lengths)
+
+
+def test_a_reward_that_raises_names_itself_and_the_sample() -> None:
+    with pytest.raises(
+        RewardError, match=r"_FailsOnEmpty failed: empty completion; on completion 1 ''"
+    ):
+        _FailsOnEmpty()(["#### 5", "", "#### 3"], ["#### 5"] * 3)

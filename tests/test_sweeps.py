@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, TINY, cli_env, run_train
+from conftest import CONF_DIR, REPO, TINY, cli_env, run_train
+from hydra import compose, initialize_config_dir
 
 # A tiny job without the end-of-run extras.
 JOB = (*TINY, "eval.comparison.at_end=false", "logging.plots=false")
@@ -182,3 +183,18 @@ def test_slurm_launcher_config_reaches_sbatch(tmp_path):
     for line in ("--partition=gpu", "--gpus-per-node=1", "--time=240", "--cpus-per-task=8"):
         assert f"#SBATCH {line}" in script
     assert "submitit" in script
+
+
+def test_optuna_search_config_searches_the_four_knobs_into_a_sqlite_study():
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["hparams_search=optuna"], return_hydra_config=True)
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("OptunaSweeper") and cfg.hydra.mode.name == "MULTIRUN"
+    assert set(sweeper.params) == {
+        "trainer.learning_rate",
+        "algorithm.clip_ratio",
+        "algorithm.kl_coef",
+        "algorithm.num_responses_per_prompt",
+    }
+    assert sweeper.storage == f"sqlite:///{cfg.hydra.sweep.dir}/optuna.db"  # in the sweep folder
+    assert sweeper.direction == "maximize" and sweeper.n_trials > 0 and cfg.objective
