@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import (
     DynamicCache,
     GenerationConfig,
@@ -60,7 +61,9 @@ def supports(model: PreTrainedModel) -> bool:
     return (
         config.model_type in SUPPORTED_MODEL_TYPES
         and config._attn_implementation == "sdpa"
-        and all(t == "full_attention" for t in getattr(config, "layer_types", None) or [])
+        and all(
+            t == "full_attention" for t in getattr(config, "layer_types", None) or []
+        )
         and rope not in ("dynamic", "longrope")
         and all(
             getattr(lm.generation_config, f, None) == getattr(_DEFAULTS, f, None)
@@ -78,7 +81,42 @@ def sample_token(probs: torch.Tensor) -> torch.Tensor:
     """
     cdf = probs.double().cumsum(-1)
     u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device)
-    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0].clamp_(max=probs.shape[1] - 1)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0].clamp_(
+        max=probs.shape[1] - 1
+    )
+
+
+def _mkl_packing_available() -> bool:
+    mkl = getattr(torch.ops, "mkl", None)
+    return torch.backends.mkl.is_available() and hasattr(mkl, "_mkl_linear")
+
+
+class _PackedLinear:
+    """An fp32 `nn.Linear` whose weight MKL has re-laid out once for products with `rows` rows.
+
+    Decoding multiplies a few rows by every weight matrix, once per token: the weights stream
+    from memory and ordinary sgemm repacks each one on every call. Packing once per `sample`
+    call makes these products ~1.6x faster (SmolLM2, 8 rows, one thread) for a transient copy of
+    the weights; results differ from `F.linear` in the last bits.
+    """
+
+    def __init__(self, linear: nn.Linear, rows: int):
+        self.weight, self.bias, self.rows = linear.weight, linear.bias, rows
+        self.packed = torch.ops.mkl._mkl_reorder_linear_weight(linear.weight, rows)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkl._mkl_linear(
+            x, self.packed, self.weight, self.bias, self.rows
+        )
+
+
+def _projection(
+    module: nn.Module, rows: int, pack: bool
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`module.forward`, or a packed product for a plain fp32 `nn.Linear` when `pack`."""
+    if pack and type(module) is nn.Linear and module.weight.dtype == torch.float32:
+        return _PackedLinear(module, rows).forward
+    return module.forward
 
 
 class _Decoder:
@@ -86,7 +124,8 @@ class _Decoder:
 
     Modules are called through `.forward` (no hook dispatch); rotary embedding uses
     q * cos + roll(q) * sin', with sin' the sine with its first half negated, which is
-    transformers' q * cos + rotate_half(q) * sin to the bit.
+    transformers' q * cos + rotate_half(q) * sin to the bit. With `pack`, plain fp32 linear
+    layers use `_PackedLinear`.
     """
 
     def __init__(
@@ -96,25 +135,43 @@ class _Decoder:
         prompt_mask: torch.Tensor,
         steps: int,
         copies: int,
+        pack: bool,
     ):
         body = lm.model
-        self.embed, self.norm, self.head = body.embed_tokens, body.norm, lm.lm_head
-        self.layers = [
-            (
-                layer.input_layernorm.forward,
-                layer.self_attn,
-                getattr(layer.self_attn, "q_norm", None),  # Qwen3 normalises q and k per head
-                getattr(layer.self_attn, "k_norm", None),
-                layer.post_attention_layernorm.forward,
-                layer.mlp.forward,
-            )
-            for layer in body.layers
-        ]
         n, p = prompt_mask.shape
+        self.embed, self.norm = body.embed_tokens, body.norm
+        self.head = _projection(lm.lm_head, n, pack)
+        self.layers = []
+        for layer in body.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            self.layers.append(
+                (
+                    layer.input_layernorm.forward,
+                    attn,
+                    *(
+                        _projection(m, n, pack)
+                        for m in (attn.q_proj, attn.k_proj, attn.v_proj)
+                    ),
+                    _projection(attn.o_proj, n, pack),
+                    getattr(attn, "q_norm", None),  # Qwen3 normalises q and k per head
+                    getattr(attn, "k_norm", None),
+                    layer.post_attention_layernorm.forward,
+                    *(
+                        _projection(m, n, pack)
+                        for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+                    ),
+                    mlp.act_fn,
+                )
+            )
         self.length = p  # filled cache slots
         self.keys, self.values = [], []
-        for layer in cache.layers:  # each prompt's prefill, copied into its `copies` rows
-            for prefilled, buffers in ((layer.keys, self.keys), (layer.values, self.values)):
+        for (
+            layer
+        ) in cache.layers:  # each prompt's prefill, copied into its `copies` rows
+            for prefilled, buffers in (
+                (layer.keys, self.keys),
+                (layer.values, self.values),
+            ):
                 heads, dim = prefilled.shape[1], prefilled.shape[-1]
                 buffers.append(prefilled.new_empty(n, heads, p + steps, dim))
                 grouped = buffers[-1].view(n // copies, copies, heads, p + steps, dim)
@@ -122,13 +179,20 @@ class _Decoder:
         # transformers passes no mask (and uses enable_gqa) when no row is padded.
         self.mask = None
         if not bool(prompt_mask.all()):
-            self.mask = torch.ones(n, 1, 1, p + steps, dtype=torch.bool, device=prompt_mask.device)
+            self.mask = torch.ones(
+                n, 1, 1, p + steps, dtype=torch.bool, device=prompt_mask.device
+            )
             self.mask[:, 0, 0, :p] = prompt_mask.bool()
         # Rotary tables for every position a row can reach, indexed by position each step.
-        positions = torch.arange(int(prompt_mask.sum(1).max()) + steps, device=prompt_mask.device)
+        positions = torch.arange(
+            int(prompt_mask.sum(1).max()) + steps, device=prompt_mask.device
+        )
         cos, sin = body.rotary_emb(self.keys[0][:1, :1, :1], positions[None])
         half = sin.shape[-1] // 2
-        self.cos, self.sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
+        self.cos, self.sin = (
+            cos[0],
+            torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1),
+        )
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Float32 next-token logits (N, V) after feeding `tokens` (N,) at `positions` (N,)."""
@@ -138,25 +202,26 @@ class _Decoder:
         cos = self.cos.index_select(0, positions)[:, None, None]
         sin = self.sin.index_select(0, positions)[:, None, None]
         h = self.embed.forward(tokens[:, None])
-        for i, (norm1, attn, q_norm, k_norm, norm2, mlp) in enumerate(self.layers):
+        for i, layer in enumerate(self.layers):
+            norm1, attn, q_proj, k_proj, v_proj, o_proj, q_norm, k_norm, norm2 = layer[
+                :9
+            ]
+            gate, up, down, act = layer[9:]
             x, d, groups = norm1(h), attn.head_dim, attn.num_key_value_groups
-            q, k = (
-                attn.q_proj.forward(x).view(n, 1, -1, d),
-                attn.k_proj.forward(x).view(n, 1, -1, d),
-            )
+            q, k = q_proj(x).view(n, 1, -1, d), k_proj(x).view(n, 1, -1, d)
             if q_norm is not None:
                 q, k = q_norm.forward(q), k_norm.forward(k)
             qk = torch.cat((q, k), dim=2).transpose(1, 2)
             qk = qk * cos + qk.roll(d // 2, -1) * sin
             q, k = qk[:, : q.shape[2]], qk[:, q.shape[2] :]
             self.keys[i][:, :, slot:end] = k
-            self.values[i][:, :, slot:end] = (
-                attn.v_proj.forward(x).view(n, 1, -1, d).transpose(1, 2)
-            )
+            self.values[i][:, :, slot:end] = v_proj(x).view(n, 1, -1, d).transpose(1, 2)
             kwargs = {}
             if groups > 1 and mask is None:
                 kwargs["enable_gqa"] = True
-            elif groups > 1:  # one query per row: fold the query heads onto their key/value head
+            elif (
+                groups > 1
+            ):  # one query per row: fold the query heads onto their key/value head
                 q = q.reshape(n, -1, groups, d)
             out = F.scaled_dot_product_attention(
                 q,
@@ -168,12 +233,15 @@ class _Decoder:
                 is_causal=False,
                 **kwargs,
             )
-            h = h + attn.o_proj.forward(out.reshape(n, 1, -1))
-            h = h + mlp(norm2(h))
+            h = h + o_proj(out.reshape(n, 1, -1))
+            x = norm2(h)
+            h = h + down(
+                act(gate(x)) * up(x)
+            )  # transformers' LlamaMLP / Qwen2MLP / Qwen3MLP
         self.length = end
         if self.mask is not None:
             self.mask[:, 0, 0, slot] = True
-        return self.head.forward(self.norm.forward(h))[:, -1].to(copy=True, dtype=torch.float32)
+        return self.head(self.norm.forward(h))[:, -1].to(copy=True, dtype=torch.float32)
 
 
 @torch.no_grad()
@@ -225,11 +293,18 @@ def sample(
         x.repeat_interleave(g, 0) for x in (prompt_ids, prompt_mask, positions, logits)
     )
     n = n * g
-    decoder = _Decoder(lm, cache, prompt_mask, max_new_tokens, g)
+    pack = (
+        do_sample and _mkl_packing_available()
+    )  # greedy stays bit-exact with `generate`
+    decoder = _Decoder(lm, cache, prompt_mask, max_new_tokens, g, pack)
     del cache
     ids = prompt_ids.new_full((n, p + max_new_tokens), pad_token_id)
     ids[:, :p] = prompt_ids
-    logprobs = torch.zeros(n, max_new_tokens, device=prompt_ids.device) if with_logprobs else None
+    logprobs = (
+        torch.zeros(n, max_new_tokens, device=prompt_ids.device)
+        if with_logprobs
+        else None
+    )
     unfinished = torch.ones(n, dtype=torch.bool, device=prompt_ids.device)
     position = positions[:, -1]
     steps = 0
