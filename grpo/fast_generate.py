@@ -17,6 +17,7 @@ attention, sliding windows, extra logits processors in the generation config) ar
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 
 import torch
@@ -43,6 +44,8 @@ UNSUPPORTED_GENERATION_FIELDS = (
     "min_length",
 )
 
+# Models with more bytes of weights than this stream them from memory on every decoding step.
+PACK_BYTES = 2**26
 _DEFAULTS = GenerationConfig()
 # stop(ids so far, scores) -> (N,) bool, True where a row is done (a transformers StoppingCriteria).
 Stop = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -61,9 +64,7 @@ def supports(model: PreTrainedModel) -> bool:
     return (
         config.model_type in SUPPORTED_MODEL_TYPES
         and config._attn_implementation == "sdpa"
-        and all(
-            t == "full_attention" for t in getattr(config, "layer_types", None) or []
-        )
+        and all(t == "full_attention" for t in getattr(config, "layer_types", None) or [])
         and rope not in ("dynamic", "longrope")
         and all(
             getattr(lm.generation_config, f, None) == getattr(_DEFAULTS, f, None)
@@ -81,14 +82,14 @@ def sample_token(probs: torch.Tensor) -> torch.Tensor:
     """
     cdf = probs.double().cumsum(-1)
     u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device)
-    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0].clamp_(
-        max=probs.shape[1] - 1
-    )
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0].clamp_(max=probs.shape[1] - 1)
 
 
-def _mkl_packing_available() -> bool:
+def _packing_pays(lm: PreTrainedModel) -> bool:
+    """MKL packing is available and the weights are too big to stay in the CPU caches."""
     mkl = getattr(torch.ops, "mkl", None)
-    return torch.backends.mkl.is_available() and hasattr(mkl, "_mkl_linear")
+    size = sum(p.numel() * p.element_size() for p in lm.parameters())
+    return torch.backends.mkl.is_available() and hasattr(mkl, "_mkl_linear") and size > PACK_BYTES
 
 
 class _PackedLinear:
@@ -105,14 +106,10 @@ class _PackedLinear:
         self.packed = torch.ops.mkl._mkl_reorder_linear_weight(linear.weight, rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkl._mkl_linear(
-            x, self.packed, self.weight, self.bias, self.rows
-        )
+        return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, self.rows)
 
 
-def _projection(
-    module: nn.Module, rows: int, pack: bool
-) -> Callable[[torch.Tensor], torch.Tensor]:
+def _projection(module: nn.Module, rows: int, pack: bool) -> Callable[[torch.Tensor], torch.Tensor]:
     """`module.forward`, or a packed product for a plain fp32 `nn.Linear` when `pack`."""
     if pack and type(module) is nn.Linear and module.weight.dtype == torch.float32:
         return _PackedLinear(module, rows).forward
@@ -148,26 +145,18 @@ class _Decoder:
                 (
                     layer.input_layernorm.forward,
                     attn,
-                    *(
-                        _projection(m, n, pack)
-                        for m in (attn.q_proj, attn.k_proj, attn.v_proj)
-                    ),
+                    *(_projection(m, n, pack) for m in (attn.q_proj, attn.k_proj, attn.v_proj)),
                     _projection(attn.o_proj, n, pack),
                     getattr(attn, "q_norm", None),  # Qwen3 normalises q and k per head
                     getattr(attn, "k_norm", None),
                     layer.post_attention_layernorm.forward,
-                    *(
-                        _projection(m, n, pack)
-                        for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-                    ),
+                    *(_projection(m, n, pack) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)),
                     mlp.act_fn,
                 )
             )
         self.length = p  # filled cache slots
         self.keys, self.values = [], []
-        for (
-            layer
-        ) in cache.layers:  # each prompt's prefill, copied into its `copies` rows
+        for layer in cache.layers:  # each prompt's prefill, copied into its `copies` rows
             for prefilled, buffers in (
                 (layer.keys, self.keys),
                 (layer.values, self.values),
@@ -179,14 +168,10 @@ class _Decoder:
         # transformers passes no mask (and uses enable_gqa) when no row is padded.
         self.mask = None
         if not bool(prompt_mask.all()):
-            self.mask = torch.ones(
-                n, 1, 1, p + steps, dtype=torch.bool, device=prompt_mask.device
-            )
+            self.mask = torch.ones(n, 1, 1, p + steps, dtype=torch.bool, device=prompt_mask.device)
             self.mask[:, 0, 0, :p] = prompt_mask.bool()
         # Rotary tables for every position a row can reach, indexed by position each step.
-        positions = torch.arange(
-            int(prompt_mask.sum(1).max()) + steps, device=prompt_mask.device
-        )
+        positions = torch.arange(int(prompt_mask.sum(1).max()) + steps, device=prompt_mask.device)
         cos, sin = body.rotary_emb(self.keys[0][:1, :1, :1], positions[None])
         half = sin.shape[-1] // 2
         self.cos, self.sin = (
@@ -203,9 +188,7 @@ class _Decoder:
         sin = self.sin.index_select(0, positions)[:, None, None]
         h = self.embed.forward(tokens[:, None])
         for i, layer in enumerate(self.layers):
-            norm1, attn, q_proj, k_proj, v_proj, o_proj, q_norm, k_norm, norm2 = layer[
-                :9
-            ]
+            norm1, attn, q_proj, k_proj, v_proj, o_proj, q_norm, k_norm, norm2 = layer[:9]
             gate, up, down, act = layer[9:]
             x, d, groups = norm1(h), attn.head_dim, attn.num_key_value_groups
             q, k = q_proj(x).view(n, 1, -1, d), k_proj(x).view(n, 1, -1, d)
@@ -219,9 +202,7 @@ class _Decoder:
             kwargs = {}
             if groups > 1 and mask is None:
                 kwargs["enable_gqa"] = True
-            elif (
-                groups > 1
-            ):  # one query per row: fold the query heads onto their key/value head
+            elif groups > 1:  # one query per row: fold the query heads onto their key/value head
                 q = q.reshape(n, -1, groups, d)
             out = F.scaled_dot_product_attention(
                 q,
@@ -235,9 +216,7 @@ class _Decoder:
             )
             h = h + o_proj(out.reshape(n, 1, -1))
             x = norm2(h)
-            h = h + down(
-                act(gate(x)) * up(x)
-            )  # transformers' LlamaMLP / Qwen2MLP / Qwen3MLP
+            h = h + down(act(gate(x)) * up(x))  # transformers' LlamaMLP / Qwen2MLP / Qwen3MLP
         self.length = end
         if self.mask is not None:
             self.mask[:, 0, 0, slot] = True
@@ -293,18 +272,14 @@ def sample(
         x.repeat_interleave(g, 0) for x in (prompt_ids, prompt_mask, positions, logits)
     )
     n = n * g
-    pack = (
-        do_sample and _mkl_packing_available()
-    )  # greedy stays bit-exact with `generate`
+    pack = do_sample and _packing_pays(lm)  # greedy stays bit-exact with `generate`
+    if pack:  # the packed copy of the weights goes into memory given back, not on top of it
+        _trim_heap()
     decoder = _Decoder(lm, cache, prompt_mask, max_new_tokens, g, pack)
     del cache
     ids = prompt_ids.new_full((n, p + max_new_tokens), pad_token_id)
     ids[:, :p] = prompt_ids
-    logprobs = (
-        torch.zeros(n, max_new_tokens, device=prompt_ids.device)
-        if with_logprobs
-        else None
-    )
+    logprobs = torch.zeros(n, max_new_tokens, device=prompt_ids.device) if with_logprobs else None
     unfinished = torch.ones(n, dtype=torch.bool, device=prompt_ids.device)
     position = positions[:, -1]
     steps = 0
@@ -334,4 +309,20 @@ def sample(
             break
         position = position + 1
         logits = decoder.step(tokens, position)
+    del decoder
+    if pack:
+        _trim_heap()
     return ids[:, : p + steps], None if logprobs is None else logprobs[:, :steps]
+
+
+def _trim_heap() -> None:
+    """Give the heap's free pages back to the OS (glibc `malloc_trim`; a no-op elsewhere).
+
+    The allocator keeps freed memory (the last update's activations and gradients, the packed
+    weights) mapped; without this, the packed weights and the next update's tensors land on
+    top of it and the peak resident memory grows by their size.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -96,12 +96,17 @@ def step_prompts(workload: Workload, use_chat_template: bool, tokenizer) -> list
 def our_overrides(
     workload: Workload, threads: int, run_dir: str, extra: list[str] = ()
 ) -> list[str]:
-    """Hydra overrides that make our CLI run `workload` (and nothing slow around it)."""
+    """Hydra overrides that make our CLI run `workload` (and nothing slow around it).
+
+    Every setting that shapes the work is pinned here, so that changes of the project's
+    defaults never change the benchmark.
+    """
     t = workload.new_tokens
     return [
         f"model={workload.model}",
         f"model.lora.enabled={str(workload.lora).lower()}",
         "model.dtype=float32",
+        "model.load_in_4bit=false",
         "model.gradient_checkpointing=false",
         "reward=correctness",
         f"seed={SEED}",
@@ -109,12 +114,31 @@ def our_overrides(
         "data.num_test=2",
         f"algorithm.num_responses_per_prompt={workload.group}",
         f"algorithm.kl_coef={KL_COEF}",
+        "algorithm.clip_ratio=0.2",
+        "algorithm.advantage_normalization=true",
+        "algorithm.advantage_scale=group",
+        "algorithm.update_epochs=1",
+        "algorithm.num_mini_batches=1",
+        "algorithm.mask_truncated=false",
+        "algorithm.dynamic_sampling.enabled=false",
+        "algorithm.reference_update.every=0",
+        "algorithm.loss.aggregation=seq_mean_token_mean",
+        "algorithm.loss.entropy_coef=0.0",
+        "trainer.device=cpu",
         f"trainer.batch_size={workload.prompts}",
         f"trainer.max_steps={workload.warmup + workload.steps}",
         f"trainer.learning_rate={LEARNING_RATE}",
+        "trainer.optimizer.betas=[0.9,0.99]",
+        "trainer.optimizer.weight_decay=0.0",
         "++trainer.optimizer.fused=true",  # TRL's default optimizer: adamw_torch_fused
+        "trainer.scheduler.num_warmup_steps=0",
+        "trainer.max_grad_norm=1.0",
         f"trainer.max_new_tokens={t}",
         f"trainer.min_new_tokens={t}",
+        "trainer.temperature=1.0",
+        "trainer.top_p=1.0",
+        "trainer.stop_pattern=null",
+        "trainer.max_prompt_length=256",
         f"trainer.micro_batch_size={workload.micro_batch}",
         f"trainer.num_threads={threads}",
         "trainer.eval_max_new_tokens=4",
