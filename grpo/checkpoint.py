@@ -219,7 +219,7 @@ class Checkpointer:
         self.model, self.logger = policy.model, logger
         self.stateful = {"optimizer": optimizer, "scheduler": scheduler, "sampler": sampler}
         # A reference policy that moves during training (full fine-tuning) is state too.
-        self.reference = reference.model if getattr(reference, "every", 0) else None
+        self.reference = reference if getattr(reference, "every", 0) else None
         self.stop_signal: int | None = None
         self._previous: dict[int, Any] = {}
 
@@ -250,8 +250,9 @@ class Checkpointer:
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{step:06d}-", dir=self.root))
         save_file(weights, tmp / WEIGHTS)
         if self.reference is not None:
-            ref = {n: p.detach().cpu().contiguous() for n, p in self.reference.named_parameters()}
-            save_file(ref, tmp / REFERENCE)
+            with self.reference.weights():
+                ref = self.reference.model.named_parameters()
+                save_file({n: p.detach().cpu().contiguous() for n, p in ref}, tmp / REFERENCE)
         state = {k: obj.state_dict() for k, obj in self.stateful.items()}
         torch.save({**state, **ranks[0], "other_ranks": ranks[1:], "step": step}, tmp / STATE)
         meta = {
@@ -291,8 +292,9 @@ class Checkpointer:
                 param.copy_(weights[name])
             if self.reference is not None:
                 ref = load_file(point.path / REFERENCE)
-                for name, param in self.reference.named_parameters():
-                    param.copy_(ref[name])
+                with self.reference.weights(changes=True):
+                    for name, param in self.reference.model.named_parameters():
+                        param.copy_(ref[name])
         state = torch.load(point.path / STATE, weights_only=True)
         state.update(_this_rank(state, point.path))  # its own sampler position and RNG
         for key, obj in self.stateful.items():

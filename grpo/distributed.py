@@ -14,7 +14,7 @@ ranks make the update one process makes on the whole batch:
 
 `trainer.strategy`: `ddp` replicates the model on every rank and all-reduces the gradients
 once per optimiser step, after the micro-batches (DDP's algorithm; torch's wrapper is not used
-because `grpo.rollout.token_logprobs` calls the backbone and LM head directly, which the wrapper
+because `grpo.logprobs.token_logprobs` calls the backbone and LM head directly, which the wrapper
 would not see). `fsdp` shards each decoder layer's parameters, gradients and optimizer state over
 ranks (FSDP2 `fully_shard`) during the update, and gathers the whole weights for generation,
 evaluation and saving (`gathered`), which must therefore fit one device; embeddings and LM head

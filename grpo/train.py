@@ -126,7 +126,9 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     )
     policy = instantiate(cfg.model, device=device)
     reference = (
-        make_reference(policy, tr.temperature, **cfg.algorithm.reference_update)
+        make_reference(
+            policy, tr.temperature, offload=tr.offload_reference, **cfg.algorithm.reference_update
+        )
         if cfg.algorithm.kl_coef > 0
         else None
     )
@@ -146,6 +148,8 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     alg, pad_id = cfg.algorithm, policy.tokenizer.pad_token_id
     update_settings = {
         "micro_batch_size": tr.micro_batch_size,
+        "inference_batch_size": tr.inference_batch_size,
+        "share_prompts": tr.share_prompts,
         "max_grad_norm": tr.max_grad_norm,
         "temperature": tr.temperature,
         "epochs": alg.update_epochs,

@@ -16,15 +16,22 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
-from contextlib import nullcontext
+import os
+import shutil
+import tempfile
+import weakref
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from grpo import distributed
+from grpo.logprobs import SharedPrompts, batch_logprobs, micro_batches
 from grpo.loss import GRPOLoss
 from grpo.modeling import Policy
-from grpo.rollout import Rollout, token_logprobs
+from grpo.rollout import Rollout
 from grpo.validation import ConfigError
 
 # Loss-valued statistics add up over micro-batches (same normalisers); the others are averages.
@@ -38,10 +45,20 @@ class Reference:
     mix = 1 resets it to the policy (DeepSeekMath Algorithm 1, outer loop), 0 < mix < 1 is
     TR-DPO's soft update (Gorbatovski et al. 2024, arXiv 2404.09656). Needs full fine-tuning: with
     LoRA the reference is the base model with the adapters off, which has nothing to update.
+
+    `offload` (full fine-tuning): the frozen copy's weights live in a temporary safetensors file
+    between uses and are memory-mapped for each forward pass (`weights`), so the policy update,
+    the step's memory peak, runs with one model copy less in memory; each step reads the weights
+    back from the OS page cache (or the disk, if the kernel evicted them).
     """
 
     def __init__(
-        self, policy: Policy, temperature: float, every: int = 0, mix: float = 1.0
+        self,
+        policy: Policy,
+        temperature: float,
+        every: int = 0,
+        mix: float = 1.0,
+        offload: bool = False,
     ) -> None:
         if every < 0:
             raise ConfigError(f"algorithm.reference_update.every={every!r}: must be >= 0")
@@ -53,20 +70,37 @@ class Reference:
                 "fine-tuning (with LoRA the reference is the base model with the adapters off); "
                 "set model.lora.enabled=false or algorithm.reference_update.every=0"
             )
+        if offload and policy.uses_lora:
+            raise ConfigError(
+                "trainer.offload_reference=true: with LoRA the reference is the base model with "
+                "the adapters off, there is no copy to offload; set it to false"
+            )
         self.policy, self.temperature = policy, temperature
         self.every, self.mix = every, mix
+        self._file: _WeightFile | None = None
         if policy.uses_lora:
             self.model, self._switch_off = policy.model, policy.model.disable_adapter
         else:
             self.model = copy.deepcopy(policy.model).eval().requires_grad_(False)
             self._switch_off = nullcontext
+            if offload:
+                self._file = _WeightFile(self.model)
+
+    def weights(self, changes: bool = False) -> AbstractContextManager:
+        """Within: the reference's weights are in memory (a no-op unless offloaded);
+        `changes`: they are written back to the file on exit."""
+        return nullcontext() if self._file is None else self._file.loaded(changes)
 
     @torch.no_grad()
-    def __call__(self, rollout: Rollout) -> torch.Tensor:
+    def __call__(
+        self, rollout: Rollout, batch_size: int | None = None, share_prompts: bool = True
+    ) -> torch.Tensor:
+        """[N, T] log-probs of `rollout`'s completions, `batch_size` rows a pass (all)."""
         was_training = self.model.training
         self.model.eval()
-        with self._switch_off():
-            logp, _ = token_logprobs(self.model, rollout, self.temperature)
+        with self._switch_off(), self.weights():
+            size = batch_size or len(rollout.completion_ids)
+            logp = batch_logprobs(self.model, rollout, self.temperature, size, share_prompts)
         self.model.train(was_training)
         return logp
 
@@ -75,16 +109,51 @@ class Reference:
         """After optimiser step `step`: mix the policy into the reference if one is due."""
         if not self.every or step % self.every:
             return
-        pairs = zip(self.model.parameters(), self.policy.model.parameters(), strict=True)
-        for ref, current in pairs:
-            ref.lerp_(current, self.mix)  # exact copy at mix = 1
+        with self.weights(changes=True):
+            pairs = zip(self.model.parameters(), self.policy.model.parameters(), strict=True)
+            for ref, current in pairs:
+                ref.lerp_(current, self.mix)  # exact copy at mix = 1
+
+
+class _WeightFile:
+    """A module's parameters kept in a temporary safetensors file, in memory only in `loaded`."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.params = dict(module.named_parameters())  # tied weights once
+        self.device = next(iter(self.params.values())).device
+        folder = tempfile.mkdtemp(prefix="grpo-reference-")  # $TMPDIR
+        weakref.finalize(self, shutil.rmtree, folder, True)
+        self.path = Path(folder) / "reference.safetensors"
+        self._save()
+        self._free()
+
+    def _save(self) -> None:  # a new file, not over the one that may still be mapped
+        tmp = self.path.with_suffix(".tmp")
+        save_file({name: p.data.contiguous() for name, p in self.params.items()}, tmp)
+        os.replace(tmp, self.path)
+
+    def _free(self) -> None:
+        for p in self.params.values():
+            p.data = p.data.new_empty(0)
+
+    @contextmanager
+    def loaded(self, changes: bool = False) -> Iterator[None]:
+        weights = load_file(self.path, device=str(self.device))  # memory-mapped on CPU
+        for name, p in self.params.items():
+            p.data = weights[name].clone() if changes else weights[name]
+        try:
+            yield
+        finally:
+            if changes:
+                self._save()
+            self._free()
 
 
 def make_reference(
-    policy: Policy, temperature: float, every: int = 0, mix: float = 1.0
+    policy: Policy, temperature: float, every: int = 0, mix: float = 1.0, offload: bool = False
 ) -> Reference:
     """The reference policy for the KL term; see `Reference`."""
-    return Reference(policy, temperature, every, mix)
+    return Reference(policy, temperature, every, mix, offload)
 
 
 def loss_mask(rollout: Rollout, mask_truncated: bool) -> torch.Tensor:
@@ -109,15 +178,6 @@ def normalisers(mask: torch.Tensor) -> dict[str, int]:
     return distributed.sum_over_ranks(counts)
 
 
-@torch.no_grad()
-def _logprobs_in_chunks(
-    logprobs: Callable[[Rollout], torch.Tensor], rollout: Rollout, chunk: int
-) -> torch.Tensor:
-    """[N, T] log-probs of a whole rollout, computed `chunk` rows at a time."""
-    n = rollout.completion_ids.shape[0]
-    return torch.cat([logprobs(rollout.rows(slice(s, s + chunk))) for s in range(0, n, chunk)])
-
-
 def policy_update(
     policy: Policy,
     rollout: Rollout,
@@ -131,13 +191,17 @@ def policy_update(
     epochs: int = 1,
     num_mini_batches: int = 1,
     mask_truncated: bool = False,
+    inference_batch_size: int | None = None,
+    share_prompts: bool = True,
 ) -> dict[str, float]:
     """`epochs` passes over the batch, each `num_mini_batches` optimiser steps (see module doc).
 
     Reference (and, with several steps, old) log-probs are computed once, before the first step,
-    in eval mode like the sampling. Returns the loss statistics and `grad_norm` averaged over the
-    optimiser steps taken, and `optimizer_steps`. A mini-batch without loss tokens (all masked)
-    takes no step.
+    in eval mode like the sampling, `inference_batch_size` completions a pass (None: the micro-
+    batch size). `share_prompts`: each group's prompt runs once for its completions
+    (`grpo.logprobs.SharedPrompts`; not with FSDP). Returns the loss statistics and `grad_norm`
+    averaged over the optimiser steps taken, and `optimizer_steps`. A mini-batch without loss
+    tokens (all masked) takes no step.
     """
     n = rollout.completion_ids.shape[0]
     if epochs < 1:
@@ -148,16 +212,14 @@ def policy_update(
             "of a batch"
         )
     model = policy.model
+    share_prompts = share_prompts and not distributed.sharded(model)
     mask = loss_mask(rollout, mask_truncated)
-    ref = None if reference is None else _logprobs_in_chunks(reference, rollout, micro_batch_size)
+    no_grad_size = inference_batch_size or micro_batch_size
+    ref = None if reference is None else reference(rollout, no_grad_size, share_prompts)
     old = None
     if epochs * num_mini_batches > 1:
         model.eval()
-
-        def sampling_policy(micro: Rollout) -> torch.Tensor:
-            return token_logprobs(model, micro, temperature)[0]
-
-        old = _logprobs_in_chunks(sampling_policy, rollout, micro_batch_size)
+        old = batch_logprobs(model, rollout, temperature, no_grad_size, share_prompts)
     size = n // num_mini_batches
     steps = []
     model.train()
@@ -179,6 +241,7 @@ def policy_update(
                     micro_batch_size,
                     max_grad_norm,
                     temperature,
+                    share_prompts,
                 )
             )
     model.eval()
@@ -198,6 +261,7 @@ def _optimizer_step(
     micro_batch_size: int,
     max_grad_norm: float | None,
     temperature: float,
+    share_prompts: bool,
 ) -> dict[str, float]:
     """Accumulate gradients over micro-batches, clip, and take one optimiser step.
 
@@ -207,32 +271,33 @@ def _optimizer_step(
     """
     norm = normalisers(mask)
     totals: dict[str, float] = {}
-    for start in range(0, batch.completion_ids.shape[0], micro_batch_size):
-        rows = slice(start, start + micro_batch_size)
-        if not mask[rows].any() and distributed.world_size() == 1:  # ranks: same forwards (FSDP)
-            continue  # no loss tokens: a zero gradient, skip the forward pass
-        logp, entropy = token_logprobs(
-            model,
-            batch.rows(rows),
-            temperature,
-            with_entropy=True,
-            entropy_grad=loss_fn.entropy_coef > 0,
-        )
-        loss, stats = loss_fn(
-            logp,
-            None if old is None else old[rows],
-            None if ref is None else ref[rows],
-            advantages[rows],
-            mask[rows],
-            entropy=entropy,
-            **norm,
-        )
-        loss.backward()
-        weight = float(mask[rows].sum()) / norm["num_tokens"]
-        for key, value in stats.items():
-            totals[key] = totals.get(key, 0.0) + (
-                value if key in ADDITIVE_STATS else value * weight if weight else 0.0
+    alone = distributed.world_size() == 1  # several ranks run the same forwards (FSDP)
+    for chunk, micro in micro_batches(batch, micro_batch_size):
+        if alone and not mask[chunk].any():
+            continue  # no loss tokens: a zero gradient, skip the forward passes
+        prompts = SharedPrompts(model, batch, chunk, temperature, share_prompts)
+        for rows in micro:
+            if alone and not mask[rows].any():
+                continue
+            logp, entropy = prompts.logprobs(
+                rows, with_entropy=True, entropy_grad=loss_fn.entropy_coef > 0
             )
+            loss, stats = loss_fn(
+                logp,
+                None if old is None else old[rows],
+                None if ref is None else ref[rows],
+                advantages[rows],
+                mask[rows],
+                entropy=entropy,
+                **norm,
+            )
+            loss.backward()
+            weight = float(mask[rows].sum()) / norm["num_tokens"]
+            for key, value in stats.items():
+                totals[key] = totals.get(key, 0.0) + (
+                    value if key in ADDITIVE_STATS else value * weight if weight else 0.0
+                )
+        prompts.backward()  # the micro-batches' gradients through the shared prompt pass
     totals = distributed.sum_over_ranks(totals)  # the ranks' parts add up to the global batch's
     params = [p for p in model.parameters() if p.requires_grad]
     distributed.sum_gradients(params)  # the ranks' parts add up to the global batch's gradient

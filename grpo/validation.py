@@ -51,6 +51,8 @@ def validate_config(cfg: DictConfig) -> None:
         f"must divide trainer.batch_size * algorithm.num_responses_per_prompt{per} = {rows}",
         tr.micro_batch_size,
     )
+    size = tr.inference_batch_size
+    _require(size is None or size >= 1, "trainer.inference_batch_size", "null or >= 1", size)
     _require(tr.device in ("auto", "cpu", "cuda"), "trainer.device", "auto|cpu|cuda", tr.device)
     budget = tr.eval_max_new_tokens
     _require(budget > 0, "trainer.eval_max_new_tokens", "must be > 0", budget)

@@ -53,15 +53,24 @@ class Workload:
     warmup: int = 2  # steps left out of the figures
     steps: int = 8  # measured steps
     micro_batch: int = 8  # ours: completions per forward/backward (memory vs. speed)
+    share_prompts: bool = True  # ours: each prompt's pass shared by its G completions
+    offload_reference: bool = False  # ours: the frozen reference waits in a file (full FT)
 
     @property
     def completions(self) -> int:
         return self.prompts * self.group
 
 
-TINY = Workload("tiny", "tiny", 32)
-SMOLLM2 = Workload("smollm2", "smollm2_135m", 64, warmup=1, steps=3, micro_batch=1)
-SMOLLM2_LORA = replace(SMOLLM2, name="smollm2-lora", lora=True, micro_batch=4)
+# Tiny: per-call overhead dominates, so one forward per micro-batch (no separate prompt pass)
+# and the reference in memory. SmolLM2: prompts shared (~80 of ~145 tokens a row) and, for full
+# fine-tuning, the reference offloaded, which makes room for micro-batches of 2.
+TINY = Workload("tiny", "tiny", 32, share_prompts=False)
+SMOLLM2 = Workload(
+    "smollm2", "smollm2_135m", 64, warmup=1, steps=3, micro_batch=2, offload_reference=True
+)
+SMOLLM2_LORA = replace(
+    SMOLLM2, name="smollm2-lora", lora=True, micro_batch=4, offload_reference=False
+)
 WORKLOADS = {w.name: w for w in (TINY, SMOLLM2, SMOLLM2_LORA)}
 SCALING = [(g, t) for g in (4, 8) for t in (32, 64)]  # (G, completion length) on the tiny model
 
@@ -140,6 +149,9 @@ def our_overrides(
         "trainer.stop_pattern=null",
         "trainer.max_prompt_length=256",
         f"trainer.micro_batch_size={workload.micro_batch}",
+        f"trainer.inference_batch_size={workload.completions}",  # no-grad passes: one, as TRL
+        f"trainer.share_prompts={str(workload.share_prompts).lower()}",
+        f"trainer.offload_reference={str(workload.offload_reference).lower()}",
         f"trainer.num_threads={threads}",
         "trainer.eval_max_new_tokens=4",
         "eval.heldout.num_samples=0",
@@ -156,16 +168,12 @@ def run_ours(workload: Workload, threads: int, extra: list[str]) -> dict:
     """Our trainer through its CLI entry point, with the no-grad forward passes timed."""
     import runpy
 
-    import torch
-
     import grpo.update
 
-    reference_s: list[float] = []  # per step: log-prob forwards without gradient (reference)
-    logprobs, update = grpo.update.token_logprobs, grpo.update.policy_update
+    reference_s: list[float] = []  # per step: the no-grad log-prob passes (reference)
+    logprobs, update = grpo.update.batch_logprobs, grpo.update.policy_update
 
     def timed_logprobs(*args, **kwargs):
-        if torch.is_grad_enabled():
-            return logprobs(*args, **kwargs)
         start = time.perf_counter()
         out = logprobs(*args, **kwargs)
         reference_s[-1] += time.perf_counter() - start
@@ -175,7 +183,7 @@ def run_ours(workload: Workload, threads: int, extra: list[str]) -> dict:
         reference_s.append(0.0)
         return update(*args, **kwargs)
 
-    grpo.update.token_logprobs, grpo.update.policy_update = timed_logprobs, timed_update
+    grpo.update.batch_logprobs, grpo.update.policy_update = timed_logprobs, timed_update
     with tempfile.TemporaryDirectory() as run_dir:
         sys.argv = ["grpo.train", *our_overrides(workload, threads, run_dir, extra)]
         runpy.run_module("grpo.train", run_name="__main__", alter_sys=True)
@@ -393,7 +401,7 @@ def run_generation_pieces(workload: Workload, threads: int) -> dict:
 
 def run_logprobs_piece(workload: Workload, threads: int, chunk: int | None, micro: int) -> dict:
     """One policy forward + backward over a step's completions, `micro` at a time."""
-    from grpo.rollout import token_logprobs
+    from grpo.logprobs import token_logprobs
 
     policy, _, rollout = _policy_and_rollout(workload, threads)
     model = policy.model.train()
@@ -514,7 +522,7 @@ def compare(workload: Workload, repeats: int, threads: int, extra: list[str]) ->
 
 
 HEADER = (
-    f"{'workload':<22}{'side':<6}{'step ms (range)':>24}{'compl/s':>9}{'tok/s':>8}"
+    f"{'workload':<38}{'side':<6}{'step ms (range)':>24}{'compl/s':>9}{'tok/s':>8}"
     f"{'gen ms':>9}{'score+ref':>10}{'update':>9}{'peak RSS MB':>12}"
 )
 
@@ -523,7 +531,7 @@ def row(label: str, side: str, s: Summary, workload: Workload) -> str:
     completions = workload.completions / s.step
     spread = f"{s.step * 1e3:.1f} ({s.step_lo * 1e3:.1f}-{s.step_hi * 1e3:.1f})"
     return (
-        f"{label:<22}{side:<6}{spread:>24}{completions:>9.1f}"
+        f"{label:<38}{side:<6}{spread:>24}{completions:>9.1f}"
         f"{completions * s.mean_length:>8.0f}{s.generate * 1e3:>9.1f}{s.score_ref * 1e3:>10.1f}"
         f"{s.update * 1e3:>9.1f}{s.rss:>12.0f}"
     )
@@ -611,12 +619,13 @@ def main() -> None:
     print(f"\n{HEADER}")
     for name, sides in results.items():
         workload = WORKLOADS[name]
-        label = f"{name} T={workload.new_tokens}"
+        label = f"{name} T={workload.new_tokens} mb={workload.micro_batch}"
+        label += " shared" * workload.share_prompts + " offload" * workload.offload_reference
         ours, trl = sides["ours"], sides["trl"]
         print(row(label, "ours", ours, workload))
         print(row(label, "trl", trl, workload))
         print(
-            f"{'':<22}{'ours/trl':<10} completions/s {trl.step / ours.step:.2f}x, "
+            f"{'':<38}{'ours/trl':<10} completions/s {trl.step / ours.step:.2f}x, "
             f"step time {ours.step / trl.step:.2f}x, peak RSS {ours.rss / trl.rss:.2f}x; "
             f"mean length ours {ours.mean_length:.1f} trl {trl.mean_length:.1f}"
         )

@@ -1,4 +1,5 @@
-"""Shared test helpers: the repo paths, the local GSM8K copy, and running the real CLI."""
+"""Shared test helpers: the repo paths, the local GSM8K copy, running the real CLI, and small
+models (the tiny config's policy, random Llama/Qwen2/Qwen3 models)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 GSM8K_DIR = REPO.parent / "shared" / "data" / "gsm8k"
@@ -72,3 +84,52 @@ def tiny_run(tmp_path):
         return run_dir, proc
 
     return run
+
+
+EOS, PAD, VOCAB = 2, 3, 300
+ARCHITECTURES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+}
+
+
+def random_model(kind: str, kv_heads: int, eos: int = EOS):
+    """A random 2-layer model of architecture `kind` (GQA when kv_heads < 4 heads)."""
+    config_cls, model_cls = ARCHITECTURES[kind]
+    config = config_cls(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        head_dim=16,
+        eos_token_id=eos,
+        pad_token_id=PAD,
+        bos_token_id=1,
+    )
+    torch.manual_seed(0)
+    return model_cls(config).eval()
+
+
+def prompt_batch(padded: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Six left-padded prompts (rows 0 and 2 padded when `padded`)."""
+    torch.manual_seed(1)
+    ids = torch.randint(4, VOCAB, (6, 7))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, :3] = 0
+        mask[2, :1] = 0
+    return ids.masked_fill(mask == 0, PAD), mask
+
+
+def tiny_policy(lora: bool = False):
+    """The `model=tiny` config's policy (seeded), with or without LoRA."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["model=tiny", f"model.lora.enabled={lora}"])
+    torch.manual_seed(0)
+    return instantiate(cfg.model)
+
+
+QUESTIONS = ["Ava has 3 apples and gets 4 more. How many?", "Ben buys 2 bags of 5 pens each."]

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY, cli_env, run_train
+from conftest import REPO, TINY, cli_env, run_train, tiny_policy
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
@@ -31,6 +31,7 @@ from grpo.checkpoint import (
     rewind,
 )
 from grpo.sampler import GroupedSampler
+from grpo.update import make_reference
 from grpo.validation import ConfigError
 
 
@@ -86,6 +87,28 @@ def test_restore_continues_exactly_like_an_uninterrupted_run(tmp_path):
     for name, value in expected["weights"].items():
         assert torch.equal(got["weights"][name], value), name
     assert path == tmp_path / "checkpoints" / "step_000003"
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_a_moving_reference_is_saved_and_restored(tmp_path, offload):
+    policy = tiny_policy()
+    reference = make_reference(policy, 1.0, every=1, mix=0.5, offload=offload)
+    _, optimizer, scheduler, sampler = make_parts(seed=0)
+    parts = (policy, optimizer, scheduler, sampler)
+    trainer = SimpleNamespace(save_every=1, keep_checkpoints=2, max_steps=10)
+    ckpt = Checkpointer(tmp_path, trainer, *parts, reference=reference)
+    with torch.no_grad():
+        for p in policy.model.parameters():
+            p.add_(0.1)
+    reference.maybe_update(1)  # halfway to the moved policy
+    with reference.weights():
+        saved = [p.clone() for p in reference.model.parameters()]
+    ckpt.save(1, before={})
+    reference.maybe_update(2)  # moves on
+    ckpt.restore(find_resume_point(tmp_path, "auto"))
+    with reference.weights():
+        for p, want in zip(reference.model.parameters(), saved, strict=True):
+            assert torch.equal(p, want)
 
 
 def test_files_load_with_safetensors_and_weights_only_torch_load(tmp_path):
@@ -201,6 +224,7 @@ from types import SimpleNamespace
 import torch
 from grpo.checkpoint import Checkpointer
 from grpo.sampler import GroupedSampler
+from grpo.update import make_reference
 
 model = torch.nn.Linear(4096, 4096)
 optimizer = torch.optim.AdamW(model.parameters())

@@ -10,8 +10,9 @@ from hydra.utils import instantiate
 
 from grpo.advantages import group_reward_spread
 from grpo.dynamic_sampling import ScoredRollout, concat, sample_groups
+from grpo.logprobs import token_logprobs
 from grpo.rewards import CorrectnessReward, RewardOutput
-from grpo.rollout import Rollout, generate, render_prompts, token_logprobs
+from grpo.rollout import Rollout, generate, render_prompts
 from grpo.validation import ConfigError
 
 G = 2

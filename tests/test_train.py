@@ -11,7 +11,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from grpo.advantages import group_advantages
-from grpo.rollout import generate, render_prompts, token_logprobs
+from grpo.logprobs import token_logprobs
+from grpo.rollout import generate, render_prompts
 from grpo.update import make_reference, policy_update
 
 

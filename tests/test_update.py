@@ -1,5 +1,6 @@
 """Policy updates on the real tiny model: mu epochs, mini-batches, old log-probs, overlong
-masking, entropy bonus and reference updates."""
+masking, entropy bonus, reference updates, and the speed and memory switches that must not
+change a run (micro-batches, shared prompts, no reference at kl 0, the offloaded reference)."""
 
 from __future__ import annotations
 
@@ -7,23 +8,15 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import CONF_DIR
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
+from conftest import TINY, read_metrics, run_train, tiny_policy
 
+from grpo.logprobs import token_logprobs
 from grpo.loss import GRPOLoss
-from grpo.rollout import generate, render_prompts, token_logprobs
+from grpo.rollout import generate, render_prompts
 from grpo.update import loss_mask, make_reference, normalisers, policy_update
 from grpo.validation import ConfigError
 
 ROWS = 8  # 2 prompts x G = 4
-
-
-def tiny_policy(lora: bool = False):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=["model=tiny", f"model.lora.enabled={lora}"])
-    torch.manual_seed(0)
-    return instantiate(cfg.model)
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +73,13 @@ def unchanged(policy, before) -> bool:
     return all(torch.equal(p, b) for p, b in zip(policy.model.parameters(), before, strict=True))
 
 
-def test_one_step_is_on_policy_with_no_extra_forward(rollout):
+@pytest.mark.parametrize("share", [False, True])
+def test_one_step_is_on_policy_with_no_extra_forward(rollout, share):
     policy = tiny_policy()
     calls = count_forwards(policy.model)
-    stats = update(policy, rollout)
-    assert calls[0] == ROWS // 4  # one forward per micro-batch, no old log-prob pass
+    stats = update(policy, rollout, share_prompts=share)
+    # One forward per micro-batch of 4 (a group), and one per prompt when shared; no old pass.
+    assert calls[0] == (ROWS // 4) * (2 if share else 1)
     assert stats["ratio_mean"] == 1.0 and stats["ratio_std"] == 0.0
     assert stats["clip_fraction"] == 0.0 and stats["optimizer_steps"] == 1.0
 
@@ -93,7 +88,7 @@ def test_several_epochs_move_the_ratios_and_engage_the_clip(rollout):
     policy = tiny_policy()
     old, _ = token_logprobs(policy.model.eval(), rollout)  # the sampling policy
     calls = count_forwards(policy.model)
-    stats = update(policy, rollout, epochs=4)
+    stats = update(policy, rollout, epochs=4, share_prompts=False)
     # Old log-probs once (2 micro-batches), then 4 epochs x 2 micro-batches.
     assert calls[0] == 2 + 4 * 2
     assert stats["optimizer_steps"] == 4.0
@@ -195,7 +190,9 @@ def test_reference_mix_and_reset(rollout):
         torch.equal(r, p)
         for r, p in zip(reset.model.parameters(), policy.model.parameters(), strict=True)
     )
-    assert torch.equal(reset(rollout), token_logprobs(policy.model.eval(), rollout)[0])
+    want = token_logprobs(policy.model.eval(), rollout)[0]
+    assert torch.equal(reset(rollout, share_prompts=False), want)
+    torch.testing.assert_close(reset(rollout), want)  # the prompts' pass shared
 
 
 @pytest.mark.parametrize(
@@ -209,3 +206,87 @@ def test_reference_mix_and_reset(rollout):
 def test_bad_reference_update_names_the_key(lora, kwargs, message):
     with pytest.raises(ConfigError, match=f"algorithm.reference_update.{message}"):
         make_reference(tiny_policy(lora), 1.0, **kwargs)
+
+
+def test_no_reference_forward_at_kl_zero_gives_the_same_update(rollout):
+    """Skipping the reference (kl_coef = 0) changes nothing but the KL statistics."""
+    results = []
+    for with_reference in (True, False):
+        policy = tiny_policy()
+        reference = make_reference(policy, 1.0) if with_reference else None
+        stats = update(policy, rollout, reference=reference)
+        results.append((stats, snapshot(policy)))
+    (with_ref, params_ref), (without, params) = results
+    assert "kl_mean" in with_ref and "kl_mean" not in without
+    for key in ("total_loss", "policy_loss", "grad_norm", "entropy_mean"):
+        assert with_ref[key] == pytest.approx(without[key], rel=1e-6, abs=1e-9), key
+    for a, b in zip(params_ref, params, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+MB1, EVERY1 = "trainer.micro_batch_size=1", "algorithm.reference_update.every=1"
+
+
+@pytest.mark.parametrize(
+    ("base", "switched"),
+    [
+        ((), ("trainer.micro_batch_size=1",)),
+        ((MB1,), (MB1, "trainer.share_prompts=false")),
+        ((EVERY1,), (EVERY1, "trainer.offload_reference=true")),
+    ],
+    ids=["micro-batches", "shared-prompts", "offload-reference"],
+)
+def test_switches_leave_a_short_run_unchanged(tmp_path, base, switched):
+    """A 2-step tiny CLI run (full fine-tuning, KL on, prompts shared, micro-batches of 4) logs
+    the same loss, KL, gradient norm and rewards with each switch."""
+    runs = []
+    for name, overrides in (("base", base), ("switched", switched)):
+        run_dir = tmp_path / name
+        run_train(*TINY, *overrides, f"hydra.run.dir={run_dir}")
+        runs.append([m for m in read_metrics(run_dir) if "train/total_loss" in m])
+    for before, after in zip(*runs, strict=True):
+        for key in ("train/total_loss", "train/kl_mean", "train/grad_norm", "rewards/mean"):
+            assert after[key] == pytest.approx(before[key], rel=1e-4, abs=1e-6), key
+
+
+def test_inference_batch_size_does_not_change_the_update(rollout):
+    """Reference and old log-probs one completion at a time or all at once: the same update."""
+    results = []
+    for size in (1, None):
+        policy = tiny_policy()
+        reference = make_reference(policy, 1.0)
+        loss = GRPOLoss(kl_coef=0.04)
+        settings = {"epochs": 2, "inference_batch_size": size, "optimizer": torch.optim.SGD}
+        stats = update(policy, rollout, loss=loss, reference=reference, **settings)
+        results.append((stats, snapshot(policy)))
+    (one, params_one), (whole, params_whole) = results
+    for key in ("total_loss", "kl_mean", "grad_norm", "ratio_mean"):
+        assert one[key] == pytest.approx(whole[key], rel=1e-4, abs=1e-6), key
+    for a, b in zip(params_one, params_whole, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("every", [0, 1])
+def test_offloaded_reference_gives_the_same_update(rollout, every):
+    """The offloaded reference's weights are the same numbers, read back from its file: the
+    same update, bit for bit, and reference updates (mix) land in the file."""
+    results = []
+    for offload in (False, True):
+        policy = tiny_policy()
+        reference = make_reference(policy, 1.0, every=every, mix=0.5, offload=offload)
+        if offload:
+            assert all(p.numel() == 0 for p in reference.model.parameters())  # not in memory
+        for step in (1, 2):
+            stats = update(policy, rollout, loss=GRPOLoss(kl_coef=0.04), reference=reference)
+            reference.maybe_update(step)
+        with reference.weights():
+            results.append((stats, snapshot(policy), snapshot(reference)))
+    (stats, params, ref), (offloaded, offloaded_params, offloaded_ref) = results
+    assert stats == offloaded
+    for a, b in zip(params + ref, offloaded_params + offloaded_ref, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_offloading_a_lora_reference_names_the_key():
+    with pytest.raises(ConfigError, match="trainer.offload_reference=true"):
+        make_reference(tiny_policy(lora=True), 1.0, offload=True)
