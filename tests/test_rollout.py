@@ -54,8 +54,14 @@ def test_lean_greedy_tokens_equal_generate(kind, kv_heads, padded, copies):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_lean_sampling_logprobs_equal_a_forward_pass(temperature):
+@pytest.mark.parametrize("pack", [False, True])
+def test_lean_sampling_logprobs_equal_a_forward_pass(temperature, pack, monkeypatch):
+    """Also with MKL-packed weights (used when sampling from models too big for the caches)."""
+    if pack:
+        monkeypatch.setattr(fast_generate, "PACK_BYTES", 0)  # pack even this small model
     model = random_model("qwen2", 2)
+    if fast_generate._packing_pays(model) != pack:
+        pytest.skip("this torch build has no MKL packed linear")
     ids, mask = prompt_batch(padded=True)
     torch.manual_seed(3)
     tokens, logprobs = fast_generate.sample(
