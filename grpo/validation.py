@@ -51,6 +51,9 @@ def validate_config(cfg: DictConfig) -> None:
         f"must divide trainer.batch_size * algorithm.num_responses_per_prompt{per} = {rows}",
         tr.micro_batch_size,
     )
+    if cfg.model.lora.enabled and alg.kl_coef > 0:  # grpo.update.Reference: the base, adapters off
+        why = "with LoRA the reference is the base model with the adapters off: nothing to offload"
+        _require(not tr.offload_reference, "trainer.offload_reference", why, tr.offload_reference)
     size = tr.inference_batch_size
     _require(size is None or size >= 1, "trainer.inference_batch_size", "null or >= 1", size)
     _require(tr.device in ("auto", "cpu", "cuda"), "trainer.device", "auto|cpu|cuda", tr.device)

@@ -49,6 +49,8 @@ def test_the_default_config_is_valid():
         ("trainer.num_threads=0", "trainer.num_threads=0: null or >= 1"),
         ("trainer.resume=/no/such/run", "trainer.resume='/no/such/run': null, auto, or an"),
         ("trainer.device=tpu", "trainer.device='tpu': auto|cpu|cuda"),
+        ("trainer.inference_batch_size=0", "trainer.inference_batch_size=0: null or >= 1"),
+        ("trainer.offload_reference=true", "trainer.offload_reference=True: with LoRA the"),
     ],
 )
 def test_each_bad_value_is_refused_naming_its_key(override, message):
