@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -116,6 +117,17 @@ def _projection(module: nn.Module, rows: int, pack: bool) -> Callable[[torch.Ten
     return module.forward
 
 
+def _rms_norm(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`module.forward`, or for an fp32 Llama/Qwen RMSNorm one fused `F.rms_norm` call, which
+    gives the same numbers (mean of squares, rsqrt, scale by the weight) in one op, not seven."""
+    weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
+    if not type(module).__name__.endswith("RMSNorm") or eps is None or weight is None:
+        return module.forward
+    if weight.dtype != torch.float32:  # transformers rounds to the input dtype before scaling
+        return module.forward
+    return partial(F.rms_norm, normalized_shape=weight.shape, weight=weight, eps=eps)
+
+
 class _Decoder:
     """One token per row through the model's layers, with preallocated key/value buffers.
 
@@ -136,20 +148,22 @@ class _Decoder:
     ):
         body = lm.model
         n, p = prompt_mask.shape
-        self.embed, self.norm = body.embed_tokens, body.norm
+        self.embed, self.norm = body.embed_tokens, _rms_norm(body.norm)
         self.head = _projection(lm.lm_head, n, pack)
         self.layers = []
         for layer in body.layers:
             attn, mlp = layer.self_attn, layer.mlp
             self.layers.append(
                 (
-                    layer.input_layernorm.forward,
+                    _rms_norm(layer.input_layernorm),
                     attn,
                     *(_projection(m, n, pack) for m in (attn.q_proj, attn.k_proj, attn.v_proj)),
                     _projection(attn.o_proj, n, pack),
-                    getattr(attn, "q_norm", None),  # Qwen3 normalises q and k per head
-                    getattr(attn, "k_norm", None),
-                    layer.post_attention_layernorm.forward,
+                    *(  # Qwen3 normalises q and k per head
+                        _rms_norm(attn.q_norm) if hasattr(attn, "q_norm") else None,
+                        _rms_norm(attn.k_norm) if hasattr(attn, "k_norm") else None,
+                    ),
+                    _rms_norm(layer.post_attention_layernorm),
                     *(_projection(m, n, pack) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)),
                     mlp.act_fn,
                 )
@@ -193,7 +207,7 @@ class _Decoder:
             x, d, groups = norm1(h), attn.head_dim, attn.num_key_value_groups
             q, k = q_proj(x).view(n, 1, -1, d), k_proj(x).view(n, 1, -1, d)
             if q_norm is not None:
-                q, k = q_norm.forward(q), k_norm.forward(k)
+                q, k = q_norm(q), k_norm(k)
             qk = torch.cat((q, k), dim=2).transpose(1, 2)
             qk = qk * cos + qk.roll(d // 2, -1) * sin
             q, k = qk[:, : q.shape[2]], qk[:, q.shape[2] :]
@@ -220,7 +234,7 @@ class _Decoder:
         self.length = end
         if self.mask is not None:
             self.mask[:, 0, 0, slot] = True
-        return self.head(self.norm.forward(h))[:, -1].to(copy=True, dtype=torch.float32)
+        return self.head(self.norm(h))[:, -1].to(copy=True, dtype=torch.float32)
 
 
 @torch.no_grad()
