@@ -147,7 +147,7 @@ class SharedPrompts:
         t_used = _used_columns(micro.completion_mask)
         ids, mask = micro.completion_ids[:, :t_used], micro.completion_mask[:, :t_used]
         prompt = self.prompt_of_row[rows]
-        last, *kv = (t.index_select(0, prompt) for t in self._outputs)
+        last, *kv = (x.index_select(0, prompt) for x in self._outputs)
         config = fast_generate.causal_lm(self.model).config
         out = self.model(
             input_ids=ids,
