@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
-from grpo import fast_generate
+from grpo import distributed, fast_generate
 from grpo.rollout import Rollout
 
 
@@ -47,34 +47,30 @@ def token_logprobs(
     computed without gradient, for logging, unless `entropy_grad` (an entropy bonus in the
     loss needs its gradient).
     """
-    t = rollout.completion_ids.shape[1]
     start = int(rollout.prompt_mask.any(0).long().argmax())
-    t_used = _used_columns(rollout.completion_mask)
     prompt_ids, prompt_mask = rollout.prompt_ids[:, start:], rollout.prompt_mask[:, start:]
-    ids, mask = rollout.completion_ids[:, :t_used], rollout.completion_mask[:, :t_used]
-    head = fast_generate.causal_lm(model).get_output_embeddings()
+    ids, mask = _trimmed_completions(rollout)
     if _chunked_head(model) and chunk_logits is not None:
         inputs = _model_inputs(prompt_ids, prompt_mask, ids, mask)
         # The model's own forward (hooks see it), for its final hidden states; one logit row each.
         out = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
-        hidden = out.hidden_states[-1][:, -(t_used + 1) : -1]
-        logp, entropy = _head_logprobs(
-            hidden, head, ids, mask, temperature, with_entropy, entropy_grad, chunk_logits
+        hidden = out.hidden_states[-1][:, -(ids.shape[1] + 1) : -1]
+        scores = _head_logprobs(
+            hidden, model, ids, mask, temperature, with_entropy, entropy_grad, chunk_logits
         )
     else:
-        logp, entropy = _logprobs_from_logits(
+        scores = _logprobs_from_logits(
             model, prompt_ids, prompt_mask, ids, mask, temperature, with_entropy, entropy_grad
         )
-    pad = (0, t - t_used)
-    return F.pad(logp, pad), None if entropy is None else F.pad(entropy, pad)
+    return _padded(scores, rollout.completion_ids.shape[1])
 
 
 def can_share_prompts(model: PreTrainedModel) -> bool:
     """True when `SharedPrompts` can run `model`: Llama/Qwen with the chunked head, a KV cache
-    in its forward pass (gradient checkpointing turns the cache off in training)."""
-    return _chunked_head(model) and not (
-        model.training and fast_generate.causal_lm(model).is_activation_checkpointing
-    )
+    in its forward pass (gradient checkpointing turns the cache off in training), and not
+    FSDP-sharded (its ranks must run the same forward and backward passes, untested here)."""
+    checkpointing = model.training and fast_generate.causal_lm(model).is_activation_checkpointing
+    return _chunked_head(model) and not checkpointing and not distributed.sharded(model)
 
 
 class SharedPrompts:
@@ -112,6 +108,7 @@ class SharedPrompts:
         start = int(mask.any(0).long().argmax())  # drop columns that are padding in every row
         self.prompt_mask = mask[:, start:]
         self.prompt_length = self.prompt_mask.sum(1)
+        self._config = fast_generate.causal_lm(self.model).config  # of the completions' caches
         out = self.model(
             input_ids=ids[:, start:],
             attention_mask=self.prompt_mask,
@@ -143,26 +140,23 @@ class SharedPrompts:
                 entropy_grad,
                 self.chunk_logits,
             )
-        t = micro.completion_ids.shape[1]
-        t_used = _used_columns(micro.completion_mask)
-        ids, mask = micro.completion_ids[:, :t_used], micro.completion_mask[:, :t_used]
+        ids, mask = _trimmed_completions(micro)
         prompt = self.prompt_of_row[rows]
         last, *kv = (x.index_select(0, prompt) for x in self._outputs)
-        config = fast_generate.causal_lm(self.model).config
+        positions = torch.arange(ids.shape[1], device=ids.device)
         out = self.model(
             input_ids=ids,
             attention_mask=torch.cat([self.prompt_mask[prompt], mask], 1),
-            position_ids=self.prompt_length[prompt, None] + torch.arange(t_used, device=ids.device),
-            past_key_values=DynamicCache(list(zip(kv[0::2], kv[1::2], strict=True)), config),
+            position_ids=self.prompt_length[prompt, None] + positions,
+            past_key_values=DynamicCache(list(zip(kv[0::2], kv[1::2], strict=True)), self._config),
             use_cache=True,
             output_hidden_states=True,
             logits_to_keep=1,
         )
         hidden = torch.cat([last[:, None], out.hidden_states[-1][:, :-1]], 1)
-        head = fast_generate.causal_lm(self.model).get_output_embeddings()
-        logp, entropy = _head_logprobs(
+        scores = _head_logprobs(
             hidden,
-            head,
+            self.model,
             ids,
             mask,
             self.temperature,
@@ -170,8 +164,7 @@ class SharedPrompts:
             entropy_grad,
             self.chunk_logits,
         )
-        pad = (0, t - t_used)
-        return F.pad(logp, pad), None if entropy is None else F.pad(entropy, pad)
+        return _padded(scores, micro.completion_ids.shape[1])
 
     def backward(self) -> None:
         """Send the gradients the micro-batches left on the prompts' outputs through their pass."""
@@ -227,10 +220,20 @@ def _new_prompt(rollout: Rollout) -> torch.Tensor:
     return new
 
 
-def _used_columns(completion_mask: torch.Tensor) -> int:
-    """Completion columns up to the last one any row uses (at least 1)."""
-    used = completion_mask.any(0).nonzero()
-    return int(used[-1]) + 1 if len(used) else 1
+def _trimmed_completions(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Completion ids and mask up to the last column any row uses (at least one column)."""
+    used = rollout.completion_mask.any(0).nonzero()
+    width = int(used[-1]) + 1 if len(used) else 1
+    return rollout.completion_ids[:, :width], rollout.completion_mask[:, :width]
+
+
+def _padded(
+    scores: tuple[torch.Tensor, torch.Tensor | None], width: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs and entropies of trimmed completions, padded with 0 back to `width` columns."""
+    logp, entropy = scores
+    pad = (0, width - logp.shape[1])
+    return F.pad(logp, pad), None if entropy is None else F.pad(entropy, pad)
 
 
 def _chunked_head(model: PreTrainedModel) -> bool:
@@ -255,7 +258,7 @@ def _model_inputs(
 
 def _head_logprobs(
     hidden: torch.Tensor,
-    head: nn.Linear,
+    model: PreTrainedModel,
     ids: torch.Tensor,
     mask: torch.Tensor,
     temperature: float,
@@ -264,7 +267,8 @@ def _head_logprobs(
     chunk_logits: int,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (and entropies) (N, T) of tokens `ids` from the hidden states that predict
-    them, through the chunked LM head at the positions of `mask` only."""
+    them, through the model's chunked LM head at the positions of `mask` only."""
+    head = fast_generate.causal_lm(model).get_output_embeddings()
     valid = mask.bool()
     rows = max(1, chunk_logits // head.out_features) if chunk_logits else int(valid.sum())
     logp, entropy = _ChunkedLogProbs.apply(

@@ -212,7 +212,6 @@ def policy_update(
             "of a batch"
         )
     model = policy.model
-    share_prompts = share_prompts and not distributed.sharded(model)
     mask = loss_mask(rollout, mask_truncated)
     no_grad_size = inference_batch_size or micro_batch_size
     ref = None if reference is None else reference(rollout, no_grad_size, share_prompts)
@@ -226,7 +225,8 @@ def policy_update(
     for _ in range(epochs):
         for start in range(0, n, size):
             rows = slice(start, start + size)
-            if not normalisers(mask[rows])["num_tokens"]:  # on any rank
+            norm = normalisers(mask[rows])
+            if not norm["num_tokens"]:  # on any rank
                 continue
             steps.append(
                 _optimizer_step(
@@ -234,6 +234,7 @@ def policy_update(
                     rollout.rows(rows),
                     advantages[rows],
                     mask[rows],
+                    norm,
                     None if old is None else old[rows],
                     None if ref is None else ref[rows],
                     loss_fn,
@@ -254,6 +255,7 @@ def _optimizer_step(
     batch: Rollout,
     advantages: torch.Tensor,
     mask: torch.Tensor,
+    norm: dict[str, int],
     old: torch.Tensor | None,
     ref: torch.Tensor | None,
     loss_fn: GRPOLoss,
@@ -265,11 +267,10 @@ def _optimizer_step(
 ) -> dict[str, float]:
     """Accumulate gradients over micro-batches, clip, and take one optimiser step.
 
-    The loss is normalised by the whole (mini-)batch's counts (`normalisers`), so the summed
-    micro-batch gradients equal the full-batch gradient. Returns the loss statistics (additive
-    ones summed, the others averaged weighted by loss tokens) and `grad_norm`.
+    The loss is normalised by the whole (mini-)batch's counts `norm` (`normalisers`), so the
+    summed micro-batch gradients equal the full-batch gradient. Returns the loss statistics
+    (additive ones summed, the others averaged weighted by loss tokens) and `grad_norm`.
     """
-    norm = normalisers(mask)
     totals: dict[str, float] = {}
     alone = distributed.world_size() == 1  # several ranks run the same forwards (FSDP)
     for chunk, micro in micro_batches(batch, micro_batch_size):
