@@ -1,11 +1,11 @@
 """GRPO training: `python -m grpo.train [group=option ...] [key=value ...]`.
 
 One step, as in DeepSeekMath (arXiv 2402.03300) Algorithm 1:
-  1. sample `trainer.batch_size` prompts;
+  1. sample `trainer.batch_size` prompts of the task;
   2. generate G = `algorithm.num_responses_per_prompt` completions for each;
   3. score every completion with the reward (text in, numbers out);
-  4. group advantages: rewards normalised within each prompt's group (no value function);
-  5. one policy update: clipped surrogate with token ratios, k3 KL to the reference;
+  4. advantages from each prompt's group of rewards (no value function);
+  5. the policy update: the policy loss on token ratios, the KL to the reference;
   6. log; evaluate and checkpoint at intervals.
 
 Departures from the paper, by default (each is a config switch):
@@ -23,6 +23,7 @@ Departures from the paper, by default (each is a config switch):
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 import time
@@ -36,26 +37,22 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from grpo import distributed
-from grpo.advantages import group_advantages
-from grpo.checkpoint import Checkpointer, start_run
-from grpo.comparison import compare_models
-from grpo.data import Splits
-from grpo.dynamic_sampling import ScoredRollout, sample_groups
-from grpo.metrics import (
-    completion_metrics,
-    parameter_norm,
-    reward_metrics,
-    sample_records,
-    timing_metrics,
-)
-from grpo.modeling import Policy
-from grpo.rewards import Reward
-from grpo.rollout import generate, render_prompts
-from grpo.run_info import job_threads
-from grpo.sampler import GroupedSampler
-from grpo.update import make_reference, policy_update
-from grpo.validation import validate_config
+from grpo.algorithm.advantages import estimate_advantages
+from grpo.algorithm.dynamic_sampling import sample_groups
+from grpo.algorithm.update import no_grad_logprobs, policy_update, reward_kl_penalty
+from grpo.batch import ScoredRollout
+from grpo.evaluation.comparison import compare_models
+from grpo.infra import distributed
+from grpo.infra.checkpoint import Checkpointer, start_run
+from grpo.infra.config import micro_batch_size, one_line, validate_config
+from grpo.infra.metrics import sample_records, step_metrics
+from grpo.infra.records import job_threads
+from grpo.model.loading import Policy
+from grpo.model.reference import Reference
+from grpo.rollout.generation import generate, render_prompts
+from grpo.rollout.sampler import GroupedSampler
+from grpo.tasks.base import Task
+from grpo.tasks.rewards import Reward
 
 
 def seed_everything(seed: int) -> None:
@@ -73,36 +70,43 @@ def resolve_device(device: str) -> str:
 
 
 def sample_and_score(
-    data: Splits, sampler: GroupedSampler, policy: Policy, reward_fn: Reward, tr: DictConfig
+    task: Task, sampler: GroupedSampler, policy: Policy, reward_fn: Reward, rollout: DictConfig
 ) -> ScoredRollout:
     """Steps 1-3: take the next prompts, generate G completions each (rows grouped), score."""
-    rows = [data.train[i] for i in next(sampler).prompt_indices]
+    rows = [task.train[i] for i in next(sampler).prompt_indices]
     g = sampler.group_size
-    questions = [r["question"] for r in rows[::g]]
-    prompts = render_prompts(policy.tokenizer, questions, policy.use_chat_template)
+    prompts = render_prompts(policy.tokenizer, task, rows[::g], policy.use_chat_template)
     start = time.perf_counter()
-    rollout = generate(
+    generated = generate(
         policy.model,
         policy.tokenizer,
         prompts,
         g,
-        tr.max_new_tokens,
-        tr.max_prompt_length,
-        tr.temperature,
-        tr.top_p,
-        stop_pattern=tr.stop_pattern,
-        min_new_tokens=tr.min_new_tokens,
-        backend=tr.generation_backend,
+        rollout.max_new_tokens,
+        rollout.max_prompt_length,
+        rollout.temperature,
+        rollout.top_p,
+        top_k=rollout.top_k,
+        stop_pattern=task.stop_pattern,
+        min_new_tokens=rollout.min_new_tokens,
+        backend=rollout.backend,
     )
     generate_s = time.perf_counter() - start
-    scores = reward_fn(rollout.texts, [r["answer"] for r in rows], rollout.lengths.tolist())
-    return ScoredRollout(rows, rollout, scores, generate_s)
+    scores = reward_fn(
+        generated.texts,
+        [task.answer(row) for row in rows],
+        [p for p in prompts for _ in range(g)],
+        generated.lengths.tolist(),
+        rollout.max_new_tokens,
+    )
+    return ScoredRollout(rows, generated, scores, generate_s)
 
 
 def train(cfg: DictConfig, run_dir: Path) -> float:
     """Run GRPO as configured, writing into `run_dir`; returns `cfg.objective` from the end."""
     validate_config(cfg)
-    tr, g = cfg.trainer, cfg.algorithm.num_responses_per_prompt
+    alg, ro, tr = cfg.algorithm, cfg.rollout, cfg.trainer
+    g = alg.num_responses_per_prompt
     if threads := job_threads(tr.num_threads):  # null: the job's share of cores in a sweep
         torch.set_num_threads(threads)
     device = distributed.init(resolve_device(tr.device))  # torchrun/accelerate: join the ranks
@@ -111,30 +115,31 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     resume = distributed.main_then_share(start_run, cfg, run_dir)
     seed_everything(cfg.seed + distributed.rank())  # each rank samples its own completions
 
-    # Build: data, reward, loss, sampler, policy (+ reference), optimiser, logger.
-    data = instantiate(cfg.data)
+    # Build: task, reward, evaluation, loss, sampler, policy (+ reference), optimiser, logger.
+    task = instantiate(cfg.task)
     reward_fn = instantiate(cfg.reward)
-    evaluator = instantiate(cfg.eval.heldout)
-    loss_fn = instantiate(cfg.algorithm.loss)
+    evaluator = instantiate(cfg.eval.heldout, task=task, rollout=ro)
+    loss_fn = instantiate(
+        alg.loss, policy_loss=alg.policy_loss, kl=alg.kl, max_completion_length=ro.max_new_tokens
+    )
     sampler = instantiate(
-        cfg.algorithm.sampler,
-        num_prompts=len(data.train),
+        alg.sampler,
+        num_prompts=len(task.train),
         batch_size=tr.batch_size,  # global: each rank takes its share, sampler.local_batch_size
+        group_size=g,
         seed=cfg.seed,
         rank=distributed.rank(),
         world_size=distributed.world_size(),
     )
     policy = instantiate(cfg.model, device=device)
-    reference = (
-        make_reference(
-            policy, tr.temperature, offload=tr.offload_reference, **cfg.algorithm.reference_update
+    reference = None
+    if alg.kl.coef > 0:
+        reference = Reference(
+            policy, ro.temperature, offload=tr.offload_reference, **alg.reference_update
         )
-        if cfg.algorithm.kl_coef > 0
-        else None
-    )
     distributed.prepare(policy.model, tr.strategy)  # several ranks: same start; FSDP shards
     trainable = [p for p in policy.model.parameters() if p.requires_grad]
-    optimizer = instantiate(tr.optimizer)(trainable)
+    optimizer = instantiate(tr.optimizer, lr=tr.learning_rate)(trainable)
     scheduler = instantiate(tr.scheduler)(optimizer)
     # Rank 0 logs; the other ranks get a logger that writes nothing.
     make_logger = distributed.NullLogger
@@ -145,78 +150,71 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         max_steps=tr.max_steps,
         run_config=OmegaConf.to_container(cfg, resolve=True),
     )
-    alg, pad_id = cfg.algorithm, policy.tokenizer.pad_token_id
+    ckpt = Checkpointer(run_dir, tr, policy, optimizer, scheduler, sampler, logger, reference)
+    draw = partial(sample_and_score, task, sampler, policy, reward_fn, ro)
+    size = micro_batch_size(cfg)
+    logprob_settings = {
+        "temperature": ro.temperature,
+        "batch_size": tr.inference_batch_size or size,
+        "share_prompts": tr.share_prompts,
+        "need_old": alg.update_epochs * alg.num_mini_batches > 1 or alg.kl.in_reward,
+    }
     update_settings = {
-        "micro_batch_size": tr.micro_batch_size,
-        "inference_batch_size": tr.inference_batch_size,
+        "micro_batch_size": size,
         "share_prompts": tr.share_prompts,
         "max_grad_norm": tr.max_grad_norm,
-        "temperature": tr.temperature,
+        "temperature": ro.temperature,
         "epochs": alg.update_epochs,
         "num_mini_batches": alg.num_mini_batches,
         "mask_truncated": alg.mask_truncated,
     }
-    scale = alg.advantage_scale if alg.advantage_normalization else "none"
 
     def run_eval() -> dict[str, float]:
         with distributed.gathered(policy.model):  # FSDP: whole weights; ranks split the rows
-            return distributed.evaluate(evaluator, policy, data.test, reward_fn)
+            return distributed.evaluate(evaluator, policy, task.test, reward_fn)
 
-    ckpt = Checkpointer(run_dir, tr, policy, optimizer, scheduler, sampler, logger, reference)
     if resume is None:
         start_step, before = 0, run_eval()  # kept in summary.json, not a step of metrics.jsonl
     else:  # weights, optimizer, scheduler, sampler, RNG: continues exactly
         start_step, before = ckpt.restore(resume)
     after: dict[str, float] = {}
-    if not distributed.sharded(policy.model):  # FSDP runs keep no checkpoints yet
-        ckpt.catch_signals()  # SIGTERM/SIGINT: finish the step, checkpoint, exit
+    ckpt.catch_signals()  # SIGTERM/SIGINT: finish the step, checkpoint, exit
     for step in range(start_step + 1, tr.max_steps + 1):
         t0 = time.perf_counter()
-
-        # 1-3. Sample prompts, generate G completions each, score; with dynamic sampling (DAPO)
-        # drop groups whose rewards all agree and sample more to refill.
+        # 1-3. Sample prompts, generate G completions each, score (all ranks' groups); DAPO's
+        # dynamic sampling drops groups whose rewards all agree and samples more to refill.
         with distributed.gathered(policy.model):  # FSDP: generate with the whole weights
-            batch, sampling_stats = sample_groups(
-                partial(sample_and_score, data, sampler, policy, reward_fn, tr),
-                sampler.local_batch_size,
-                g,
-                pad_id,
-                **alg.dynamic_sampling,
-            )
-        whole = distributed.gather_batch(batch, pad_id)  # every rank's groups: advantages, logs
-        rows, rollout, scores, rewards = whole.rows, whole.rollout, whole.scores, whole.rewards
+            batch, stats = sample_groups(draw, tr.batch_size, g, **alg.dynamic_sampling)
+        mine = distributed.my_part(batch, device)  # this rank's groups
         t1 = t0 + batch.generate_s  # generation; scoring and filtering count as scoring
-        # 4. Group advantages.
-        advantages = group_advantages(rewards, g, scale=scale, reward_range=alg.reward_range)
+        # 4. Token log-probs without gradient (reference, old policy), then the advantages.
+        scores = no_grad_logprobs(policy, reference, mine.rollout, loss_fn, **logprob_settings)
+        rewards = batch.rewards
+        if alg.kl.in_reward:  # the KL penalty in the reward (InstructGPT, verl)
+            rewards = rewards - reward_kl_penalty(scores, mine.rollout, alg.kl)
+        advantages = estimate_advantages(alg.advantage, rewards, g, batch.scores.part_tensors)
         t2 = time.perf_counter()
         # 5. Policy update: mu epochs over mini-batches; then a reference update, if one is due.
-        stats = policy_update(
+        stats |= policy_update(
             policy,
-            batch.rollout,  # this rank's groups
-            distributed.my_part(advantages).to(batch.rollout.completion_ids.device),
+            mine.rollout,
+            distributed.my_rows(advantages).to(device),
+            scores,
             loss_fn,
             optimizer,
-            reference,
             **update_settings,
         )
-        stats.update(sampling_stats)
         if reference is not None:
             reference.maybe_update(step)
         scheduler.step()
         t3 = time.perf_counter()
         # 6. Log, evaluate, checkpoint.
-        metrics = {f"train/{k}": v for k, v in stats.items()}
-        metrics.update(reward_metrics(rewards, scores.parts, g))
-        metrics.update(completion_metrics(rollout))
-        metrics["train/learning_rate"] = scheduler.get_last_lr()[0]
-        metrics["train/param_norm"] = parameter_norm(trainable)
-        metrics["train/epoch"] = sampler.epoch
-        metrics.update(timing_metrics(t0, t1, t2, t3, int(rollout.lengths.sum())))
-        if step == tr.max_steps or (tr.eval_every and step % tr.eval_every == 0):
+        metrics = step_metrics(stats, batch, g, scheduler, trainable, sampler, (t0, t1, t2, t3))
+        if step == tr.max_steps or (cfg.eval.every and step % cfg.eval.every == 0):
             after = run_eval()
             metrics.update(after)
         logger.log(step, metrics)
-        logger.log_samples(step, sample_records(rows, rollout.texts, scores, advantages))
+        logger.log_samples(step, sample_records(task, batch, advantages))
         ckpt.step_end(step, before)  # a checkpoint every save_every steps, or on a signal
     ckpt.release_signals()
 
@@ -229,7 +227,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             print_before_after(before, after)
             if cfg.eval.comparison.at_end:  # the original and the trained model side by side
-                comparison = compare_models(cfg, policy, data.test, reward_fn, run_dir)
+                comparison = compare_models(cfg, policy, evaluator, reward_fn, run_dir)
                 summary["comparison"] = comparison["comparison_stats"]
     logger.finish(summary)
     return summary[cfg.objective]
@@ -241,11 +239,36 @@ def print_before_after(before: dict[str, float], after: dict[str, float]) -> Non
         print(f"  {key:<30} {before[key]:8.3f} {after[key]:8.3f}")
 
 
+def exit_on_config_error(error: Exception) -> None:
+    """A config error: print it as one line naming the key and exit with code 2. Any other
+    error returns, to be raised with its traceback."""
+    line = one_line(error)
+    if line is None:
+        return
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {line}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    return train(cfg, Path(HydraConfig.get().runtime.output_dir))
+    try:
+        return train(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except Exception as error:
+        exit_on_config_error(error)  # before Hydra reports the job's failure
+        raise
+
+
+def cli() -> None:
+    """The command line: `main`, with composition errors also reported as one line."""
+    sys.argv += distributed.hydra_overrides()  # ranks > 0: no run folder of their own
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises composition errors to us
+    try:
+        main()
+    except Exception as error:
+        exit_on_config_error(error)
+        raise
 
 
 if __name__ == "__main__":
-    sys.argv += distributed.hydra_overrides()  # ranks > 0: no run folder of their own
-    main()
+    cli()

@@ -81,7 +81,7 @@ SCALING = [(g, t) for g in (4, 8) for t in (32, 64)]  # (G, completion length) o
 
 def model_folder(workload: Workload) -> str:
     """The checkpoint folder both sides load (built once, cached)."""
-    from grpo.modeling import smollm2_checkpoint, tiny_checkpoint
+    from grpo.model.loading import smollm2_checkpoint, tiny_checkpoint
 
     cache = os.environ.get("GRPO_CACHE_DIR", "~/.cache/grpo")
     return tiny_checkpoint(cache) if workload.model == "tiny" else smollm2_checkpoint(cache)
@@ -89,16 +89,18 @@ def model_folder(workload: Workload) -> str:
 
 def step_prompts(workload: Workload, use_chat_template: bool, tokenizer) -> list[dict[str, str]]:
     """The problems of every step, in our trainer's order (data seed 0, sampler seed SEED)."""
-    from grpo.data import ArithmeticDataset
-    from grpo.rollout import render_prompts
-    from grpo.sampler import GroupedSampler
+    from grpo.rollout.generation import render_prompts
+    from grpo.rollout.sampler import GroupedSampler
+    from grpo.tasks.arithmetic import Arithmetic
 
-    data = ArithmeticDataset(num_train=NUM_TRAIN, num_test=0).train
+    task = Arithmetic(num_train=NUM_TRAIN, num_test=0)
     sampler = GroupedSampler(NUM_TRAIN, workload.prompts, workload.group, seed=SEED)
     rows = [
-        data[i] for _ in range(workload.warmup + workload.steps) for i in sampler.next_prompts()
+        task.train[i]
+        for _ in range(workload.warmup + workload.steps)
+        for i in sampler.next_prompts()
     ]
-    texts = render_prompts(tokenizer, [r["question"] for r in rows], use_chat_template)
+    texts = render_prompts(tokenizer, task, rows, use_chat_template)
     return [{"prompt": t, "answer": r["answer"]} for t, r in zip(texts, rows, strict=True)]
 
 
@@ -119,13 +121,17 @@ def our_overrides(
         "model.gradient_checkpointing=false",
         "reward=correctness",
         f"seed={SEED}",
-        f"data.num_train={NUM_TRAIN}",
-        "data.num_test=2",
+        "task=arithmetic",
+        f"task.num_train={NUM_TRAIN}",
+        "task.num_test=2",
+        "task.stop_pattern=null",
         f"algorithm.num_responses_per_prompt={workload.group}",
-        f"algorithm.kl_coef={KL_COEF}",
-        "algorithm.clip_ratio=0.2",
-        "algorithm.advantage_normalization=true",
-        "algorithm.advantage_scale=group",
+        f"algorithm.kl.coef={KL_COEF}",
+        "algorithm.kl.estimator=k3",
+        "algorithm.kl.in_reward=false",
+        "algorithm/policy_loss=clip",
+        "algorithm.policy_loss.clip_ratio=0.2",
+        "algorithm/advantage=grpo",
         "algorithm.update_epochs=1",
         "algorithm.num_mini_batches=1",
         "algorithm.mask_truncated=false",
@@ -133,6 +139,7 @@ def our_overrides(
         "algorithm.reference_update.every=0",
         "algorithm.loss.aggregation=seq_mean_token_mean",
         "algorithm.loss.entropy_coef=0.0",
+        "algorithm.loss.top_entropy_quantile=1.0",
         "trainer.device=cpu",
         f"trainer.batch_size={workload.prompts}",
         f"trainer.max_steps={workload.warmup + workload.steps}",
@@ -142,18 +149,18 @@ def our_overrides(
         "++trainer.optimizer.fused=true",  # TRL's default optimizer: adamw_torch_fused
         "trainer.scheduler.num_warmup_steps=0",
         "trainer.max_grad_norm=1.0",
-        f"trainer.max_new_tokens={t}",
-        f"trainer.min_new_tokens={t}",
-        "trainer.temperature=1.0",
-        "trainer.top_p=1.0",
-        "trainer.stop_pattern=null",
-        "trainer.max_prompt_length=256",
+        f"rollout.max_new_tokens={t}",
+        f"rollout.min_new_tokens={t}",
+        "rollout.temperature=1.0",
+        "rollout.top_p=1.0",
+        "rollout.top_k=0",
+        "rollout.max_prompt_length=256",
         f"trainer.micro_batch_size={workload.micro_batch}",
         f"trainer.inference_batch_size={workload.completions}",  # no-grad passes: one, as TRL
         f"trainer.share_prompts={str(workload.share_prompts).lower()}",
         f"trainer.offload_reference={str(workload.offload_reference).lower()}",
         f"trainer.num_threads={threads}",
-        "trainer.eval_max_new_tokens=4",
+        "eval.heldout.max_new_tokens=4",
         "eval.heldout.num_samples=0",
         "eval.comparison.at_end=false",
         "logging.progress_bar=false",
@@ -165,37 +172,22 @@ def our_overrides(
 
 
 def run_ours(workload: Workload, threads: int, extra: list[str]) -> dict:
-    """Our trainer through its CLI entry point, with the no-grad forward passes timed."""
+    """Our trainer through its CLI entry point (`time/score_s` holds the no-grad reference
+    pass, `time/update_s` the policy forward, backward and optimiser step)."""
     import runpy
 
-    import grpo.update
-
-    reference_s: list[float] = []  # per step: the no-grad log-prob passes (reference)
-    logprobs, update = grpo.update.batch_logprobs, grpo.update.policy_update
-
-    def timed_logprobs(*args, **kwargs):
-        start = time.perf_counter()
-        out = logprobs(*args, **kwargs)
-        reference_s[-1] += time.perf_counter() - start
-        return out
-
-    def timed_update(*args, **kwargs):
-        reference_s.append(0.0)
-        return update(*args, **kwargs)
-
-    grpo.update.batch_logprobs, grpo.update.policy_update = timed_logprobs, timed_update
     with tempfile.TemporaryDirectory() as run_dir:
         sys.argv = ["grpo.train", *our_overrides(workload, threads, run_dir, extra)]
         runpy.run_module("grpo.train", run_name="__main__", alter_sys=True)
         lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     steps = [m for m in map(json.loads, lines) if "time/step_s" in m]
-    measured = list(zip(steps, reference_s, strict=True))[workload.warmup :]
+    measured = steps[workload.warmup :]
     return {
-        "step_s": [m["time/step_s"] for m, _ in measured],
-        "generate_s": [m["time/generate_s"] for m, _ in measured],
-        "score_ref_s": [m["time/score_s"] + r for m, r in measured],
-        "update_s": [m["time/update_s"] - r for m, r in measured],
-        "mean_length": statistics.mean(m["completions/mean_length"] for m, _ in measured),
+        "step_s": [m["time/step_s"] for m in measured],
+        "generate_s": [m["time/generate_s"] for m in measured],
+        "score_ref_s": [m["time/score_s"] for m in measured],
+        "update_s": [m["time/update_s"] for m in measured],
+        "mean_length": statistics.mean(m["completions/mean_length"] for m in measured),
     }
 
 
@@ -207,8 +199,8 @@ def run_trl(workload: Workload, threads: int) -> dict:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from grpo.modeling import load_tokenizer
-    from grpo.rewards import CorrectnessReward
+    from grpo.model.loading import load_tokenizer
+    from grpo.tasks.rewards import CorrectnessReward
 
     torch.set_num_threads(threads)
     folder = model_folder(workload)
@@ -218,7 +210,7 @@ def run_trl(workload: Workload, threads: int) -> dict:
     correctness = CorrectnessReward(strict=False)
 
     def reward(prompts, completions, answer, completion_ids, **kwargs):
-        return correctness(completions, answer, [len(c) for c in completion_ids]).total
+        return correctness(completions, answer, lengths=[len(c) for c in completion_ids]).total
 
     timings: dict[str, list[float]] = {"generate": [], "rollout": [], "step": []}
 
@@ -323,7 +315,7 @@ def run_floor(workload: Workload) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from grpo.modeling import load_tokenizer
+    from grpo.model.loading import load_tokenizer
 
     folder = model_folder(workload)
     with torch.device("meta"):
@@ -344,8 +336,8 @@ def _policy_and_rollout(workload: Workload, threads: int):
     """Our policy (full fine-tuning) and a rollout of the first measured step's prompts."""
     import torch
 
-    from grpo.modeling import load_policy
-    from grpo.rollout import generate
+    from grpo.model.loading import load_policy
+    from grpo.rollout.generation import generate
 
     torch.set_num_threads(threads)
     chat = workload.model != "tiny"
@@ -374,8 +366,8 @@ def run_generation_pieces(workload: Workload, threads: int) -> dict:
     """`rollout.generate` with each backend, and the two samplers, on one step's prompts."""
     import torch
 
-    from grpo.fast_generate import sample_token
-    from grpo.rollout import generate
+    from grpo.rollout.generation import generate
+    from grpo.rollout.lean import sample_token
 
     policy, prompts, _ = _policy_and_rollout(workload, threads)
     t, repeats = workload.new_tokens, 5 if workload.model == "tiny" else 2
@@ -401,7 +393,7 @@ def run_generation_pieces(workload: Workload, threads: int) -> dict:
 
 def run_logprobs_piece(workload: Workload, threads: int, chunk: int | None, micro: int) -> dict:
     """One policy forward + backward over a step's completions, `micro` at a time."""
-    from grpo.logprobs import token_logprobs
+    from grpo.rollout.logprobs import token_logprobs
 
     policy, _, rollout = _policy_and_rollout(workload, threads)
     model = policy.model.train()

@@ -3,7 +3,8 @@ RUN_DIR [key=value ...]`, e.g. `eval.comparison.num_heldout=20 trainer.device=cp
 
 Reloads the run's `.hydra/config.yaml` (overrides applied), the base model through the same
 `model` config, and the trained weights in `RUN_DIR/model` (LoRA adapters on that base, or a
-full checkpoint); writes `RUN_DIR/comparison.json` and prints the table (grpo.comparison).
+full checkpoint); writes `RUN_DIR/comparison.json` and prints the table
+(grpo.evaluation.comparison).
 """
 
 import argparse
@@ -16,8 +17,8 @@ import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from grpo.comparison import compare_models  # noqa: E402
-from grpo.modeling import Policy  # noqa: E402
+from grpo.evaluation.comparison import compare_models  # noqa: E402
+from grpo.model.loading import Policy  # noqa: E402
 
 
 def load_run_config(run_dir: Path, overrides: list[str]) -> DictConfig:
@@ -29,7 +30,9 @@ def load_run_config(run_dir: Path, overrides: list[str]) -> DictConfig:
         raise FileNotFoundError(f"{run_dir / 'model'} not found: the run did not finish")
     cfg = OmegaConf.load(path)
     if "eval" not in cfg:
-        raise KeyError(f"{path} has no `eval` section (a run older than grpo.comparison)")
+        raise KeyError(
+            f"{path} has no `eval` section (a run older than grpo.evaluation.comparison)"
+        )
     return OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
 
 
@@ -53,10 +56,11 @@ def main() -> None:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(cfg.seed)
-    data = instantiate(cfg.data)
+    task = instantiate(cfg.task)
     reward_fn = instantiate(cfg.reward)
+    evaluator = instantiate(cfg.eval.heldout, task=task, rollout=cfg.rollout)
     policy = load_trained(cfg, args.run_dir / "model", device)
-    compare_models(cfg, policy, data.test, reward_fn, args.run_dir)
+    compare_models(cfg, policy, evaluator, reward_fn, args.run_dir)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """GRPO on a toy batch, one step at a time: `python scripts/example_grpo.py` (CPU, instant).
 
 Two prompts, G = 4 sampled completions each, made-up rewards and made-up per-token
-log-probabilities. Prints how rows group by prompt, the group-relative advantages and each term
-of the GRPO loss (DeepSeekMath eq. 3/4), then the loss under every aggregation.
+log-probabilities. Prints how rows group by prompt, the advantages of every registered
+estimator, each term of the GRPO loss (DeepSeekMath eq. 3/4), every KL estimator, then the loss
+under every policy loss and aggregation.
 """
 
 import sys
@@ -13,8 +14,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from grpo.advantages import group_advantages, group_reward_spread  # noqa: E402
-from grpo.loss import AGGREGATIONS, GRPOLoss, clipped_surrogate, kl_k3  # noqa: E402
+from grpo.algorithm.advantages import (  # noqa: E402
+    ADVANTAGE_ESTIMATORS,
+    estimate_advantages,
+    group_reward_spread,
+)
+from grpo.algorithm.kl import KL_ESTIMATORS  # noqa: E402
+from grpo.algorithm.loss import AGGREGATIONS, GRPOLoss  # noqa: E402
+from grpo.algorithm.policy_losses import POLICY_LOSSES  # noqa: E402
 
 PROMPTS = ["What is 2 + 3?", "What is 7 * 6?"]
 GROUP_SIZE = 4
@@ -52,45 +59,50 @@ def main() -> None:
     print()
 
     print("== Advantages: one number per completion, shared by all of its tokens ==")
-    for scale in ("group", "none", "batch"):
-        advantages = group_advantages(rewards, GROUP_SIZE, scale=scale)
-        print(f"  scale={scale:5}: {[round(a, 3) for a in advantages.tolist()]}")
-    print("  (group: (r - group mean) / group std, DeepSeekMath; none: r - group mean, Dr. GRPO)")
+    parts = {"correctness": rewards}
+    for name in ADVANTAGE_ESTIMATORS:
+        advantages = estimate_advantages({"name": name}, rewards, GROUP_SIZE, parts)
+        print(f"  {name:22}: {[round(a, 3) for a in advantages.tolist()]}")
+    print("  (grpo: (r - group mean) / group std, DeepSeekMath; no_std: r - group mean, Dr. GRPO)")
     print()
-    advantages = group_advantages(rewards, GROUP_SIZE)
+    advantages = estimate_advantages({"name": "grpo"}, rewards, GROUP_SIZE)
 
     print("== Loss terms per token (valid tokens only) ==")
     ratio = torch.exp(logprobs - old_logprobs)
     show_tokens("ratio r = pi_theta / pi_old = exp(logp - old_logp):", ratio, mask)
-    surrogate, clipped, _ = clipped_surrogate(
-        ratio, advantages.unsqueeze(1), CLIP_RATIO, CLIP_RATIO
+    clip = POLICY_LOSSES["clip"](
+        logprobs, old_logprobs, advantages.unsqueeze(1), mask, clip_ratio=CLIP_RATIO
     )
     show_tokens(
         f"clipped surrogate min(r A, clip(r, {1 - CLIP_RATIO}, {1 + CLIP_RATIO}) A):",
-        surrogate,
+        -clip.loss,
         mask,
     )
-    show_tokens("clip active (1 = the clipped term won, no gradient):", clipped.float(), mask)
-    kl = kl_k3(logprobs, ref_logprobs)
-    show_tokens("KL to reference, k3 = exp(ref - logp) - (ref - logp) - 1 (always >= 0):", kl, mask)
-    show_tokens(f"per-token loss -(surrogate - {KL_COEF} * KL):", -(surrogate - KL_COEF * kl), mask)
+    binding = clip.clipped["clip_low"] | clip.clipped["clip_high"]
+    show_tokens("clip binds (1 = the clipped term won, no gradient):", binding.float(), mask)
+    for name in KL_ESTIMATORS:
+        kl = KL_ESTIMATORS[name](logprobs, ref_logprobs, old_logprobs)
+        show_tokens(f"KL to reference, estimator {name}:", kl, mask)
+    kl = KL_ESTIMATORS["k3"](logprobs, ref_logprobs, old_logprobs)
+    show_tokens(f"per-token loss -(surrogate - {KL_COEF} * k3):", clip.loss + KL_COEF * kl, mask)
 
     print("== Aggregated loss (what the optimizer minimises) ==")
-    for aggregation in AGGREGATIONS:
-        loss_fn = GRPOLoss(
-            clip_ratio=CLIP_RATIO,
-            kl_coef=KL_COEF,
-            aggregation=aggregation,
-            max_completion_length=MAX_COMPLETION_LENGTH,
-        )
-        loss, _ = loss_fn(logprobs, old_logprobs, ref_logprobs, advantages, mask)
-        print(f"  {aggregation:24} loss {loss.item():+.4f}")
+    for policy_loss in POLICY_LOSSES:
+        for aggregation in AGGREGATIONS:
+            loss_fn = GRPOLoss(
+                policy_loss={"name": policy_loss},
+                kl={"coef": KL_COEF},
+                aggregation=aggregation,
+                max_completion_length=MAX_COMPLETION_LENGTH,
+            )
+            loss, _ = loss_fn(logprobs, old_logprobs, ref_logprobs, advantages, mask)
+            print(f"  {policy_loss:12} {aggregation:24} loss {loss.item():+.4f}")
     print("  seq_mean_token_mean: mean over each completion's tokens, then over completions")
     print("  token_mean: every token of the batch weighs the same (DAPO)")
     print(f"  seq_mean_token_sum_norm: token sums / {MAX_COMPLETION_LENGTH}, then mean (Dr. GRPO)")
     print()
     print("== Statistics logged by the trainer (default: seq_mean_token_mean) ==")
-    loss_fn = GRPOLoss(clip_ratio=CLIP_RATIO, kl_coef=KL_COEF)
+    loss_fn = GRPOLoss(kl={"coef": KL_COEF})
     _, stats = loss_fn(logprobs, old_logprobs, ref_logprobs, advantages, mask)
     for name, value in stats.items():
         print(f"  {name:16} {value:+.4f}")

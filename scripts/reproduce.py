@@ -18,7 +18,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from grpo.run_info import code_differences, code_state, compare_metrics
+from grpo.infra.records import code_differences, code_state, compare_metrics
 
 # Overrides not carried over: a reproduction is a fresh run in its own folder, with the run's
 # recorded thread count.

@@ -24,7 +24,7 @@ from typing import Any
 import matplotlib
 import yaml
 
-from grpo.run_info import read_metrics
+from grpo.infra.records import read_metrics
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -1,5 +1,6 @@
-"""Shared test helpers: the repo paths, the local GSM8K copy, running the real CLI, and small
-models (the tiny config's policy, random Llama/Qwen2/Qwen3 models)."""
+"""Shared test helpers: the repo paths, the real configs composed, training runs in-process and
+through the real CLI, the local GSM8K copy, and small models (the tiny config's policy, random
+Llama/Qwen2/Qwen3 models)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import DictConfig
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -22,9 +24,43 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+import grpo.infra.config  # noqa: F401  (registers the config schema)
+from grpo.algorithm.loss import GRPOLoss
+from grpo.algorithm.update import no_grad_logprobs, policy_update
+from grpo.rollout.generation import generate, render_prompts
+from grpo.train import train
+
 REPO = Path(__file__).resolve().parents[1]
-GSM8K_DIR = REPO.parent / "shared" / "data" / "gsm8k"
 CONF_DIR = REPO / "conf"
+# GSM8K (MIT) is not in the repo: GRPO_GSM8K_DIR, or ../shared/data/gsm8k beside the clone (CI).
+GSM8K_ENV = "GRPO_GSM8K_DIR"
+
+
+def gsm8k_path() -> Path | None:
+    """The folder with GSM8K's train.jsonl and test.jsonl, if this machine has one."""
+    folder = Path(os.environ.get(GSM8K_ENV, REPO.parent / "shared" / "data" / "gsm8k"))
+    return folder if (folder / "train.jsonl").is_file() else None
+
+
+@pytest.fixture
+def gsm8k_dir() -> Path:
+    """GSM8K's local folder; the test is skipped without one (and fails under CI=true)."""
+    folder = gsm8k_path()
+    if folder is None:
+        how = (
+            f"GSM8K not found: set {GSM8K_ENV}=DIR (DIR/train.jsonl, DIR/test.jsonl from "
+            "openai/gsm8k) or put it at ../shared/data/gsm8k"
+        )
+        if os.environ.get("CI") == "true":
+            pytest.fail(how + " (CI=true: these tests must run)")
+        pytest.skip(how)
+    return folder
+
+
+def compose_config(*overrides: str) -> DictConfig:
+    """`conf/train.yaml` composed with `overrides`, as the CLI composes it."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
 
 
 def cli_env() -> dict[str, str]:
@@ -60,23 +96,46 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-# Overrides that make a tiny CLI run fast: a small model, few steps, short completions.
+def step_lines(run_dir: Path) -> list[dict]:
+    """The lines of metrics.jsonl that are optimiser steps."""
+    return [m for m in read_metrics(run_dir) if "train/total_loss" in m]
+
+
+# Overrides that make a tiny run fast: a small model, few steps, short completions.
 TINY = (
     "model=tiny",
     "trainer.max_steps=2",
     "trainer.batch_size=2",
     "algorithm.num_responses_per_prompt=2",
-    "trainer.micro_batch_size=4",
-    "trainer.max_new_tokens=8",
-    "data.num_train=32",
-    "data.num_test=4",
+    "rollout.max_new_tokens=8",
+    "task.num_train=32",
+    "task.num_test=4",
     "logging.progress_bar=false",
 )
 
 
 @pytest.fixture
+def tiny_train(tmp_path):
+    """Train the tiny model in this process into a fresh folder; returns (run_dir, objective).
+
+    Extra overrides follow TINY. One torch thread, as the CLI tests use."""
+
+    def run(*overrides: str, name: str = "run"):
+        cfg = compose_config(*TINY, *overrides)
+        run_dir = tmp_path / name
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return run_dir, train(cfg, run_dir)
+        finally:
+            torch.set_num_threads(threads)
+
+    return run
+
+
+@pytest.fixture
 def tiny_run(tmp_path):
-    """Run the CLI on the tiny model into a fresh folder; returns (run_dir, process)."""
+    """Run the real CLI on the tiny model into a fresh folder; returns (run_dir, process)."""
 
     def run(*overrides: str, check: bool = True):
         run_dir = tmp_path / "run"
@@ -94,7 +153,7 @@ ARCHITECTURES = {
 }
 
 
-def random_model(kind: str, kv_heads: int, eos: int = EOS):
+def random_model(kind: str, kv_heads: int, eos: int = EOS, dtype: torch.dtype = torch.float32):
     """A random 2-layer model of architecture `kind` (GQA when kv_heads < 4 heads)."""
     config_cls, model_cls = ARCHITECTURES[kind]
     config = config_cls(
@@ -110,7 +169,7 @@ def random_model(kind: str, kv_heads: int, eos: int = EOS):
         bos_token_id=1,
     )
     torch.manual_seed(0)
-    return model_cls(config).eval()
+    return model_cls(config).to(dtype).eval()
 
 
 def prompt_batch(padded: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,10 +185,83 @@ def prompt_batch(padded: bool) -> tuple[torch.Tensor, torch.Tensor]:
 
 def tiny_policy(lora: bool = False):
     """The `model=tiny` config's policy (seeded), with or without LoRA."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=["model=tiny", f"model.lora.enabled={lora}"])
+    cfg = compose_config("model=tiny", f"model.lora.enabled={lora}")
     torch.manual_seed(0)
     return instantiate(cfg.model)
 
 
+def tiny_task(**settings):
+    """A small arithmetic task, as `task=arithmetic` builds it."""
+    cfg = compose_config("task.num_train=32", "task.num_test=4")
+    return instantiate(cfg.task, **settings)
+
+
 QUESTIONS = ["Ava has 3 apples and gets 4 more. How many?", "Ben buys 2 bags of 5 pens each."]
+
+
+def float32_tolerance(want: torch.Tensor, terms: int) -> float:
+    """An absolute tolerance for float32 results that two kernels may sum in different orders:
+    `terms` roundings of float32 epsilon, each at most the largest magnitude in `want`. It
+    comes from the arithmetic, not from one machine's output (AVX2 and AVX-512 differ)."""
+    scale = float(want.abs().max()) if want.numel() else 0.0
+    return terms * torch.finfo(torch.float32).eps * max(scale, 1e-30)
+
+
+ROWS = 8  # the `rollout` fixture's completions: 2 prompts x G = 4
+ADVANTAGES = torch.tensor([1.0, -1.0, 0.5, -0.5, -1.0, 1.0, -0.5, 0.5])
+
+
+@pytest.fixture(scope="module")
+def rollout():
+    """8 completions (2 prompts x G = 4) of up to 6 tokens from the tiny policy."""
+    policy = tiny_policy()
+    task = tiny_task()
+    prompts = render_prompts(policy.tokenizer, task, task.train[:2], False)
+    torch.manual_seed(1)
+    return generate(policy.model, policy.tokenizer, prompts, 4, max_new_tokens=6)
+
+
+def update(
+    policy,
+    rollout,
+    *,
+    lr=1e-2,
+    optimizer=torch.optim.AdamW,
+    advantages=ADVANTAGES,
+    loss=None,
+    reference=None,
+    micro_batch_size=4,
+    inference_batch_size=None,
+    share_prompts=True,
+    epochs=1,
+    num_mini_batches=1,
+    **kwargs,
+):
+    """The trainer's steps 4 and 5 on `rollout`: no-grad log-probs, then the policy update."""
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    loss_fn = loss or GRPOLoss(kl={"coef": 0.0})
+    size = inference_batch_size or micro_batch_size
+    need_old = epochs * num_mini_batches > 1
+    scores = no_grad_logprobs(
+        policy, reference, rollout, loss_fn, 1.0, size, share_prompts, need_old
+    )
+    return policy_update(
+        policy,
+        rollout,
+        advantages,
+        scores,
+        loss_fn,
+        optimizer(params, lr=lr),
+        micro_batch_size,
+        1.0,
+        1.0,
+        epochs=epochs,
+        num_mini_batches=num_mini_batches,
+        share_prompts=share_prompts,
+        **kwargs,
+    )
+
+
+def snapshot(policy) -> list[torch.Tensor]:
+    """Copies of every parameter of the policy."""
+    return [p.detach().clone() for p in policy.model.parameters()]

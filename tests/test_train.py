@@ -1,4 +1,5 @@
-"""The train entrypoint end to end on the tiny model: run folders, weights, determinism."""
+"""The train entrypoint end to end on the tiny model, in this process (and once through the
+CLI): run folders, which weights move, variants, determinism, the GSM8K recipe."""
 
 from __future__ import annotations
 
@@ -6,25 +7,24 @@ import json
 
 import pytest
 import torch
-from conftest import CONF_DIR, GSM8K_DIR, read_metrics, run_train
-from hydra import compose, initialize_config_dir
+from conftest import compose_config, read_metrics, step_lines, tiny_policy, tiny_task
 from hydra.utils import instantiate
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from grpo.advantages import group_advantages
-from grpo.logprobs import token_logprobs
-from grpo.rollout import generate, render_prompts
-from grpo.update import make_reference, policy_update
-
-
-def step_lines(run_dir):
-    return [m for m in read_metrics(run_dir) if "train/total_loss" in m]
+from grpo.algorithm.advantages import estimate_advantages
+from grpo.algorithm.update import no_grad_logprobs, policy_update
+from grpo.model.reference import Reference
+from grpo.rollout.generation import generate, render_prompts
+from grpo.rollout.logprobs import token_logprobs
+from grpo.train import train
 
 
 def without_timing(metrics: list[dict]) -> list[dict]:
     return [{k: v for k, v in m.items() if not k.startswith("time/")} for m in metrics]
 
 
-def test_three_steps_write_a_complete_run_folder(tiny_run):
+def test_the_cli_writes_a_complete_run_folder(tiny_run):
     run_dir, proc = tiny_run("trainer.max_steps=3")
     lines = read_metrics(run_dir)
     assert [m["step"] for m in lines] == [1, 2, 3]
@@ -33,43 +33,63 @@ def test_three_steps_write_a_complete_run_folder(tiny_run):
     assert set(summary["before"]) == set(summary["after"])
     assert (run_dir / ".hydra" / "config.yaml").exists()
     assert "held-out results" in proc.stdout
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     AutoModelForCausalLM.from_pretrained(run_dir / "model")
     AutoTokenizer.from_pretrained(run_dir / "model")
+
+
+def start_weights() -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in tiny_policy().model.state_dict().items()}
+
+
+def test_full_fine_tuning_moves_the_weights(tiny_train):
+    # The untrained tiny model is never right: an entropy bonus gives the gradient.
+    run_dir, objective = tiny_train("trainer.learning_rate=1e-2", "algorithm.loss.entropy_coef=0.5")
+    assert objective == json.loads((run_dir / "summary.json").read_text())["eval/accuracy_strict"]
+    trained = AutoModelForCausalLM.from_pretrained(run_dir / "model").state_dict()
+    start = start_weights()
+    moved = [k for k in start if not torch.equal(trained[k], start[k])]
+    assert moved and "model.layers.0.self_attn.q_proj.weight" in moved
+
+
+def test_lora_moves_only_the_adapters_and_the_base_reference_stays(tiny_train):
+    run_dir, _ = tiny_train(
+        "model.lora.enabled=true", "trainer.learning_rate=1e-2", "algorithm.loss.entropy_coef=0.5"
+    )
+    adapter = load_file(run_dir / "model" / "adapter_model.safetensors")
+    assert all("lora_" in name for name in adapter)
+    assert any(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)  # B starts at 0
+    # The reference is the base with the adapters off: the base weights the run loads again.
+    lines = step_lines(run_dir)
+    assert lines[0]["train/kl_mean"] == 0.0 < lines[-1]["train/kl_mean"]
 
 
 @pytest.mark.parametrize(
     "variant",
     [
-        ("model.lora.enabled=true",),
         ("model.lora.enabled=true", "model.load_in_4bit=true"),
-        ("model.lora.enabled=false", "algorithm.kl_coef=0.0"),
+        ("algorithm.kl.coef=0.0",),
+        ("algorithm.kl.in_reward=true", "algorithm.kl.estimator=k1"),
     ],
-    ids=["lora", "qlora-4bit", "full-no-kl"],
+    ids=["qlora-4bit", "full-no-kl", "kl-in-reward"],
 )
-def test_cli_variants_train(tiny_run, variant):
-    run_dir, _ = tiny_run(*variant)
+def test_variants_train(tiny_train, variant):
+    run_dir, _ = tiny_train(*variant, "eval.comparison.at_end=false")
     lines = step_lines(run_dir)
     assert len(lines) == 2
     assert all(torch.isfinite(torch.tensor(m["train/total_loss"])) for m in lines)
     assert (run_dir / "model").is_dir()
 
 
-def test_same_config_and_seed_give_identical_metrics(tmp_path, tiny_run):
-    first, _ = tiny_run("seed=3")
-    a = without_timing(read_metrics(first))
-    first.rename(tmp_path / "first")
-    second, _ = tiny_run("seed=3")
-    assert without_timing(read_metrics(second)) == a
+def test_same_config_and_seed_give_identical_metrics(tiny_train):
+    first, _ = tiny_train("seed=3", name="first")
+    second, _ = tiny_train("seed=3", name="second")
+    assert without_timing(read_metrics(second)) == without_timing(read_metrics(first))
 
 
-def test_gsm8k_recipe_trains_two_steps_on_the_real_files(tmp_path):
-    run_dir = tmp_path / "run"
-    run_train(
+def test_gsm8k_recipe_trains_two_steps_on_the_real_files(tmp_path, gsm8k_dir):
+    cfg = compose_config(
         "experiment=gsm8k_qwen_lora",
-        f"data.path={GSM8K_DIR}",
-        f"hydra.run.dir={run_dir}",
+        f"task.path={gsm8k_dir}",
         "model=tiny",
         "model.lora.enabled=true",
         "model.load_in_4bit=false",
@@ -77,43 +97,34 @@ def test_gsm8k_recipe_trains_two_steps_on_the_real_files(tmp_path):
         "trainer.device=cpu",
         "trainer.max_steps=2",
         "trainer.batch_size=2",
-        "trainer.micro_batch_size=8",
-        "trainer.max_new_tokens=8",
-        "trainer.max_prompt_length=96",
-        "data.max_train_samples=16",
-        "data.max_test_samples=4",
+        "rollout.max_new_tokens=8",
+        "rollout.max_prompt_length=96",
+        "task.max_train_samples=16",
+        "task.max_test_samples=4",
         "logging.progress_bar=false",
     )
-    assert len(step_lines(run_dir)) == 2
-
-
-def build(*overrides: str):
-    """Compose the real config and build policy, loss and a scored rollout, in process."""
-    torch.manual_seed(0)
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=["model=tiny", "data.num_train=8", *overrides])
-    policy = instantiate(cfg.model)
-    data = instantiate(cfg.data)
-    prompts = render_prompts(policy.tokenizer, [r["question"] for r in data.train[:2]], False)
-    rollout = generate(policy.model, policy.tokenizer, prompts, 4, max_new_tokens=6)
-    rewards = torch.arange(8, dtype=torch.float32) % 3
-    return cfg, policy, rollout, group_advantages(rewards, 4)
-
-
-def one_update(cfg, policy, rollout, advantages, reference):
-    optimizer = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], 1e-2)
-    loss_fn = instantiate(cfg.algorithm.loss)
-    return policy_update(policy, rollout, advantages, loss_fn, optimizer, reference, 8, 1.0, 1.0)
+    train(cfg, tmp_path / "run")
+    assert len(step_lines(tmp_path / "run")) == 2
 
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
-def test_update_changes_trainable_weights_only_and_never_the_reference(lora):
-    cfg, policy, rollout, advantages = build(f"model.lora.enabled={lora}")
-    reference = make_reference(policy, 1.0)
+def test_an_update_changes_trainable_weights_only_and_never_the_reference(lora):
+    cfg = compose_config("model=tiny", f"model.lora.enabled={lora}")
+    torch.manual_seed(0)
+    policy = instantiate(cfg.model)
+    task = tiny_task()
+    prompts = render_prompts(policy.tokenizer, task, task.train[:2], False)
+    rollout = generate(policy.model, policy.tokenizer, prompts, 4, max_new_tokens=6)
+    advantages = estimate_advantages({"name": "grpo"}, torch.arange(8.0) % 3, 4)
+    reference = Reference(policy, 1.0)
     ref_before = reference(rollout)
     params = dict(policy.model.named_parameters())
     before = {name: p.detach().clone() for name, p in params.items()}
-    one_update(cfg, policy, rollout, advantages, reference)
+    alg = cfg.algorithm
+    loss_fn = instantiate(alg.loss, policy_loss=alg.policy_loss, kl=alg.kl)
+    scores = no_grad_logprobs(policy, reference, rollout, loss_fn, 1.0, 8, True, False)
+    optimizer = torch.optim.AdamW([p for p in params.values() if p.requires_grad], 1e-2)
+    policy_update(policy, rollout, advantages, scores, loss_fn, optimizer, 8, 1.0, 1.0)
     changed = {name for name, p in params.items() if not torch.equal(p, before[name])}
     trainable = {name for name, p in params.items() if p.requires_grad}
     assert changed and changed <= trainable

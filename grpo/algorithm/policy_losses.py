@@ -1,0 +1,82 @@
+"""Policy losses: how the importance ratio and the advantage make each token's loss.
+
+Every entry of `POLICY_LOSSES` is called as
+
+    fn(logp, old_logp, advantages, mask, **settings) -> PolicyLoss
+
+with `logp` the current policy's log-probs of the sampled tokens [B, T] (with gradient),
+`old_logp` the sampling policy's [B, T] (no gradient; equal to `logp.detach()` on-policy),
+`advantages` [B, 1] (a sequence's advantage broadcast over its tokens) or [B, T], and `mask`
+the valid tokens [B, T] (bool). It returns the loss to minimise at each token, before the
+aggregation (`grpo.algorithm.loss.AGGREGATIONS`) reduces it, and the masks of tokens where a
+clip bound binds, logged as fractions. The settings are the entry's keyword-only parameters,
+given by `conf/algorithm/policy_loss/<name>.yaml`.
+
+With one optimiser step per generated batch (mu = 1, one mini-batch) old_logp equals logp in
+value: every ratio is 1 and no clip binds; the clip matters only from the second step on.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, NamedTuple
+
+import torch
+from torch import Tensor
+
+from grpo.registry import Interval, Registry
+
+UNIT = Interval(0.0, 1.0)  # (0, 1)
+POSITIVE = Interval(0.0)  # (0, inf)
+
+POLICY_LOSSES = Registry("policy loss")
+
+
+class PolicyLoss(NamedTuple):
+    """Per-token loss [B, T] and where clip bounds bind ({name: [B, T] bool})."""
+
+    loss: Tensor
+    clipped: dict[str, Tensor]
+
+
+def clip_masks(ratio: Tensor, advantages: Tensor, low: float, high: float) -> dict[str, Tensor]:
+    """Where the clip binds, as TRL logs it: `low` (ratio < 1 - low, A < 0), `high` (ratio >
+    1 + high, A > 0); there the clipped term wins the min and the token has no gradient."""
+    return {
+        "clip_low": (ratio < 1 - low) & (advantages < 0),
+        "clip_high": (ratio > 1 + high) & (advantages > 0),
+    }
+
+
+@POLICY_LOSSES.register("clip")
+def clip(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_ratio: Annotated[float, UNIT] = 0.2,
+    clip_ratio_high: Annotated[float | None, POSITIVE] = None,
+    dual_clip: Annotated[float | None, Interval(1.0)] = None,
+) -> PolicyLoss:
+    """PPO's clipped surrogate on token ratios (DeepSeekMath eq. 3; PPO, arXiv 1707.06347):
+
+        r = exp(logp - old_logp)
+        loss = -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)
+
+    eps_low = `clip_ratio`; eps_high = `clip_ratio_high` (null: `clip_ratio`; larger is DAPO's
+    clip-higher, arXiv 2503.14476). `dual_clip` c > 1 bounds the loss of tokens with A < 0 by
+    -c A (Ye et al. 2020, arXiv 1912.09729); INTELLECT-2's two-sided clipping `delta` (arXiv
+    2505.07291, TRL `delta`), min(min(r, delta) A, clip(r) A), is the same function with
+    c = delta for any delta > 1 + eps_high (tests/test_policy_losses.py shows it).
+    """
+    high = clip_ratio if clip_ratio_high is None else clip_ratio_high
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - clip_ratio, 1 + high) * advantages
+    surrogate = torch.minimum(unclipped, clipped)
+    masks = clip_masks(ratio, advantages, clip_ratio, high)
+    if dual_clip is not None:
+        bound = dual_clip * advantages
+        masks["dual_clip"] = (advantages < 0) & (bound > surrogate)
+        surrogate = torch.where(masks["dual_clip"], bound, surrogate)
+    return PolicyLoss(-surrogate, masks)

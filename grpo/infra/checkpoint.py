@@ -1,0 +1,342 @@
+"""Checkpoints: every `trainer.save_every` steps and on SIGTERM/SIGINT; exact resume.
+
+A checkpoint is a folder `RUN/checkpoints/step_000120/` holding
+- `model.safetensors`: the trainable weights (LoRA adapters, or all weights) by parameter name,
+  and `reference.safetensors` when the reference policy is updated during training;
+- `trainer_state.pt`: optimizer, scheduler, sampler position and RNG states (python, numpy,
+  torch, CUDA); it loads with `torch.load(weights_only=True)`;
+- `meta.json`: the step, the logger's run id (wandb), the held-out results before training,
+  and how many lines each `*.jsonl` log of the run folder had, so a resumed run writes each
+  step once.
+
+It is written into a temporary folder and renamed into place, so a kill during a save leaves
+the earlier checkpoints whole: every `step_*` folder is complete. The last
+`trainer.keep_checkpoints` are kept. Weights that are not finite are never saved.
+
+Resume (`trainer.resume=auto hydra.run.dir=RUN`, with the run's overrides) restores all of it,
+so a run killed at any point and resumed logs the same numbers as one never interrupted.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import get_class
+from omegaconf import DictConfig, open_dict
+from safetensors.torch import load_file, save_file
+
+from grpo.infra import distributed
+from grpo.infra.config import ConfigError
+from grpo.infra.records import record_run
+
+CHECKPOINTS = "checkpoints"
+STEP_DIR = re.compile(r"^step_(\d+)$")
+WEIGHTS, REFERENCE, STATE, META = (
+    "model.safetensors",
+    "reference.safetensors",
+    "trainer_state.pt",
+    "meta.json",
+)
+
+
+@dataclass
+class ResumePoint:
+    """A checkpoint to continue from."""
+
+    path: Path
+    step: int
+    meta: dict[str, Any]
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's complete checkpoints, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    found = [p for p in root.iterdir() if STEP_DIR.match(p.name)] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def find_resume_point(run_dir: Path, resume: str | None) -> ResumePoint | None:
+    """The checkpoint that `trainer.resume` names (None: a fresh run); never overwrites a run.
+
+    `resume`: null = fresh run, refused if `run_dir` already holds one (metrics.jsonl);
+    `auto` = the latest checkpoint of `run_dir`, or a fresh run if it holds no run yet;
+    a path = that checkpoint folder, or the latest of that run folder, which must be `run_dir`.
+    """
+    run_dir = Path(run_dir).resolve()
+    has_run = (run_dir / "metrics.jsonl").exists()
+    hint = f"pick a new hydra.run.dir, or continue it: trainer.resume=auto hydra.run.dir={run_dir}"
+    if resume is None:
+        if has_run:
+            raise ConfigError(f"trainer.resume=null: {run_dir} already holds a run; {hint}")
+        return None
+    if resume == "auto":
+        checkpoints = list_checkpoints(run_dir)
+        if not checkpoints:
+            if has_run:
+                raise ConfigError(
+                    f"trainer.resume=auto: {run_dir} holds a run but no checkpoint to continue "
+                    "from (trainer.save_every=0?); pick a new hydra.run.dir"
+                )
+            return None
+        path = checkpoints[-1]
+    else:
+        path = Path(resume).expanduser().resolve()
+        if (path / CHECKPOINTS).is_dir() and list_checkpoints(path):
+            path = list_checkpoints(path)[-1]
+        if not (path / META).is_file():
+            raise ConfigError(f"trainer.resume={resume!r}: not a checkpoint or run folder")
+        if path.parent.parent != run_dir:
+            raise ConfigError(
+                f"trainer.resume={resume!r}: a checkpoint of {path.parent.parent}; a run "
+                f"continues in its own folder: add hydra.run.dir={path.parent.parent}"
+            )
+    meta = json.loads((path / META).read_text())
+    return ResumePoint(path, meta["step"], meta)
+
+
+def start_run(cfg: DictConfig, run_dir: Path) -> ResumePoint | None:
+    """Before anything loads: decide fresh run or resume, record the run's metadata, and, when
+    resuming, rewind the logs to the checkpoint and hand the logger its run id."""
+    point = find_resume_point(run_dir, cfg.trainer.resume)
+    record_run(cfg, Path(run_dir), point.step if point else None)
+    if point is not None:
+        rewind(Path(run_dir), point)
+        pass_run_id(cfg, point.meta.get("run_id"))
+        print(f"resuming {run_dir} from {point.path} (step {point.step})", file=sys.stderr)
+    return point
+
+
+def rewind(run_dir: Path, point: ResumePoint) -> None:
+    """Cut each `*.jsonl` log back to its lines at the checkpoint; drop later checkpoints."""
+    lines = point.meta.get("jsonl_lines", {})
+    for log in run_dir.glob("*.jsonl"):
+        kept = log.read_bytes().split(b"\n")[: lines.get(log.name, 0)]
+        tmp = log.with_name(log.name + ".tmp")
+        tmp.write_bytes(b"".join(line + b"\n" for line in kept))
+        os.replace(tmp, log)
+    for later in list_checkpoints(run_dir):
+        if int(STEP_DIR.match(later.name).group(1)) > point.step:
+            _remove(later)
+
+
+def pass_run_id(cfg: DictConfig, run_id: str | None) -> None:
+    """Set `logging.resume_id` when the logger takes one (wandb resumes its run)."""
+    if run_id is None:
+        return
+    if "resume_id" in inspect.signature(get_class(cfg.logging._target_)).parameters:
+        with open_dict(cfg.logging):
+            cfg.logging.resume_id = run_id
+    else:
+        print(f"note: {cfg.logging._target_} cannot resume logger run {run_id}", file=sys.stderr)
+
+
+def _remove(path: Path) -> None:
+    """Delete a folder: renamed away first, so no half-deleted `step_*` folder is ever seen."""
+    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _rng_state() -> dict[str, Any]:
+    key, pos, has_gauss, gauss = np.random.get_state()[1:]
+    state = {
+        "python": random.getstate(),
+        "numpy": {"key": key.tolist(), "pos": pos, "has_gauss": has_gauss, "gauss": gauss},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    key = np.array(n["key"], dtype=np.uint32)
+    np.random.set_state(("MT19937", key, n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _this_rank(state: dict[str, Any], path: Path) -> dict[str, Any]:
+    """This rank's sampler and RNG states in a checkpoint's `trainer_state.pt`."""
+    others = state.get("other_ranks", [])
+    if len(others) + 1 != distributed.world_size():
+        raise ConfigError(
+            f"{path}: written by {len(others) + 1} processes; resume it with as many "
+            f"(now {distributed.world_size()})"
+        )
+    return state if distributed.rank() == 0 else others[distributed.rank() - 1]
+
+
+def _count_lines(path: Path) -> int:
+    with path.open("rb") as f:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+
+
+class Checkpointer:
+    """Saves and restores everything a run needs to continue exactly where it was."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        trainer: Any,
+        policy: Any,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        sampler: Any,
+        logger: Any = None,
+        reference: Any = None,
+    ) -> None:
+        """`trainer` gives `save_every`, `keep_checkpoints`, `max_steps`; `policy.model` is the
+        trained model; optimizer, scheduler and sampler have `state_dict`/`load_state_dict`."""
+        self.run_dir, self.root = Path(run_dir), Path(run_dir) / CHECKPOINTS
+        self.save_every, self.keep = trainer.save_every, trainer.keep_checkpoints
+        self.max_steps = trainer.max_steps
+        self.model, self.logger = policy.model, logger
+        self.stateful = {"optimizer": optimizer, "scheduler": scheduler, "sampler": sampler}
+        # A reference policy that moves during training (full fine-tuning) is state too.
+        self.reference = reference if getattr(reference, "every", 0) else None
+        self.stop_signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _trainable(self) -> dict[str, torch.Tensor]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def save(self, step: int, before: dict[str, float]) -> Path:
+        """Write checkpoint `step` atomically, then delete all but the last `keep`.
+
+        With several ranks every rank calls it and rank 0 writes, with each rank's sampler
+        position and RNG states (`other_ranks`): ranks sample differently.
+        """
+        ranks = distributed.gather_to_main(
+            {"sampler": self.stateful["sampler"].state_dict(), "rng": _rng_state()}
+        )
+        if ranks is None:  # not rank 0
+            return self.root / f"step_{step:06d}"
+        weights = {n: p.detach().cpu().contiguous() for n, p in self._trainable().items()}
+        bad = [n for n, t in weights.items() if not torch.isfinite(t).all()]
+        if bad:
+            raise FloatingPointError(
+                f"step {step}: non-finite weights ({bad[0]}...); not saved, the last good "
+                f"checkpoint stays {self.latest()}"
+            )
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stale in [*self.root.glob(".tmp-*"), *self.root.glob(".trash-*")]:  # from a kill
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{step:06d}-", dir=self.root))
+        save_file(weights, tmp / WEIGHTS)
+        if self.reference is not None:
+            with self.reference.weights():
+                ref = self.reference.model.named_parameters()
+                save_file({n: p.detach().cpu().contiguous() for n, p in ref}, tmp / REFERENCE)
+        state = {k: obj.state_dict() for k, obj in self.stateful.items()}
+        torch.save({**state, **ranks[0], "other_ranks": ranks[1:], "step": step}, tmp / STATE)
+        meta = {
+            "step": step,
+            "run_id": getattr(self.logger, "run_id", None),
+            "before": before,
+            "jsonl_lines": {p.name: _count_lines(p) for p in self.run_dir.glob("*.jsonl")},
+        }
+        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+        for file in tmp.iterdir():
+            _fsync(file)
+        final = self.root / f"step_{step:06d}"
+        if final.exists():
+            _remove(final)
+        os.replace(tmp, final)
+        _fsync(self.root)
+        for old in list_checkpoints(self.run_dir)[: -self.keep]:
+            _remove(old)
+        return final
+
+    def latest(self) -> Path | None:
+        found = list_checkpoints(self.run_dir)
+        return found[-1] if found else None
+
+    def restore(self, point: ResumePoint) -> tuple[int, dict[str, float]]:
+        """Load checkpoint `point` into the model, optimizer, scheduler, sampler and RNGs;
+        returns its step and the held-out results from before training."""
+        params, weights = self._trainable(), load_file(point.path / WEIGHTS)
+        if set(params) != set(weights):
+            missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
+            raise ValueError(
+                f"{point.path}: trainable weights do not match the model "
+                f"(missing {missing[:3]}, unexpected {extra[:3]}): was the model config changed?"
+            )
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(weights[name])
+            if self.reference is not None:
+                ref = load_file(point.path / REFERENCE)
+                with self.reference.weights(changes=True):
+                    for name, param in self.reference.model.named_parameters():
+                        param.copy_(ref[name])
+        state = torch.load(point.path / STATE, weights_only=True)
+        state.update(_this_rank(state, point.path))  # its own sampler position and RNG
+        for key, obj in self.stateful.items():
+            obj.load_state_dict(state[key])
+        self.model.eval()  # as every step leaves it
+        _set_rng_state(state["rng"])
+        return point.step, point.meta["before"]
+
+    def step_end(self, step: int, before: dict[str, float]) -> None:
+        """After step `step`: checkpoint every `save_every` steps, and when a stop signal came,
+        then exit. The last step saves none: the run ends with model/ and summary.json."""
+        due = self.save_every and step % self.save_every == 0
+        stop = distributed.max_over_ranks(self.stop_signal or 0)  # all ranks stop together
+        if step < self.max_steps and (due or stop):
+            path = self.save(step, before)
+            if stop:
+                name = signal.Signals(stop).name
+                print(
+                    f"\n{name}: stopped after step {step}, checkpoint {path}; continue with the "
+                    f"same overrides and trainer.resume=auto hydra.run.dir={self.run_dir}",
+                    file=sys.stderr,
+                )
+                raise SystemExit(128 + stop)
+
+    def catch_signals(self) -> None:
+        """SIGTERM/SIGINT from now on: finish the step, checkpoint, exit (a second one, at once)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    def release_signals(self) -> None:
+        """Put back the signal handlers that `catch_signals` replaced."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.stop_signal = signum
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))  # one-shot
+        print(
+            f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint "
+            "(send it again to stop at once)",
+            file=sys.stderr,
+        )

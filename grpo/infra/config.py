@@ -1,0 +1,412 @@
+"""The config's schema and its checks: every value is checked before any model loads.
+
+Two layers, the Hydra way:
+- `TrainSchema` and its parts are dataclass schemas in Hydra's ConfigStore (`train.yaml`
+  lists `schema` first): types, and the choices of enumerated keys, are checked while Hydra
+  composes the config, so `trainer.batch_size=foo` or `rollout.backend=vlm` never reach the
+  code. The values and their comments live in the YAML files under `conf/`.
+- `validate_config` runs first in `train()`: ranges, cross-field rules, and the names that
+  registries hold (policy losses, advantage estimators, KL estimators, aggregations), with
+  each entry's settings.
+
+Each error names the key, the value and the rule; the CLI prints it as one line and exits with
+code 2 (`one_line`, used by `grpo.train`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from hydra.errors import ConfigCompositionException, InstantiationException
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work, named by its key."""
+
+
+# ------------------------------------------------------------------------------------ schema
+class Backend(StrEnum):
+    lean = "lean"  # grpo.rollout.lean: Llama/Qwen2/Qwen3, else transformers
+    transformers = "transformers"  # transformers' generate
+    vllm = "vllm"  # vLLM's offline engine in the training process (make install-vllm)
+
+
+class Device(StrEnum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Strategy(StrEnum):
+    ddp = "ddp"
+    fsdp = "fsdp"
+
+
+class Dtype(StrEnum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class PaddingSide(StrEnum):
+    left = "left"
+    right = "right"
+
+
+@dataclass
+class LoraSchema:
+    enabled: bool = MISSING
+    r: int = MISSING
+    alpha: int = MISSING
+    dropout: float = MISSING
+    target_modules: list[str] = MISSING
+
+
+@dataclass
+class TokenizerSchema:
+    padding_side: PaddingSide = MISSING
+    use_chat_template: bool = MISSING
+
+
+@dataclass
+class ModelSchema:
+    _target_: str = MISSING
+    checkpoint: Any = MISSING
+    dtype: Dtype = MISSING
+    load_in_4bit: bool = MISSING
+    gradient_checkpointing: bool = MISSING
+    lora: LoraSchema = field(default_factory=LoraSchema)
+    tokenizer: TokenizerSchema = field(default_factory=TokenizerSchema)
+
+
+@dataclass
+class KLSchema:
+    coef: float = MISSING
+    estimator: str = MISSING
+    in_reward: bool = MISSING
+
+
+@dataclass
+class LossSchema:
+    _target_: str = MISSING
+    aggregation: str = MISSING
+    entropy_coef: float = MISSING
+    top_entropy_quantile: float = MISSING
+    off_policy_mask_threshold: float | None = MISSING
+
+
+@dataclass
+class DynamicSamplingSchema:
+    enabled: bool = MISSING
+    max_extra_rounds: int = MISSING
+
+
+@dataclass
+class ReferenceUpdateSchema:
+    every: int = MISSING
+    mix: float = MISSING
+
+
+@dataclass
+class SamplerSchema:
+    _target_: str = MISSING
+    shuffle: bool = MISSING
+
+
+@dataclass
+class AlgorithmSchema:
+    num_responses_per_prompt: int = MISSING
+    policy_loss: dict[str, Any] = MISSING
+    advantage: dict[str, Any] = MISSING
+    kl: KLSchema = field(default_factory=KLSchema)
+    loss: LossSchema = field(default_factory=LossSchema)
+    update_epochs: int = MISSING
+    num_mini_batches: int = MISSING
+    mask_truncated: bool = MISSING
+    dynamic_sampling: DynamicSamplingSchema = field(default_factory=DynamicSamplingSchema)
+    reference_update: ReferenceUpdateSchema = field(default_factory=ReferenceUpdateSchema)
+    sampler: SamplerSchema = field(default_factory=SamplerSchema)
+
+
+@dataclass
+class RolloutSchema:
+    backend: Backend = MISSING
+    temperature: float = MISSING
+    top_p: float = MISSING
+    top_k: int = MISSING
+    max_new_tokens: int = MISSING
+    min_new_tokens: int = MISSING
+    max_prompt_length: int = MISSING
+
+
+@dataclass
+class TrainerSchema:
+    batch_size: int = MISSING
+    max_steps: int = MISSING
+    learning_rate: float = MISSING
+    optimizer: dict[str, Any] = MISSING
+    scheduler: dict[str, Any] = MISSING
+    micro_batch_size: int | None = MISSING
+    inference_batch_size: int | None = MISSING
+    offload_reference: bool = MISSING
+    share_prompts: bool = MISSING
+    max_grad_norm: float | None = MISSING
+    save_every: int = MISSING
+    keep_checkpoints: int = MISSING
+    resume: str | None = MISSING
+    device: Device = MISSING
+    strategy: Strategy = MISSING
+    num_threads: int | None = MISSING
+
+
+@dataclass
+class HeldoutSchema:
+    _target_: str = MISSING
+    max_new_tokens: int | None = MISSING
+    batch_size: int = MISSING
+    num_samples: int = MISSING
+    k: int = MISSING
+    temperature: float = MISSING
+    top_p: float = MISSING
+
+
+@dataclass
+class ComparisonSchema:
+    at_end: bool = MISSING
+    num_responses_per_prompt: int | None = MISSING
+    num_heldout: int = MISSING
+    prompts: list[dict[str, str]] | None = MISSING
+
+
+@dataclass
+class EvalSchema:
+    every: int = MISSING
+    heldout: HeldoutSchema = field(default_factory=HeldoutSchema)
+    comparison: ComparisonSchema = field(default_factory=ComparisonSchema)
+
+
+@dataclass
+class PathsSchema:
+    output_root: str = MISSING
+    multirun_root: str = MISSING
+    cache_dir: str = MISSING
+
+
+@dataclass
+class TrainSchema:
+    """The whole config's types; `conf/train.yaml` and its groups give the values."""
+
+    seed: int = MISSING
+    objective: str = MISSING
+    model: ModelSchema = field(default_factory=ModelSchema)
+    task: Any = MISSING  # each task class has its own settings (grpo.tasks)
+    reward: Any = MISSING  # each reward class has its own settings (grpo.tasks.rewards)
+    algorithm: AlgorithmSchema = field(default_factory=AlgorithmSchema)
+    rollout: RolloutSchema = field(default_factory=RolloutSchema)
+    trainer: TrainerSchema = field(default_factory=TrainerSchema)
+    logging: Any = MISSING  # each logger class has its own settings (grpo.infra.loggers)
+    eval: EvalSchema = field(default_factory=EvalSchema)
+    paths: PathsSchema = field(default_factory=PathsSchema)
+
+
+ConfigStore.instance().store(name="schema", node=TrainSchema)
+
+
+# -------------------------------------------------------------------------------- validation
+def _require(ok: bool, key: str, why: str, value: object) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {why}")
+
+
+def launched_world_size() -> int:
+    """The number of processes the launcher started (torchrun/accelerate set WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rows_per_rank(cfg: DictConfig) -> int:
+    """Completions each process generates and trains on per step."""
+    rows = cfg.trainer.batch_size * cfg.algorithm.num_responses_per_prompt
+    return rows // launched_world_size()
+
+
+def micro_batch_size(cfg: DictConfig) -> int:
+    """`trainer.micro_batch_size`, or (null) all of a rank's rows in one pass."""
+    return cfg.trainer.micro_batch_size or rows_per_rank(cfg)
+
+
+# (key, rule text, test) for single values; cross-field rules follow in `validate_config`.
+RANGES: list[tuple[str, str, Any]] = [
+    ("algorithm.num_responses_per_prompt", "must be >= 2 (group baseline)", lambda v: v >= 2),
+    ("algorithm.kl.coef", "must be >= 0", lambda v: v >= 0),
+    ("algorithm.loss.entropy_coef", "must be >= 0", lambda v: v >= 0),
+    ("algorithm.loss.top_entropy_quantile", "must be in (0, 1]", lambda v: 0 < v <= 1),
+    ("algorithm.loss.off_policy_mask_threshold", "null or >= 0", lambda v: v is None or v >= 0),
+    ("algorithm.update_epochs", "must be >= 1", lambda v: v >= 1),
+    ("algorithm.num_mini_batches", "must be >= 1", lambda v: v >= 1),
+    ("algorithm.dynamic_sampling.max_extra_rounds", "must be >= 0", lambda v: v >= 0),
+    ("algorithm.reference_update.every", "must be >= 0", lambda v: v >= 0),
+    ("algorithm.reference_update.mix", "must be in (0, 1]", lambda v: 0 < v <= 1),
+    ("rollout.temperature", "must be > 0", lambda v: v > 0),
+    ("rollout.top_p", "must be in (0, 1]", lambda v: 0 < v <= 1),
+    ("rollout.top_k", "must be >= 0 (0 = off)", lambda v: v >= 0),
+    ("rollout.max_new_tokens", "must be > 0", lambda v: v > 0),
+    ("rollout.min_new_tokens", "must be >= 0", lambda v: v >= 0),
+    ("rollout.max_prompt_length", "must be > 0", lambda v: v > 0),
+    ("trainer.learning_rate", "must be > 0", lambda v: v > 0),
+    ("trainer.batch_size", "must be >= 1", lambda v: v >= 1),
+    ("trainer.max_steps", "must be >= 1", lambda v: v >= 1),
+    ("trainer.micro_batch_size", "null or >= 1", lambda v: v is None or v >= 1),
+    ("trainer.inference_batch_size", "null or >= 1", lambda v: v is None or v >= 1),
+    ("trainer.max_grad_norm", "null or > 0", lambda v: v is None or v > 0),
+    ("trainer.save_every", "must be >= 0", lambda v: v >= 0),
+    ("trainer.keep_checkpoints", "must be >= 1", lambda v: v >= 1),
+    ("trainer.num_threads", "null or >= 1", lambda v: v is None or v >= 1),
+    ("eval.every", "must be >= 0", lambda v: v >= 0),
+    ("eval.heldout.max_new_tokens", "null or > 0", lambda v: v is None or v > 0),
+    ("eval.heldout.batch_size", "must be >= 1", lambda v: v >= 1),
+    ("eval.heldout.num_samples", "must be >= 0", lambda v: v >= 0),
+    ("eval.heldout.temperature", "must be > 0", lambda v: v > 0),
+    ("eval.heldout.top_p", "must be in (0, 1]", lambda v: 0 < v <= 1),
+    ("eval.comparison.num_heldout", "must be >= 0", lambda v: v >= 0),
+    ("eval.comparison.num_responses_per_prompt", "null or >= 1", lambda v: v is None or v >= 1),
+]
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Reject values that would fail later (after minutes of model loading) or silently."""
+    from grpo.algorithm.advantages import ADVANTAGE_ESTIMATORS
+    from grpo.algorithm.kl import KL_ESTIMATORS
+    from grpo.algorithm.loss import AGGREGATIONS
+    from grpo.algorithm.policy_losses import POLICY_LOSSES
+
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{missing[0]}: no value given (??? in the config)")
+    for key, why, test in RANGES:
+        value = OmegaConf.select(cfg, key)
+        _require(test(value), key, why, value)
+    alg, tr, ro = cfg.algorithm, cfg.trainer, cfg.rollout
+    for registry, node, name_key in (
+        (POLICY_LOSSES, alg.policy_loss, "name"),
+        (ADVANTAGE_ESTIMATORS, alg.advantage, "name"),
+    ):
+        prefix = "algorithm.policy_loss" if registry is POLICY_LOSSES else "algorithm.advantage"
+        if name_key not in node:
+            raise ConfigError(f"{prefix}.name: missing; registered: {', '.join(registry)}")
+        settings = {k: v for k, v in OmegaConf.to_container(node).items() if k != name_key}
+        _registry_check(registry, node[name_key], settings, f"{prefix}.name")
+    _registry_check(KL_ESTIMATORS, alg.kl.estimator, {}, "algorithm.kl.estimator")
+    _registry_check(AGGREGATIONS, alg.loss.aggregation, {}, "algorithm.loss.aggregation")
+
+    world = launched_world_size()
+    _require(
+        tr.batch_size % world == 0,
+        "trainer.batch_size",
+        f"must be a multiple of the {world} processes (WORLD_SIZE): each takes whole groups",
+        tr.batch_size,
+    )
+    rows, per = rows_per_rank(cfg), f" / {world} processes" if world > 1 else ""
+    size = tr.micro_batch_size
+    _require(
+        size is None or rows % size == 0,
+        "trainer.micro_batch_size",
+        f"must divide trainer.batch_size * algorithm.num_responses_per_prompt{per} = {rows}",
+        size,
+    )
+    _require(
+        rows % alg.num_mini_batches == 0,
+        "algorithm.num_mini_batches",
+        f"must divide the {rows} completions each process trains on per step",
+        alg.num_mini_batches,
+    )
+    _require(
+        ro.min_new_tokens <= ro.max_new_tokens,
+        "rollout.min_new_tokens",
+        f"must be <= rollout.max_new_tokens = {ro.max_new_tokens}",
+        ro.min_new_tokens,
+    )
+    heldout = cfg.eval.heldout
+    _require(
+        not heldout.num_samples or 1 <= heldout.k <= heldout.num_samples,
+        "eval.heldout.k",
+        f"pass@k and maj@k need 1 <= k <= eval.heldout.num_samples = {heldout.num_samples}",
+        heldout.k,
+    )
+    lora, model = cfg.model.lora.enabled, cfg.model
+    _require(
+        lora or not model.load_in_4bit,
+        "model.load_in_4bit",
+        "4-bit base weights train only LoRA adapters (QLoRA): needs model.lora.enabled=true",
+        model.load_in_4bit,
+    )
+    if alg.kl.coef > 0 and lora:  # grpo.model.reference: the base with the adapters off
+        why = "with LoRA the reference is the base model with the adapters off: nothing to offload"
+        _require(not tr.offload_reference, "trainer.offload_reference", why, tr.offload_reference)
+        why = (
+            "reference updates need full fine-tuning (with LoRA the reference is the base "
+            "model with the adapters off): set model.lora.enabled=false or every=0"
+        )
+        every = alg.reference_update.every
+        _require(every == 0, "algorithm.reference_update.every", why, every)
+    if tr.strategy == Strategy.fsdp and world > 1:
+        why = "FSDP shards whole weights only in fp32 or bf16 without 4-bit quantization"
+        _require(not model.load_in_4bit, "trainer.strategy", why, tr.strategy)
+    resume = tr.resume
+    _require(
+        resume in (None, "auto") or Path(str(resume)).expanduser().exists(),
+        "trainer.resume",
+        "null, auto, or an existing checkpoint or run folder",
+        resume,
+    )
+
+
+def _registry_check(registry: Any, name: str, settings: dict[str, Any], key: str) -> None:
+    try:
+        registry.check(name, settings, key)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+# ------------------------------------------------------------------------------------ errors
+def one_line(error: BaseException) -> str | None:
+    """A config error as one line naming the key, the value and the rule; None when `error`
+    is not a config error (a bug, which keeps its traceback)."""
+    if isinstance(error, ConfigError):
+        return str(error)
+    if isinstance(error, ConfigCompositionException):
+        cause = error.__cause__
+        if isinstance(cause, OmegaConfBaseException):
+            return _omegaconf_line(cause)
+        return " ".join(str(error).replace("\t", " ").split("\n")[:1] + _options(str(error)))
+    if isinstance(error, OmegaConfBaseException):
+        return _omegaconf_line(error)
+    if isinstance(error, InstantiationException) and isinstance(error.__cause__, INPUT_ERRORS):
+        return f"{error.__cause__}"  # a task's file, a bad row, an unknown setting
+    return None
+
+
+# What a `_target_` raises on bad input (values, files, settings), as opposed to a bug.
+INPUT_ERRORS = (ValueError, FileNotFoundError, TypeError)
+
+
+def _omegaconf_line(error: OmegaConfBaseException) -> str:
+    key = getattr(error, "full_key", None)
+    message = str(getattr(error, "msg", None) or error).split("\n")[0]
+    return f"{key}: {message}" if key else message
+
+
+def _options(message: str) -> list[str]:
+    """Hydra's 'Available options' list of a missing config group option, as one phrase."""
+    lines = [line.strip() for line in message.split("\n")]
+    if "Available options:" not in lines and not any("Available options" in x for x in lines):
+        return []
+    start = next(i for i, x in enumerate(lines) if "Available options" in x)
+    options = [x for x in lines[start + 1 :] if x and " " not in x]
+    return [f"(options: {', '.join(options)})"] if options else []

@@ -1,0 +1,322 @@
+"""Data parallelism over processes: `torchrun --nproc_per_node=N -m grpo.train ...`.
+
+The launcher (torchrun, or `accelerate launch`, which runs torchrun) starts N processes, the
+ranks, and sets RANK, WORLD_SIZE, LOCAL_RANK; one process without them runs as before.
+`trainer.batch_size` stays the global number of prompts per step. Each rank takes an equal share
+of whole groups of every batch (`grpo.rollout.sampler`), generates, scores and trains on them,
+so that N ranks make the update one process makes on the whole batch:
+- the loss normalisers (completions, tokens) are summed over ranks
+  (`grpo.algorithm.update.normalisers`): each rank's loss is its part of the global batch's
+  loss, and the ranks' gradients are summed (`sum_gradients`; FSDP's reduce-scatter sums too),
+  which gives the global loss's gradient;
+- advantages and the logged numbers come from the global batch, gathered on every rank
+  (`gather_batch`); evaluation is split over ranks and its records gathered (`evaluate`);
+- rank 0 alone writes the run folder (logs, checkpoints, model); the other ranks log nothing.
+
+`trainer.strategy`: `ddp` replicates the model on every rank and all-reduces the gradients
+once per optimiser step, after the micro-batches (DDP's algorithm; torch's wrapper is not used
+because `grpo.rollout.logprobs.token_logprobs` calls the backbone and LM head directly, which the
+wrapper would not see). `fsdp` shards each decoder layer's parameters, gradients and optimizer
+state over ranks (FSDP2 `fully_shard`) during the update, and gathers the whole weights for
+generation,
+evaluation and saving (`gathered`), which must therefore fit one device; embeddings and LM head
+stay replicated, so only LoRA adapters of the layers train, and FSDP runs keep no checkpoints
+yet. The backend follows the device: nccl on CUDA, gloo on CPU. Every rank takes part in every
+collective: the update runs the same micro-batches on all ranks, and generation runs on gathered
+weights without collectives.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import fields, is_dataclass, replace
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
+
+from grpo.batch import ScoredRollout, concat, take
+
+if TYPE_CHECKING:
+    from grpo.model.loading import Policy
+
+STRATEGIES = ("ddp", "fsdp")
+T = TypeVar("T")
+
+
+def launched_world_size() -> int:
+    """The number of processes the launcher started (1 without torchrun/accelerate)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init(device: str) -> str:
+    """Join the other ranks when launched with several processes; returns this rank's device.
+
+    CUDA: rank r uses GPU LOCAL_RANK and the nccl backend; CPU: gloo. The process group is
+    destroyed at exit. One process: `device`, and nothing else happens.
+    """
+    if launched_world_size() == 1:
+        return device
+    if device == "cuda":
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        atexit.register(dist.destroy_process_group)
+    return device
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    """True on rank 0, the one that writes the run folder (and in a single process)."""
+    return rank() == 0
+
+
+def hydra_overrides() -> list[str]:
+    """Command-line overrides for ranks other than 0: no run folder or log file of their own.
+
+    Hydra makes a run folder in every process, named by the time it starts; ranks > 0 get a
+    temporary one instead (removed at exit) and write into rank 0's (`share`).
+    """
+    if int(os.environ.get("RANK", "0")) == 0:
+        return []
+    scratch = tempfile.mkdtemp(prefix=f"grpo-rank{os.environ['RANK']}-")
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    return [
+        "hydra.output_subdir=null",
+        "hydra/job_logging=disabled",
+        "hydra/hydra_logging=disabled",
+        f"hydra.run.dir={scratch}",
+        f"hydra.sweep.dir={scratch}",
+    ]
+
+
+def _comm_device() -> torch.device:
+    """Where collective tensors live: the current GPU for nccl, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def sum_over_ranks(values: dict[str, T]) -> dict[str, T]:
+    """Each value summed over ranks (every rank passes the same keys), types kept."""
+    if world_size() == 1:
+        return values
+    total = torch.tensor(list(values.values()), dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(total)
+    return {k: type(v)(x) for (k, v), x in zip(values.items(), total.tolist(), strict=True)}
+
+
+def max_over_ranks(value: int) -> int:
+    """The largest of the ranks' values (e.g. a stop signal that reached only some ranks)."""
+    if world_size() == 1:
+        return value
+    top = torch.tensor([value], dtype=torch.int64, device=_comm_device())
+    dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    return int(top.item())
+
+
+def share(obj: T) -> T:
+    """Rank 0's `obj` on every rank."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def main_then_share(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` run on rank 0 alone, its result (or its exception) on every rank."""
+    if world_size() == 1:
+        return fn(*args)
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn(*args)
+        except Exception as e:  # raised on every rank below, so none waits forever
+            error = e
+    result, error = share((result, error))
+    if error is not None:
+        raise error
+    return result
+
+
+def all_gather(obj: T) -> list[T]:
+    """Every rank's `obj`, in rank order, on every rank (picklable objects, CPU tensors)."""
+    if world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_to_main(obj: T) -> list[T] | None:
+    """Every rank's `obj`, in rank order, on rank 0; None on the other ranks."""
+    if world_size() == 1:
+        return [obj]
+    out: list[Any] | None = [None] * world_size() if is_main() else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def _to(value: Any, device: torch.device | str) -> Any:
+    """`value` with its tensors (in dataclasses and dicts too) on `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if is_dataclass(value):
+        return replace(
+            value, **{f.name: _to(getattr(value, f.name), device) for f in fields(value)}
+        )
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+def gather_batch(batch: ScoredRollout) -> ScoredRollout:
+    """The global batch: every rank's groups in rank order, the sampler's order (CPU tensors),
+    with this rank's own generation time. One process: `batch` itself."""
+    if world_size() == 1:
+        return batch
+    whole = concat(all_gather(_to(batch, "cpu")))
+    whole.generate_s = batch.generate_s
+    return whole
+
+
+def my_part(batch: ScoredRollout, device: torch.device | str) -> ScoredRollout:
+    """This rank's rows of the global batch (ranks hold equal, consecutive shares of whole
+    groups), on `device`. One process: `batch` itself."""
+    if world_size() == 1:
+        return batch
+    n = len(batch.rows) // world_size()
+    return _to(take(batch, slice(rank() * n, (rank() + 1) * n)), device)
+
+
+def my_rows(values: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of a global-batch tensor."""
+    return values.chunk(world_size())[rank()]
+
+
+def evaluate(
+    evaluator: Any, policy: Policy, rows: list[dict[str, str]], reward_fn: Callable
+) -> dict[str, float]:
+    """`evaluator`'s metrics on `rows`, each rank scoring every N-th row, all records gathered.
+
+    `evaluator(policy, rows, reward_fn)` returns (metrics, records), `evaluator.metrics(records)`
+    the means over records (grpo.evaluation.heldout.Evaluator): the same numbers as one process's.
+    """
+    if world_size() == 1:
+        return evaluator(policy, rows, reward_fn)[0]
+    mine = rows[rank() :: world_size()]
+    records = evaluator(policy, mine, reward_fn)[1] if mine else []
+    return evaluator.metrics([rec for part in all_gather(records) for rec in part])
+
+
+def prepare(model: torch.nn.Module, strategy: str) -> None:
+    """Make `model` data-parallel in place: rank 0's trainable weights on every rank (a seeded
+    LoRA init differs by rank), and with `fsdp` its decoder layers sharded. One process: no-op.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"trainer.strategy={strategy!r}: expected one of {STRATEGIES}")
+    if world_size() == 1:
+        return
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                dist.broadcast(param, src=0)
+    if strategy == "fsdp":
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        layers = set(getattr(base, "_no_split_modules", None) or [])  # decoder layer classes
+        for module in model.modules():
+            if type(module).__name__ in layers:
+                # Resharded after every forward, also as roots: peft's disable_adapter (the
+                # reference policy) then switches requires_grad of the sharded parameters.
+                fully_shard(module, reshard_after_forward=True)
+                module.set_gradient_divide_factor(1.0)  # sum the ranks' gradients
+                module.set_force_sum_reduction_for_comms(True)  # (gloo has no pre-scaled sum)
+        outside = [n for n, p in model.named_parameters() if p.requires_grad and not sharded(p)]
+        if outside:
+            raise ValueError(
+                f"trainer.strategy=fsdp shards the decoder layers; trainable {outside[0]} is "
+                "outside them: train LoRA adapters of the layers' modules, or use ddp"
+            )
+
+
+def sharded(obj: torch.nn.Module | torch.Tensor) -> bool:
+    """True for a tensor sharded by FSDP, or a model with FSDP-sharded parts."""
+    if isinstance(obj, torch.Tensor):
+        return isinstance(obj, DTensor)
+    return any(isinstance(m, FSDPModule) for m in obj.modules())
+
+
+def sum_gradients(params: list[torch.Tensor]) -> None:
+    """Sum the gradients of replicated parameters over ranks, in place (no extra memory).
+
+    Sharded (FSDP) parameters are left out: their reduce-scatter already summed them.
+    """
+    if world_size() == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None and not sharded(p.grad)]
+    for work in [dist.all_reduce(grad, async_op=True) for grad in grads]:
+        work.wait()
+
+
+@contextmanager
+def gathered(model: torch.nn.Module) -> Iterator[None]:
+    """Within: an FSDP-sharded model holds its whole weights on every rank, as plain tensors.
+
+    Generation, evaluation and saving run on them with no collective, so ranks may make
+    different numbers of forward passes. No-op for a model that is not sharded.
+    """
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not units:
+        yield
+        return
+    for unit in units:
+        unit.unshard()
+        unit.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(True)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """An FSDP-sharded model's state dict with whole tensors, for `save_pretrained(state_dict=)`
+    (every rank must call it); None for a model that is not sharded (it saves its own)."""
+    if not sharded(model):
+        return None
+    return {k: v.full_tensor() if sharded(v) else v for k, v in model.state_dict().items()}
+
+
+class NullLogger:
+    """The logger of ranks other than 0: takes every call, writes nothing."""
+
+    run_id = None
+
+    def __init__(self, **_: Any) -> None:
+        pass
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def log_samples(self, step: int, records: list[dict[str, Any]]) -> None:
+        pass
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        pass

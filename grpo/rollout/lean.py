@@ -1,0 +1,347 @@
+"""A lean sampling loop for Llama-family models: `generate`'s work, little of its overhead.
+
+transformers' `generate` rebuilds the attention mask, position ids, rotary tables and cache
+bookkeeping on every token, and runs a pipeline of logits processors and stopping criteria;
+for a small model on CPU that Python work is most of a decoding step. `sample` runs the prompt
+through the model's own forward once (prefill), then decodes with the model's own modules
+(norms, projections, MLP, LM head; LoRA and 4-bit layers included) in a short loop: key/value
+buffers allocated once, rotary tables computed once, one boolean mask updated in place.
+
+Each operation mirrors transformers' sdpa code path, so greedy decoding returns the same tokens
+as `generate`, bit for bit. Sampling draws from the same distribution, by inverting the
+cumulative distribution (`sample_token`), so not the same tokens for a given seed. Each prompt
+is prefilled once for its G completions. Models it cannot mirror (other architectures, eager
+attention, sliding windows, extra logits processors in the generation config) are left to
+`generate`: see `supports`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    DynamicCache,
+    GenerationConfig,
+    PreTrainedModel,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+# Generation-config fields that would add logits processors this loop does not apply.
+UNSUPPORTED_GENERATION_FIELDS = (
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "bad_words_ids",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "sequence_bias",
+    "min_length",
+)
+
+# Models with more bytes of weights than this stream them from memory on every decoding step.
+PACK_BYTES = 2**26
+_DEFAULTS = GenerationConfig()
+# stop(ids so far, scores) -> (N,) bool, True where a row is done (a transformers StoppingCriteria).
+Stop = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def causal_lm(model: PreTrainedModel) -> PreTrainedModel:
+    """The transformers model, under its peft wrapper if there is one."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def supports(model: PreTrainedModel) -> bool:
+    """True when `sample` mirrors `generate` exactly for this model."""
+    lm = causal_lm(model)
+    config = lm.config
+    rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    return (
+        config.model_type in SUPPORTED_MODEL_TYPES
+        and config._attn_implementation == "sdpa"
+        and all(t == "full_attention" for t in getattr(config, "layer_types", None) or [])
+        and rope not in ("dynamic", "longrope")
+        and all(
+            getattr(lm.generation_config, f, None) == getattr(_DEFAULTS, f, None)
+            for f in UNSUPPORTED_GENERATION_FIELDS
+        )
+    )
+
+
+def sample_token(probs: torch.Tensor) -> torch.Tensor:
+    """One draw per row from `probs` (N, V) by inverting its cumulative sum.
+
+    Same distribution as `torch.multinomial(probs, 1)`, which on CPU draws one exponential
+    number per vocabulary entry (milliseconds per step for a 49k vocabulary); this draws one
+    uniform number per row. The float64 cumsum keeps each token's share exact to ~1e-16.
+    """
+    cdf = probs.double().cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0].clamp_(max=probs.shape[1] - 1)
+
+
+def _packing_pays(lm: PreTrainedModel) -> bool:
+    """MKL packing is available and the weights are too big to stay in the CPU caches."""
+    mkl = getattr(torch.ops, "mkl", None)
+    size = sum(p.numel() * p.element_size() for p in lm.parameters())
+    return torch.backends.mkl.is_available() and hasattr(mkl, "_mkl_linear") and size > PACK_BYTES
+
+
+class _PackedLinear:
+    """An fp32 `nn.Linear` whose weight MKL has re-laid out once for products with `rows` rows.
+
+    Decoding multiplies a few rows by every weight matrix, once per token: the weights stream
+    from memory and ordinary sgemm repacks each one on every call. Packing once per `sample`
+    call makes these products ~1.6x faster (SmolLM2, 8 rows, one thread) for a transient copy of
+    the weights; results differ from `F.linear` in the last bits.
+    """
+
+    def __init__(self, linear: nn.Linear, rows: int):
+        self.weight, self.bias, self.rows = linear.weight, linear.bias, rows
+        self.packed = torch.ops.mkl._mkl_reorder_linear_weight(linear.weight, rows)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, self.rows)
+
+
+def _projection(module: nn.Module, rows: int, pack: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`module.forward`, or a packed product for a plain fp32 `nn.Linear` when `pack`."""
+    if pack and type(module) is nn.Linear and module.weight.dtype == torch.float32:
+        return _PackedLinear(module, rows).forward
+    return module.forward
+
+
+def _rms_norm(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`module.forward`, or for an fp32 Llama/Qwen RMSNorm one fused `F.rms_norm` call, which
+    gives the same numbers (mean of squares, rsqrt, scale by the weight) in one op, not seven."""
+    weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
+    if not type(module).__name__.endswith("RMSNorm") or eps is None or weight is None:
+        return module.forward
+    if weight.dtype != torch.float32:  # transformers rounds to the input dtype before scaling
+        return module.forward
+    return partial(F.rms_norm, normalized_shape=weight.shape, weight=weight, eps=eps)
+
+
+class _Decoder:
+    """One token per row through the model's layers, with preallocated key/value buffers.
+
+    Modules are called through `.forward` (no hook dispatch); rotary embedding uses
+    q * cos + roll(q) * sin', with sin' the sine with its first half negated, which is
+    transformers' q * cos + rotate_half(q) * sin to the bit. With `pack`, plain fp32 linear
+    layers use `_PackedLinear`.
+    """
+
+    def __init__(
+        self,
+        lm: PreTrainedModel,
+        cache: DynamicCache,
+        prompt_mask: torch.Tensor,
+        steps: int,
+        copies: int,
+        pack: bool,
+    ):
+        body = lm.model
+        n, p = prompt_mask.shape
+        self.embed, self.norm = body.embed_tokens, _rms_norm(body.norm)
+        self.head = _projection(lm.lm_head, n, pack)
+        self.layers = []
+        for layer in body.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            self.layers.append(
+                (
+                    _rms_norm(layer.input_layernorm),
+                    attn,
+                    *(_projection(m, n, pack) for m in (attn.q_proj, attn.k_proj, attn.v_proj)),
+                    _projection(attn.o_proj, n, pack),
+                    *(  # Qwen3 normalises q and k per head
+                        _rms_norm(attn.q_norm) if hasattr(attn, "q_norm") else None,
+                        _rms_norm(attn.k_norm) if hasattr(attn, "k_norm") else None,
+                    ),
+                    _rms_norm(layer.post_attention_layernorm),
+                    *(_projection(m, n, pack) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)),
+                    mlp.act_fn,
+                )
+            )
+        self.length = p  # filled cache slots
+        self.keys, self.values = [], []
+        for layer in cache.layers:  # each prompt's prefill, copied into its `copies` rows
+            for prefilled, buffers in (
+                (layer.keys, self.keys),
+                (layer.values, self.values),
+            ):
+                heads, dim = prefilled.shape[1], prefilled.shape[-1]
+                buffers.append(prefilled.new_empty(n, heads, p + steps, dim))
+                grouped = buffers[-1].view(n // copies, copies, heads, p + steps, dim)
+                grouped[:, :, :, :p] = prefilled[:, None]
+        # transformers passes no mask (and uses enable_gqa) when no row is padded.
+        self.mask = None
+        if not bool(prompt_mask.all()):
+            self.mask = torch.ones(n, 1, 1, p + steps, dtype=torch.bool, device=prompt_mask.device)
+            self.mask[:, 0, 0, :p] = prompt_mask.bool()
+        # Rotary tables for every position a row can reach, indexed by position each step.
+        positions = torch.arange(int(prompt_mask.sum(1).max()) + steps, device=prompt_mask.device)
+        cos, sin = body.rotary_emb(self.keys[0][:1, :1, :1], positions[None])
+        half = sin.shape[-1] // 2
+        self.cos, self.sin = (
+            cos[0],
+            torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1),
+        )
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Float32 next-token logits (N, V) after feeding `tokens` (N,) at `positions` (N,)."""
+        n, slot = tokens.shape[0], self.length
+        end = slot + 1
+        mask = None if self.mask is None else self.mask[..., :end]
+        cos = self.cos.index_select(0, positions)[:, None, None]
+        sin = self.sin.index_select(0, positions)[:, None, None]
+        h = self.embed.forward(tokens[:, None])
+        for i, layer in enumerate(self.layers):
+            norm1, attn, q_proj, k_proj, v_proj, o_proj, q_norm, k_norm, norm2 = layer[:9]
+            gate, up, down, act = layer[9:]
+            x, d, groups = norm1(h), attn.head_dim, attn.num_key_value_groups
+            q, k = q_proj(x).view(n, 1, -1, d), k_proj(x).view(n, 1, -1, d)
+            if q_norm is not None:
+                q, k = q_norm(q), k_norm(k)
+            qk = torch.cat((q, k), dim=2).transpose(1, 2)
+            qk = qk * cos + qk.roll(d // 2, -1) * sin
+            q, k = qk[:, : q.shape[2]], qk[:, q.shape[2] :]
+            self.keys[i][:, :, slot:end] = k
+            self.values[i][:, :, slot:end] = v_proj(x).view(n, 1, -1, d).transpose(1, 2)
+            kwargs = {}
+            if groups > 1 and mask is None:
+                kwargs["enable_gqa"] = True
+            elif groups > 1:  # one query per row: fold the query heads onto their key/value head
+                q = q.reshape(n, -1, groups, d)
+            out = F.scaled_dot_product_attention(
+                q,
+                self.keys[i][:, :, :end],
+                self.values[i][:, :, :end],
+                attn_mask=mask,
+                dropout_p=0.0,
+                scale=attn.scaling,
+                is_causal=False,
+                **kwargs,
+            )
+            h = h + o_proj(out.reshape(n, 1, -1))
+            x = norm2(h)
+            h = h + down(act(gate(x)) * up(x))  # transformers' LlamaMLP / Qwen2MLP / Qwen3MLP
+        self.length = end
+        if self.mask is not None:
+            self.mask[:, 0, 0, slot] = True
+        return self.head(self.norm(h))[:, -1].to(copy=True, dtype=torch.float32)
+
+
+@torch.no_grad()
+def sample(
+    model: PreTrainedModel,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    min_new_tokens: int = 0,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    do_sample: bool = True,
+    stop: Stop | None = None,
+    with_logprobs: bool = False,
+    num_return_sequences: int = 1,
+    top_k: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Decode up to `max_new_tokens` tokens, `num_return_sequences` times per prompt.
+
+    `prompt_ids` (B, P) are left-padded distinct prompts; each is prefilled once and its
+    key/value cache copied to its rows (N = B * num_return_sequences, grouped by prompt).
+    Returns the sequences (N, P + steps), prompt included and finished rows padded with
+    `pad_token_id` as `generate` returns them, and, with `with_logprobs`, the log-probability
+    (N, steps) of each new token under the model at `temperature` (log_softmax(logits /
+    temperature), before min_new_tokens and top_p shape the sampling distribution; 0 on
+    padding). Sampling follows `generate`'s order: EOS banned before `min_new_tokens`, then
+    temperature, then top-k (0: off), then top-p.
+    """
+    lm = causal_lm(model)
+    n, p = prompt_ids.shape
+    top_k_filter = TopKLogitsWarper(top_k) if do_sample and top_k > 0 else None
+    top_p_filter = TopPLogitsWarper(top_p) if do_sample and top_p < 1.0 else None
+    positions = (prompt_mask.long().cumsum(-1) - 1).masked_fill(prompt_mask == 0, 0)
+    cache = DynamicCache(config=lm.config)
+    logits = (
+        lm(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        .logits[:, -1]
+        .to(copy=True, dtype=torch.float32)
+    )
+    g = num_return_sequences
+    prompt_ids, prompt_mask, positions, logits = (
+        x.repeat_interleave(g, 0) for x in (prompt_ids, prompt_mask, positions, logits)
+    )
+    n = n * g
+    pack = do_sample and _packing_pays(lm)  # greedy stays bit-exact with `generate`
+    if pack:  # the packed copy of the weights goes into memory given back, not on top of it
+        _trim_heap()
+    decoder = _Decoder(lm, cache, prompt_mask, max_new_tokens, g, pack)
+    del cache
+    ids = prompt_ids.new_full((n, p + max_new_tokens), pad_token_id)
+    ids[:, :p] = prompt_ids
+    logprobs = torch.zeros(n, max_new_tokens, device=prompt_ids.device) if with_logprobs else None
+    unfinished = torch.ones(n, dtype=torch.bool, device=prompt_ids.device)
+    position = positions[:, -1]
+    steps = 0
+    while True:
+        scores = logits
+        if steps < min_new_tokens:
+            scores = logits.clone()
+            scores[:, eos_token_id] = -torch.inf
+        if do_sample:
+            scores = scores / temperature if temperature != 1.0 else scores
+            if top_k_filter is not None:
+                scores = top_k_filter(ids, scores)
+            if top_p_filter is not None:
+                scores = top_p_filter(ids, scores)
+            tokens = sample_token(F.softmax(scores, dim=-1))
+        else:
+            tokens = torch.argmax(scores, dim=-1)
+        tokens = torch.where(unfinished, tokens, pad_token_id)
+        if logprobs is not None:
+            scaled = logits / temperature if temperature != 1.0 else logits
+            chosen = scaled.gather(1, tokens[:, None])[:, 0] - scaled.logsumexp(-1)
+            logprobs[:, steps] = chosen.masked_fill(~unfinished, 0.0)
+        ids[:, p + steps] = tokens
+        steps += 1
+        unfinished &= tokens != eos_token_id
+        if stop is not None:
+            unfinished &= ~stop(ids[:, : p + steps], None)
+        if steps == max_new_tokens or not bool(unfinished.any()):
+            break
+        position = position + 1
+        logits = decoder.step(tokens, position)
+    del decoder
+    if pack:
+        _trim_heap()
+    return ids[:, : p + steps], None if logprobs is None else logprobs[:, :steps]
+
+
+def _trim_heap() -> None:
+    """Give the heap's free pages back to the OS (glibc `malloc_trim`; a no-op elsewhere).
+
+    The allocator keeps freed memory (the last update's activations and gradients, the packed
+    weights) mapped; without this, the packed weights and the next update's tensors land on
+    top of it and the peak resident memory grows by their size.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

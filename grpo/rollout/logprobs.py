@@ -1,0 +1,377 @@
+"""Log-probs of a rollout's completion tokens under a model: the forward passes of an update.
+
+`token_logprobs` scores a batch of (prompt, completion) rows with one forward pass. For
+Llama/Qwen2/Qwen3 the LM head runs only at sampled tokens, in chunks recomputed in backward
+(`_ChunkedLogProbs`), so the (rows, length, vocabulary) logits never exist.
+
+`SharedPrompts` scores a batch the way GRPO's batches are made: the G completions of a group
+share their prompt, so each distinct prompt goes through the model once and every completion's
+forward pass reads its keys/values (KV cache) instead of recomputing them. The prompt is often
+more than half of a row's tokens. Exact: the same sums in another order. With gradients on, the
+prompt's outputs are cut from the graph into leaf tensors; each completion micro-batch's
+backward adds into their gradients, and `SharedPrompts.backward` sends the total back through
+the prompt's forward pass once, so a micro-batch's memory is its completions plus its prompts.
+
+`micro_batches` plans a batch into chunks of whole groups (one prompt pass each) and
+micro-batches of at most `micro_batch_size` completions within them; `batch_logprobs` is the
+no-gradient pass over a whole rollout (reference and old policy).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache, PreTrainedModel
+
+from grpo.batch import Rollout
+from grpo.infra import distributed
+from grpo.rollout import lean
+
+
+def token_logprobs(
+    model: PreTrainedModel,
+    rollout: Rollout,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    entropy_grad: bool = False,
+    chunk_logits: int | None = 2**24,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (N, T) of the completion tokens under `model`, at the sampling temperature.
+
+    Columns that are padding in every row (left of the longest prompt, right of the longest
+    completion) are cut before the forward pass. For Llama/Qwen2/Qwen3 models the LM head then
+    runs only at sampled tokens, in chunks of at most `chunk_logits` logits (tokens x
+    vocabulary; 0 = one chunk) recomputed in backward, so no (N, T, V) tensor is ever held.
+    `chunk_logits=None`, and other models, compute all completion positions' logits at once
+    (`logits_to_keep`). Padding positions get log-prob 0. Entropy (N, T), when asked, is
+    computed without gradient, for logging, unless `entropy_grad` (an entropy bonus in the
+    loss needs its gradient).
+    """
+    start = int(rollout.prompt_mask.any(0).long().argmax())
+    prompt_ids, prompt_mask = rollout.prompt_ids[:, start:], rollout.prompt_mask[:, start:]
+    ids, mask = _trimmed_completions(rollout)
+    if _chunked_head(model) and chunk_logits is not None:
+        inputs = _model_inputs(prompt_ids, prompt_mask, ids, mask)
+        # The model's own forward (hooks see it), for its final hidden states; one logit row each.
+        out = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+        hidden = out.hidden_states[-1][:, -(ids.shape[1] + 1) : -1]
+        scores = _head_logprobs(
+            hidden, model, ids, mask, temperature, with_entropy, entropy_grad, chunk_logits
+        )
+    else:
+        scores = _logprobs_from_logits(
+            model, prompt_ids, prompt_mask, ids, mask, temperature, with_entropy, entropy_grad
+        )
+    return _padded(scores, rollout.completion_ids.shape[1])
+
+
+def can_share_prompts(model: PreTrainedModel) -> bool:
+    """True when `SharedPrompts` can run `model`: Llama/Qwen with the chunked head, a KV cache
+    in its forward pass (gradient checkpointing turns the cache off in training), and not
+    FSDP-sharded (its ranks must run the same forward and backward passes, untested here)."""
+    checkpointing = model.training and lean.causal_lm(model).is_activation_checkpointing
+    return _chunked_head(model) and not checkpointing and not distributed.sharded(model)
+
+
+class SharedPrompts:
+    """Completion log-probs of `rollout`'s rows with each distinct prompt run once (module doc).
+
+    Rows with the same prompt as the row before share it (a group's G rows). Construction runs
+    the prompts of `rollout`'s rows `rows` (a chunk of `micro_batches`); `logprobs(rows)` scores
+    some of those rows (indices in `rollout`); `backward()`, after the micro-batches'
+    own backward passes, sends their gradients through the prompts' forward pass. With
+    `share=False` (or a model `can_share_prompts` refuses) each call is a plain `token_logprobs`
+    and `backward` does nothing.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        rollout: Rollout,
+        rows: slice = slice(None),
+        temperature: float = 1.0,
+        share: bool = True,
+        chunk_logits: int = 2**24,
+    ) -> None:
+        self.model, self.temperature = model, temperature
+        self.rollout, self.offset = rollout.rows(rows), rows.start or 0
+        self.chunk_logits = chunk_logits
+        self.share = share and can_share_prompts(model)
+        self._graph: list[torch.Tensor] = []  # the prompt pass's outputs, with their graph
+        if self.share:
+            self._run_prompts()
+
+    def _run_prompts(self) -> None:
+        first = _new_prompt(self.rollout)
+        self.prompt_of_row = first.long().cumsum(0) - 1
+        ids, mask = self.rollout.prompt_ids[first], self.rollout.prompt_mask[first]
+        start = int(mask.any(0).long().argmax())  # drop columns that are padding in every row
+        self.prompt_mask = mask[:, start:]
+        self.prompt_length = self.prompt_mask.sum(1)
+        self._config = lean.causal_lm(self.model).config  # of the completions' caches
+        out = self.model(
+            input_ids=ids[:, start:],
+            attention_mask=self.prompt_mask,
+            position_ids=(self.prompt_mask.cumsum(1) - 1).clamp(min=0),
+            use_cache=True,
+            output_hidden_states=True,
+            logits_to_keep=1,
+        )
+        # The last prompt position's hidden state predicts the first completion token.
+        outputs = [out.hidden_states[-1][:, -1]]
+        outputs += [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+        if torch.is_grad_enabled():
+            self._graph = outputs
+            outputs = [t.detach().requires_grad_() for t in outputs]
+        self._outputs = outputs
+
+    def logprobs(
+        self, rows: slice, with_entropy: bool = False, entropy_grad: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`token_logprobs` of rollout rows `rows`, reading their prompts' keys/values."""
+        rows = slice(rows.start - self.offset, rows.stop - self.offset)
+        micro = self.rollout.rows(rows)
+        if not self.share:
+            return token_logprobs(
+                self.model,
+                micro,
+                self.temperature,
+                with_entropy,
+                entropy_grad,
+                self.chunk_logits,
+            )
+        ids, mask = _trimmed_completions(micro)
+        prompt = self.prompt_of_row[rows]
+        last, *kv = (x.index_select(0, prompt) for x in self._outputs)
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=torch.cat([self.prompt_mask[prompt], mask], 1),
+            position_ids=self.prompt_length[prompt, None] + positions,
+            past_key_values=DynamicCache(list(zip(kv[0::2], kv[1::2], strict=True)), self._config),
+            use_cache=True,
+            output_hidden_states=True,
+            logits_to_keep=1,
+        )
+        hidden = torch.cat([last[:, None], out.hidden_states[-1][:, :-1]], 1)
+        scores = _head_logprobs(
+            hidden,
+            self.model,
+            ids,
+            mask,
+            self.temperature,
+            with_entropy,
+            entropy_grad,
+            self.chunk_logits,
+        )
+        return _padded(scores, micro.completion_ids.shape[1])
+
+    def backward(self) -> None:
+        """Send the gradients the micro-batches left on the prompts' outputs through their pass."""
+        if not self._graph:
+            return
+        outputs = zip(self._graph, self._outputs, strict=True)
+        pairs = [(t, leaf.grad) for t, leaf in outputs if leaf.grad is not None]
+        if pairs:
+            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+        self._graph = []
+
+
+def micro_batches(rollout: Rollout, micro_batch_size: int) -> list[tuple[slice, list[slice]]]:
+    """The batch as chunks of whole groups, each with its micro-batches of at most
+    `micro_batch_size` rows: (chunk rows, [micro-batch rows, ...]), rows counted in the batch.
+
+    A chunk holds as many consecutive groups (rows sharing a prompt) as fit in one micro-batch,
+    or one group when a group is larger: its prompts run once for its micro-batches.
+    """
+    ends = [*(_new_prompt(rollout).nonzero()[1:, 0]).tolist(), len(rollout.prompt_ids)]
+    plan, begin = [], 0
+    for end, next_end in zip(ends, [*ends[1:], None], strict=True):
+        if next_end is None or next_end - begin > micro_batch_size:
+            rows = range(begin, end, micro_batch_size)
+            plan.append(
+                (slice(begin, end), [slice(r, min(r + micro_batch_size, end)) for r in rows])
+            )
+            begin = end
+    return plan
+
+
+@torch.no_grad()
+def batch_logprobs(
+    model: PreTrainedModel,
+    rollout: Rollout,
+    temperature: float,
+    batch_size: int,
+    share_prompts: bool = True,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[N, T] log-probs (and entropies) of a whole rollout without gradient, `batch_size`
+    completions a pass."""
+    logps, entropies = [], []
+    for chunk, rows in micro_batches(rollout, batch_size):
+        prompts = SharedPrompts(model, rollout, chunk, temperature, share_prompts)
+        for r in rows:
+            logp, entropy = prompts.logprobs(r, with_entropy=with_entropy)
+            logps.append(logp)
+            entropies.append(entropy)
+    return torch.cat(logps), torch.cat(entropies) if with_entropy else None
+
+
+def _new_prompt(rollout: Rollout) -> torch.Tensor:
+    """(N,) bool: the row's prompt differs from the row before's (the first row: True)."""
+    ids, mask = rollout.prompt_ids, rollout.prompt_mask
+    new = torch.ones(len(ids), dtype=torch.bool, device=ids.device)
+    new[1:] = (ids[1:] != ids[:-1]).any(1) | (mask[1:] != mask[:-1]).any(1)
+    return new
+
+
+def _trimmed_completions(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Completion ids and mask up to the last column any row uses (at least one column)."""
+    used = rollout.completion_mask.any(0).nonzero()
+    width = int(used[-1]) + 1 if len(used) else 1
+    return rollout.completion_ids[:, :width], rollout.completion_mask[:, :width]
+
+
+def _padded(
+    scores: tuple[torch.Tensor, torch.Tensor | None], width: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs and entropies of trimmed completions, padded with 0 back to `width` columns."""
+    logp, entropy = scores
+    pad = (0, width - logp.shape[1])
+    return F.pad(logp, pad), None if entropy is None else F.pad(entropy, pad)
+
+
+def _chunked_head(model: PreTrainedModel) -> bool:
+    """True for models whose LM head `_ChunkedLogProbs` can run (Llama/Qwen, a plain Linear)."""
+    lm = lean.causal_lm(model)
+    head = lm.get_output_embeddings()
+    return lm.config.model_type in lean.SUPPORTED_MODEL_TYPES and type(head) is nn.Linear
+
+
+def _model_inputs(
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """Prompt and completion as one left- and right-padded batch, with its position ids."""
+    ids = torch.cat([prompt_ids, completion_ids], 1)
+    mask = torch.cat([prompt_mask, completion_mask], 1)
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids}
+
+
+def _head_logprobs(
+    hidden: torch.Tensor,
+    model: PreTrainedModel,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float,
+    with_entropy: bool,
+    entropy_grad: bool,
+    chunk_logits: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (and entropies) (N, T) of tokens `ids` from the hidden states that predict
+    them, through the model's chunked LM head at the positions of `mask` only."""
+    head = lean.causal_lm(model).get_output_embeddings()
+    valid = mask.bool()
+    rows = max(1, chunk_logits // head.out_features) if chunk_logits else int(valid.sum())
+    logp, entropy = _ChunkedLogProbs.apply(
+        hidden[valid], head.weight, ids[valid], temperature, with_entropy, rows
+    )
+    logp = hidden.new_zeros(valid.shape, dtype=torch.float32).masked_scatter(valid, logp)
+    if not with_entropy:
+        return logp, None
+    if not (entropy_grad and torch.is_grad_enabled()):
+        entropy = entropy.detach()
+    return logp, hidden.new_zeros(valid.shape, dtype=torch.float32).masked_scatter(valid, entropy)
+
+
+def _logprobs_from_logits(
+    model: PreTrainedModel,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float,
+    with_entropy: bool,
+    entropy_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`token_logprobs` for any model: the logits of the completion positions at once."""
+    t = ids.shape[1]
+    inputs = _model_inputs(prompt_ids, prompt_mask, ids, mask)
+    logits = model(**inputs, logits_to_keep=t + 1, use_cache=False).logits
+    logits = logits[:, :-1].float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    chosen = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    valid = mask.bool()
+    logp = torch.where(valid, chosen - logits.logsumexp(-1), 0.0)
+    entropy = None
+    if with_entropy:
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            p = logits.softmax(-1)
+            entropy = torch.where(valid, -(p * torch.log_softmax(logits, -1)).sum(-1), 0.0)
+    return logp, entropy
+
+
+class _ChunkedLogProbs(torch.autograd.Function):
+    """Log-probs (and entropies) of chosen tokens from final hidden states, chunk by chunk.
+
+    Forward keeps only the hidden states and each row's logsumexp; backward recomputes a
+    chunk's logits z and applies d logp / d z = (onehot - p) / temperature and
+    d H / d z = -p (log p + H) / temperature. Two (chunk, V) buffers at a time, updated in place.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, ids, temperature, with_entropy, rows):
+        n = ids.shape[0]
+        logp, lse = (hidden.new_empty(n, dtype=torch.float32) for _ in range(2))
+        entropy = hidden.new_zeros(n, dtype=torch.float32)
+        for start in range(0, n, rows):
+            part = slice(start, start + rows)
+            logits = _head_logits(hidden[part], weight, temperature)
+            lse[part] = logits.logsumexp(-1)
+            logp[part] = logits.gather(1, ids[part, None])[:, 0] - lse[part]
+            if with_entropy:  # H = lse - sum(p z)
+                p = (logits - lse[part, None]).exp_()
+                entropy[part] = lse[part] - p.mul_(logits).sum(-1)
+        ctx.save_for_backward(hidden, weight, ids, lse, entropy)
+        ctx.temperature, ctx.rows = temperature, rows
+        ctx.set_materialize_grads(False)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, ids, lse, entropy = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        n = ids.shape[0]
+        g_logp = grad_logp if grad_logp is not None else lse.new_zeros(n)
+        for start in range(0, n, ctx.rows):
+            part = slice(start, start + ctx.rows)
+            log_p = _head_logits(hidden[part], weight, ctx.temperature).sub_(lse[part, None])
+            p = log_p.exp()
+            # grad z = p * c + onehot * g_logp, with c = -g_logp - g_H (log p + H)
+            coef = -g_logp[part, None]
+            if grad_entropy is not None:
+                coef = log_p.add_(entropy[part, None]).mul_(-grad_entropy[part, None]).add_(coef)
+            grad = p.mul_(coef).scatter_add_(1, ids[part, None], g_logp[part, None])
+            if ctx.temperature != 1.0:
+                grad.div_(ctx.temperature)
+            grad = grad.to(hidden.dtype)
+            if grad_hidden is not None:
+                torch.mm(grad, weight, out=grad_hidden[part])
+            if ctx.needs_input_grad[1]:
+                if grad_weight is None:
+                    grad_weight = grad.T @ hidden[part]
+                else:
+                    grad_weight.addmm_(grad.T, hidden[part])
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def _head_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Float32 logits of the LM head, divided by the temperature."""
+    logits = F.linear(hidden, weight).float()
+    return logits / temperature if temperature != 1.0 else logits

@@ -1,0 +1,165 @@
+"""Advantage estimators: every registered one (enumerated: a new entry is covered without a
+test edit), then each against its paper's formula."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from grpo.algorithm.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    beta_weights,
+    estimate_advantages,
+    group_reward_spread,
+)
+
+NAMES = list(ADVANTAGE_ESTIMATORS)
+
+
+def rewards_and_parts(seed: int, groups: int = 4, g: int = 4):
+    """Rewards in [0, 1] with two parts that sum to them; group 1 has no spread."""
+    gen = torch.Generator().manual_seed(seed)
+    correct = (torch.rand(groups * g, generator=gen) < 0.5).double()
+    form = 0.1 * (torch.rand(groups * g, generator=gen) < 0.5).double()
+    correct[g : 2 * g], form[g : 2 * g] = 1.0, 0.0
+    return (correct + form) / 1.1, {"correctness": correct / 1.1, "format": form / 1.1}
+
+
+def estimate(name: str, rewards, g, parts):
+    return estimate_advantages({"name": name}, rewards, g, parts)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shape_finite_and_no_signal_from_a_group_without_spread(name):
+    rewards, parts = rewards_and_parts(0)
+    advantages = estimate(name, rewards, 4, parts)
+    assert advantages.shape == rewards.shape and torch.isfinite(advantages).all()
+    assert torch.equal(advantages[4:8], torch.zeros(4, dtype=advantages.dtype))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_permuting_a_group_permutes_its_advantages(name):
+    rewards, parts = rewards_and_parts(1)
+    order = torch.tensor([3, 2, 1, 0, 4, 5, 6, 7, 9, 8, 11, 10, 12, 13, 15, 14])
+    moved = estimate(name, rewards[order], 4, {k: v[order] for k, v in parts.items()})
+    torch.testing.assert_close(moved, estimate(name, rewards, 4, parts)[order])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_rewards_name_the_row_and_group(name):
+    rewards, parts = rewards_and_parts(2)
+    rewards[6] = math.nan
+    with pytest.raises(ValueError, match=r"row 6 \(group 1\)"):
+        estimate(name, rewards, 4, parts)
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        estimate(name, rewards[:7], 4, {k: v[:7] for k, v in parts.items()})
+    with pytest.raises(ValueError, match="group_size"):
+        estimate(name, rewards, 1, parts)
+
+
+def test_an_unknown_estimator_or_setting_lists_the_registered_ones():
+    with pytest.raises(ValueError, match="registered: .*grpo"):
+        estimate_advantages({"name": "gae"}, torch.zeros(4), 2)
+    with pytest.raises(ValueError, match="not a setting of advantage estimator 'no_std'"):
+        estimate_advantages({"name": "no_std", "eps": 1.0}, torch.zeros(4), 2)
+
+
+def test_grpo_matches_hand_computation():
+    # Group 0: one correct of four, mean 0.25, population std sqrt(0.25 * 0.75).
+    # Group 1: two correct of four, mean 0.5, population std 0.5.
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+    eps, std0 = 1e-4, math.sqrt(0.25 * 0.75)
+    expected = [0.75 / (std0 + eps)] + [-0.25 / (std0 + eps)] * 3
+    expected += [0.5 / (0.5 + eps)] * 2 + [-0.5 / (0.5 + eps)] * 2
+    got = estimate_advantages({"name": "grpo", "eps": eps}, rewards, 4)
+    torch.testing.assert_close(got, torch.tensor(expected), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("group_size", [2, 3, 8])
+def test_grpo_advantages_have_unit_population_variance(group_size):
+    rewards = torch.randn(5 * group_size, generator=torch.Generator().manual_seed(group_size))
+    advantages = estimate_advantages({"name": "grpo", "eps": 1e-8}, rewards, group_size)
+    advantages = advantages.view(-1, group_size)
+    torch.testing.assert_close(advantages.mean(1), torch.zeros(5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(advantages.std(1, correction=0), torch.ones(5), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["grpo", "batch_std", "no_std"])
+def test_identical_rewards_give_exact_zeros(name):
+    # 0.1 repeated eight times: its float32 mean is one ulp away from 0.1, so a naive
+    # (r - mean) / (std + eps) would give advantages of about 7e-5 instead of 0.
+    rewards = torch.tensor([0.1] * 8 + [1.0, 0.0] * 4)
+    advantages = estimate(name, rewards, 8, {})
+    assert torch.equal(advantages[:8], torch.zeros(8))
+    assert (advantages[8:] != 0).all()
+
+
+def test_batch_std_divides_by_the_std_of_all_rewards():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 3.0, 1.0, 2.0, 2.0])
+    eps = 1e-4
+    batch = math.sqrt(sum((r - 1.125) ** 2 for r in rewards.tolist()) / 8)
+    centred = [0.75, -0.25, -0.25, -0.25, 1.0, -1.0, 0.0, 0.0]
+    got = estimate_advantages({"name": "batch_std", "eps": eps}, rewards, 4)
+    torch.testing.assert_close(got, torch.tensor([c / (batch + eps) for c in centred]))
+
+
+def test_no_std_only_centres_and_takes_integer_rewards():
+    got = estimate("no_std", torch.tensor([1, 0, 1, 1]), 2, {})
+    torch.testing.assert_close(got, torch.tensor([0.5, -0.5, 0.0, 0.0]))
+
+
+def test_group_reward_spread():
+    rewards = torch.tensor([0.1] * 4 + [1.0, 0.0, 0.0, 0.0] + [2.0, 0.0, 2.0, 0.0])
+    spread = group_reward_spread(rewards, group_size=4)
+    assert spread[0].item() == 0.0
+    torch.testing.assert_close(spread[1:], torch.tensor([math.sqrt(0.1875), 1.0]))
+
+
+def bnpo_reference(rewards: list[float], group_size: int, lo: float, hi: float) -> list[float]:
+    """BNPO's advantage, written out with python floats (the authors' code, in loops)."""
+    scaled = [(r - lo) / (hi - lo) for r in rewards]
+    groups = [scaled[i : i + group_size] for i in range(0, len(scaled), group_size)]
+    p = [sum(g) / group_size for g in groups]
+    mean = sum(p) / len(p)
+    var = sum((x - mean) ** 2 for x in p) / (len(p) - 1)
+    common = mean * (1 - mean) / var - 1
+    alpha, beta = max(1.0, 1 + common * mean / 3), max(1.0, 1 + common * (1 - mean) / 3)
+    log_b = math.lgamma(alpha) + math.lgamma(beta) - math.lgamma(alpha + beta)
+    out = []
+    for g, pk in zip(groups, p, strict=True):
+        density = math.exp((alpha - 1) * math.log(pk) + (beta - 1) * math.log(1 - pk) - log_b)
+        out += [(r - pk) / density for r in g]
+    return out
+
+
+@pytest.mark.parametrize("lo_hi", [(0.0, 1.0), (-1.0, 2.0)])
+def test_bnpo_matches_a_float64_reference(lo_hi):
+    lo, hi = lo_hi
+    correct = [1, 2, 2, 3, 5, 7]  # of 8 per group: every group mean strictly inside (0, 1)
+    binary = torch.tensor([[float(j < c) for j in range(8)] for c in correct], dtype=torch.float64)
+    rewards = (lo + (hi - lo) * binary).flatten()
+    got = estimate_advantages({"name": "bnpo", "reward_range": lo_hi}, rewards, 8)
+    expected = torch.tensor(bnpo_reference(rewards.tolist(), 8, lo, hi), dtype=torch.float64)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_bnpo_is_grpo_times_a_constant_when_alpha_equals_beta_equals_three_halves():
+    # Group means 1/4, 3/4, 1/2: mean 1/2, unbiased variance 1/16, so a = b = 3/2 and
+    # alpha = beta = 3/2; then 1/f(p) = B(3/2, 3/2) / sqrt(p (1 - p)) = (pi / 8) / std.
+    rewards = torch.tensor([1, 0, 0, 0, 1, 1, 1, 0, 1, 1, 0, 0], dtype=torch.float64)
+    bnpo = estimate("bnpo", rewards, 4, {})
+    grpo = estimate_advantages({"name": "grpo", "eps": 1e-12}, rewards, 4)
+    torch.testing.assert_close(bnpo, math.pi / 8 * grpo)
+
+
+def test_bnpo_edge_cases():
+    # One group, or identical group means: uniform density, weight 1 (REINFORCE with baseline).
+    assert torch.equal(beta_weights(torch.tensor([0.3])), torch.ones(1, dtype=torch.float64))
+    assert torch.equal(beta_weights(torch.tensor([0.5, 0.5])), torch.ones(2, dtype=torch.float64))
+    # Groups at p = 0 or 1 have zero density: a capped weight and exactly zero advantages.
+    advantages = estimate("bnpo", torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0]), 2, {})
+    assert torch.isfinite(advantages).all() and torch.equal(advantages[:4], torch.zeros(4))
+    with pytest.raises(ValueError, match=r"reward 1.5 at row 1 is outside reward_range"):
+        estimate("bnpo", torch.tensor([0.0, 1.5]), 2, {})

@@ -1,0 +1,186 @@
+"""Every registered policy loss (the registry is enumerated: a new entry is covered without a
+test edit), then the `clip` entry against its formula, edge by edge.
+
+Generic properties, each from the papers: on-policy (ratio 1) every entry's gradient is the
+plain policy gradient -A d log pi / (B |o_i|) (GRPO, GSPO, CISPO, SAPO, GMPO all reduce to it
+there); padding never matters; a completion with no valid token adds nothing; gradcheck holds.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from grpo.algorithm.loss import GRPOLoss
+from grpo.algorithm.policy_losses import POLICY_LOSSES
+
+LOSSES = list(POLICY_LOSSES)
+
+
+def ragged(seed: int, batch: int = 5, length: int = 6) -> dict[str, torch.Tensor]:
+    """Float64 log-probs, old log-probs that differ, advantages of both signs, ragged masks
+    (row 2 has no valid token, row 0 one) and junk in every padded position."""
+    gen = torch.Generator().manual_seed(seed)
+    logp = -2 * torch.rand(batch, length, generator=gen, dtype=torch.float64)
+    old = logp + 0.8 * torch.randn(batch, length, generator=gen, dtype=torch.float64)
+    lengths = torch.randint(2, length + 1, (batch,), generator=gen)
+    lengths[0], lengths[2] = 1, 0
+    mask = torch.arange(length) < lengths.unsqueeze(1)
+    advantages = torch.randn(batch, generator=gen, dtype=torch.float64)
+    advantages[1] = -abs(advantages[1])
+    junk = 5 * torch.randn(batch, length, generator=gen, dtype=torch.float64)
+    return {
+        "logp": torch.where(mask, logp, junk),
+        "old": torch.where(mask, old, -junk),
+        "advantages": advantages,
+        "mask": mask,
+    }
+
+
+def loss_of(name: str, logp, old, advantages, mask, aggregation="seq_mean_token_mean"):
+    fn = GRPOLoss(
+        {"name": name}, kl={"coef": 0.0}, aggregation=aggregation, max_completion_length=6
+    )
+    return fn(logp, old, None, advantages, mask)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_on_policy_gradient_is_the_plain_policy_gradient(name):
+    x = ragged(0)
+    logp = torch.where(x["mask"], x["logp"], 0.0).requires_grad_()
+    loss, _ = loss_of(name, logp, None, x["advantages"], x["mask"])
+    loss.backward()
+    lengths = x["mask"].sum(1, keepdim=True).clamp(min=1)
+    expected = torch.where(x["mask"], -x["advantages"][:, None] / (len(lengths) * lengths), 0.0)
+    torch.testing.assert_close(logp.grad, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_padding_and_empty_rows_change_nothing(name):
+    x = ragged(1)
+    logp = x["logp"].clone().requires_grad_()
+    loss, stats = loss_of(name, logp, x["old"], x["advantages"], x["mask"], "token_mean")
+    assert math.isfinite(loss.item()) and all(math.isfinite(v) for v in stats.values())
+    loss.backward()
+    assert torch.isfinite(logp.grad).all()
+    assert (logp.grad[~x["mask"]] == 0).all()
+    # Other junk in the padding, or none, gives the same loss.
+    clean = {k: torch.where(x["mask"], x[k], 0.0) for k in ("logp", "old")}
+    same, _ = loss_of(name, clean["logp"], clean["old"], x["advantages"], x["mask"], "token_mean")
+    torch.testing.assert_close(same, loss.detach(), rtol=1e-12, atol=1e-12)
+    # The same batch without its empty row 2 gives the same token-mean loss.
+    keep = [0, 1, 3, 4]
+    again, _ = loss_of(
+        name, x["logp"][keep], x["old"][keep], x["advantages"][keep], x["mask"][keep], "token_mean"
+    )
+    torch.testing.assert_close(again, loss.detach(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_gradcheck_off_policy(name):
+    x = ragged(2, batch=4, length=4)
+    mask = x["mask"]
+    logp = torch.where(mask, x["logp"], -1.0).requires_grad_()
+    old = torch.where(mask, x["old"], -1.0)
+    assert torch.autograd.gradcheck(
+        lambda lp: loss_of(name, lp, old, x["advantages"], mask)[0], (logp,)
+    )
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_settings_are_keyword_only_with_defaults(name):
+    """What a YAML may set: keyword-only parameters; the defaults let a name alone select it."""
+    for setting, param in POLICY_LOSSES.settings(name).items():
+        assert param.default is not param.empty, f"{name}.{setting} needs a default"
+
+
+# ---------------------------------------------------------------------------------- clip
+
+
+def clip_reference(ratio: float, a: float, low: float, high: float, dual: float | None) -> float:
+    """PPO's clipped surrogate of one token, written out (DeepSeekMath eq. 3), as a loss."""
+    surrogate = min(ratio * a, min(max(ratio, 1 - low), 1 + high) * a)
+    if dual is not None and a < 0:
+        surrogate = max(surrogate, dual * a)
+    return -surrogate
+
+
+@pytest.mark.parametrize("dual", [None, 3.0])
+def test_clip_matches_its_formula_token_by_token(dual):
+    x = ragged(5)
+    mask = x["mask"]
+    logp, old = torch.where(mask, x["logp"], 0.0), torch.where(mask, x["old"], 0.0)
+    logp[1, 0], old[1, 0] = 0.0, -1.5  # ratio e^1.5 > 3 with A < 0: the dual clip binds
+    out = POLICY_LOSSES["clip"](
+        logp,
+        old,
+        x["advantages"][:, None],
+        mask,
+        clip_ratio=0.2,
+        clip_ratio_high=0.28,
+        dual_clip=dual,
+    )
+    for i, t in mask.nonzero().tolist():
+        ratio, a = math.exp(logp[i, t] - old[i, t]), x["advantages"][i].item()
+        assert out.loss[i, t].item() == pytest.approx(clip_reference(ratio, a, 0.2, 0.28, dual))
+    assert out.clipped["clip_low"].any() and out.clipped["clip_high"].any()
+    assert ("dual_clip" in out.clipped) == (dual is not None)
+
+
+def single_token_grads(ratios, advantages, **settings):
+    """Gradient of the loss w.r.t. each row's single token with the given ratio and advantage."""
+    logp = torch.tensor(ratios, dtype=torch.float64).log().unsqueeze(1).requires_grad_()
+    loss, stats = GRPOLoss({"name": "clip", **settings}, kl={"coef": 0.0})(
+        logp,
+        torch.zeros_like(logp),
+        None,
+        torch.tensor(advantages, dtype=torch.float64),
+        torch.ones_like(logp, dtype=torch.bool),
+    )
+    loss.backward()
+    return logp.grad.squeeze(1), stats
+
+
+def test_clipped_in_direction_of_advantage_has_zero_gradient():
+    grads, stats = single_token_grads([1.5, 0.5, 1.5, 0.5], [1.0, -1.0, -1.0, 1.0])
+    assert grads[0] == 0  # ratio > 1 + eps and A > 0: no push further up
+    assert grads[1] == 0  # ratio < 1 - eps and A < 0: no push further down
+    # Clipped against the advantage: the unclipped term wins the min, d(-r A)/dlogp / B = -r A / 4.
+    torch.testing.assert_close(grads[2:], torch.tensor([0.375, -0.125], dtype=torch.float64))
+    assert (stats["clip_high_fraction"], stats["clip_low_fraction"]) == (0.25, 0.25)
+    assert stats["clip_fraction"] == 0.5
+
+
+def test_clip_higher_lets_rare_tokens_grow():
+    symmetric, _ = single_token_grads([1.25], [1.0], clip_ratio=0.2)
+    clip_higher, _ = single_token_grads([1.25], [1.0], clip_ratio=0.2, clip_ratio_high=0.28)
+    assert symmetric[0] == 0
+    assert clip_higher[0] == pytest.approx(-1.25)
+
+
+def test_dual_clip_bounds_negative_advantage_tokens():
+    plain, _ = single_token_grads([4.0, 4.0], [-1.0, 1.0])
+    dual, stats = single_token_grads([4.0, 4.0], [-1.0, 1.0], dual_clip=3.0)
+    assert plain[0] == pytest.approx(2.0)  # -r A / B = 4 / 2: unbounded without the dual clip
+    assert dual[0] == 0
+    assert plain[1] == dual[1] == 0  # A > 0 is clipped as usual, the dual clip does not apply
+    assert stats["dual_clip_fraction"] == 0.5
+
+
+def test_intellect2_delta_is_the_dual_clip():
+    """INTELLECT-2's two-sided clipping (TRL `delta`): min(min(r, delta) A, clip(r) A), for
+    every token; equal to the dual clip with c = delta, in value and gradient."""
+    delta, eps = 4.0, 0.2
+    ratios = torch.tensor([0.3, 0.9, 1.1, 2.0, 5.0, 9.0] * 2, dtype=torch.float64)
+    a = torch.tensor([-1.0] * 6 + [1.0] * 6, dtype=torch.float64)
+    logp = ratios.log().unsqueeze(1).requires_grad_()
+    r = logp.exp()[:, 0]
+    trl = -torch.minimum(r.clamp(max=delta) * a, r.clamp(1 - eps, 1 + eps) * a)
+    (trl_grad,) = torch.autograd.grad(trl.sum(), logp)
+    mask = torch.ones_like(logp, dtype=torch.bool)
+    ours = POLICY_LOSSES["clip"](logp, torch.zeros_like(logp), a[:, None], mask, dual_clip=delta)
+    (ours_grad,) = torch.autograd.grad(ours.loss.sum(), logp)
+    torch.testing.assert_close(ours.loss[:, 0], trl)
+    torch.testing.assert_close(ours_grad, trl_grad)

@@ -1,0 +1,190 @@
+"""Policy updates on the real tiny model: mu epochs, mini-batches, old log-probs, overlong
+masking, entropy bonus, top-entropy tokens, and the speed and memory switches that must not
+change a run (micro-batches, shared prompts, no reference at kl 0, the offloaded reference)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import ADVANTAGES, ROWS, snapshot, step_lines, tiny_policy, update
+
+from grpo.algorithm.loss import GRPOLoss
+from grpo.algorithm.update import loss_mask, normalisers, top_entropy_tokens
+from grpo.model.reference import Reference
+from grpo.rollout.logprobs import token_logprobs
+
+
+def count_forwards(model) -> list[int]:
+    calls = [0]
+    model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def unchanged(policy, before) -> bool:
+    return all(torch.equal(p, b) for p, b in zip(policy.model.parameters(), before, strict=True))
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_one_step_is_on_policy_with_no_extra_forward(rollout, share):
+    policy = tiny_policy()
+    calls = count_forwards(policy.model)
+    stats = update(policy, rollout, share_prompts=share)
+    # One forward per micro-batch of 4 (a group), and one per prompt when shared; no old pass.
+    assert calls[0] == (ROWS // 4) * (2 if share else 1)
+    assert stats["ratio_mean"] == 1.0 and stats["ratio_std"] == 0.0
+    assert stats["clip_fraction"] == 0.0 and stats["optimizer_steps"] == 1.0
+
+
+def test_several_epochs_move_the_ratios_and_engage_the_clip(rollout):
+    policy = tiny_policy()
+    old, _ = token_logprobs(policy.model.eval(), rollout)  # the sampling policy
+    calls = count_forwards(policy.model)
+    stats = update(policy, rollout, epochs=4, share_prompts=False)
+    # Old log-probs once (2 micro-batches), then 4 epochs x 2 micro-batches.
+    assert calls[0] == 2 + 4 * 2
+    assert stats["optimizer_steps"] == 4.0
+    assert stats["ratio_std"] > 0.01 and stats["clip_fraction"] > 0.05
+    new, _ = token_logprobs(policy.model.eval(), rollout)
+    ratio = torch.exp(new - old)[rollout.completion_mask.bool()]
+    assert ((ratio < 0.8) | (ratio > 1.2)).any()  # moved past the clip range from the old policy
+
+
+def test_old_logprobs_are_the_sampling_policys(rollout):
+    # Two optimiser steps that change nothing (lr 0): the old log-probs, taken once in eval mode
+    # before the first step, match the training forward passes, so every ratio is 1.
+    policy = tiny_policy()
+    stats = update(policy, rollout, num_mini_batches=2, lr=0.0)
+    assert stats["optimizer_steps"] == 2.0
+    assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert stats["ratio_std"] < 1e-6 and stats["clip_fraction"] == 0.0
+
+
+def test_micro_batch_size_does_not_change_the_update(rollout):
+    results = []
+    for micro_batch_size in (1, 3, 8):
+        policy = tiny_policy()
+        update(
+            policy,
+            rollout,
+            optimizer=torch.optim.SGD,
+            lr=0.1,
+            epochs=2,
+            micro_batch_size=micro_batch_size,
+            loss=GRPOLoss(kl={"coef": 0.0}, aggregation="token_mean"),
+        )
+        results.append(snapshot(policy))
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_masked_truncated_completions_get_no_gradient(rollout):
+    truncated = torch.tensor([True, False] * 4)
+    cut = dataclasses.replace(rollout, truncated=truncated)
+    mask = loss_mask(cut, mask_truncated=True)
+    assert not mask[truncated].any()
+    assert torch.equal(mask[~truncated], rollout.completion_mask.bool()[~truncated])
+    assert normalisers(mask) == {"num_sequences": 4, "num_tokens": int(mask.sum())}
+    # Only truncated rows carry an advantage: masked, nothing moves (SGD, no KL).
+    only_truncated = torch.where(truncated, ADVANTAGES, 0.0)
+    for masked, moves in ((True, False), (False, True)):
+        policy = tiny_policy()
+        before = snapshot(policy)
+        update(
+            policy, cut, optimizer=torch.optim.SGD, advantages=only_truncated, mask_truncated=masked
+        )
+        assert unchanged(policy, before) != moves
+
+
+def test_all_truncated_and_masked_takes_no_step(rollout):
+    policy = tiny_policy()
+    before = snapshot(policy)
+    cut = dataclasses.replace(rollout, truncated=torch.ones(ROWS, dtype=torch.bool))
+    stats = update(policy, cut, mask_truncated=True)
+    assert stats == {"optimizer_steps": 0.0}
+    assert unchanged(policy, before)
+
+
+@pytest.mark.parametrize(("coef", "moves"), [(0.0, False), (0.1, True)])
+def test_entropy_bonus_has_a_gradient(rollout, coef, moves):
+    policy = tiny_policy()
+    before = snapshot(policy)
+    loss = GRPOLoss(kl={"coef": 0.0}, entropy_coef=coef)
+    stats = update(
+        policy, rollout, optimizer=torch.optim.SGD, advantages=torch.zeros(ROWS), loss=loss
+    )
+    assert unchanged(policy, before) != moves
+    assert stats["entropy_mean"] > 0 and (stats["entropy_bonus"] > 0) == moves
+
+
+def test_no_reference_forward_at_kl_zero_gives_the_same_update(rollout):
+    """Skipping the reference (kl_coef = 0) changes nothing but the KL statistics."""
+    results = []
+    for with_reference in (True, False):
+        policy = tiny_policy()
+        reference = Reference(policy, 1.0) if with_reference else None
+        stats = update(policy, rollout, reference=reference)
+        results.append((stats, snapshot(policy)))
+    (with_ref, params_ref), (without, params) = results
+    assert "kl_mean" in with_ref and "kl_mean" not in without
+    for key in ("total_loss", "policy_loss", "grad_norm", "entropy_mean"):
+        assert with_ref[key] == pytest.approx(without[key], rel=1e-6, abs=1e-9), key
+    for a, b in zip(params_ref, params, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+MB1, EVERY1 = "trainer.micro_batch_size=1", "algorithm.reference_update.every=1"
+
+
+@pytest.mark.parametrize(
+    ("base", "switched"),
+    [
+        ((), ("trainer.micro_batch_size=1",)),
+        ((MB1,), (MB1, "trainer.share_prompts=false")),
+        ((EVERY1,), (EVERY1, "trainer.offload_reference=true")),
+    ],
+    ids=["micro-batches", "shared-prompts", "offload-reference"],
+)
+def test_switches_leave_a_short_run_unchanged(tiny_train, base, switched):
+    """A 2-step tiny run (full fine-tuning, KL on, prompts shared, one micro-batch) logs the
+    same loss, KL, gradient norm and rewards with each switch."""
+    runs = []
+    for name, overrides in (("base", base), ("switched", switched)):
+        run_dir, _ = tiny_train(*overrides, "eval.comparison.at_end=false", name=name)
+        runs.append(step_lines(run_dir))
+    for before, after in zip(*runs, strict=True):
+        for key in ("train/total_loss", "train/kl_mean", "train/grad_norm", "rewards/mean"):
+            assert after[key] == pytest.approx(before[key], rel=1e-4, abs=1e-6), key
+
+
+def test_inference_batch_size_does_not_change_the_update(rollout):
+    """Reference and old log-probs one completion at a time or all at once: the same update."""
+    results = []
+    for size in (1, None):
+        policy = tiny_policy()
+        reference = Reference(policy, 1.0)
+        loss = GRPOLoss(kl={"coef": 0.04})
+        settings = {"epochs": 2, "inference_batch_size": size, "optimizer": torch.optim.SGD}
+        stats = update(policy, rollout, loss=loss, reference=reference, **settings)
+        results.append((stats, snapshot(policy)))
+    (one, params_one), (whole, params_whole) = results
+    for key in ("total_loss", "kl_mean", "grad_norm", "ratio_mean"):
+        assert one[key] == pytest.approx(whole[key], rel=1e-4, abs=1e-6), key
+    for a, b in zip(params_one, params_whole, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_top_entropy_tokens_are_the_batch_quantile():
+    entropy = torch.tensor([[0.1, 0.5, 0.9, 0.0], [0.3, 0.7, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    selected = top_entropy_tokens(entropy, mask, rho=0.4)  # 2 of the 5 valid tokens
+    assert selected.tolist() == [[False, False, True, False], [False, True, False, False]]
+
+
+def test_top_entropy_selection_leaves_the_other_tokens_without_policy_gradient(rollout):
+    policy = tiny_policy()
+    loss = GRPOLoss(kl={"coef": 0.0}, top_entropy_quantile=0.25)
+    stats = update(policy, rollout, loss=loss, optimizer=torch.optim.SGD)
+    assert stats["masked_fraction"] == pytest.approx(0.75, abs=0.1)

@@ -1,0 +1,97 @@
+"""Held-out evaluation: pass@k against a direct count, maj@k, the Evaluator on the tiny model."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from conftest import compose_config, tiny_policy, tiny_task
+from hydra.utils import instantiate
+
+from grpo.evaluation.heldout import Evaluator, majority_vote, pass_at_k, sample_metrics
+from grpo.tasks.rewards import HybridReward
+
+ROLLOUT = {"max_new_tokens": 4, "max_prompt_length": 256, "backend": "lean"}
+
+# Fixed samples for three problems whose answer is 7; True marks the correct ones (lenient).
+SAMPLES = [
+    (["#### 7", "#### 8", "no idea", "the answer is 7", "#### 6", "3 + 4 = 7"], "#### 7"),
+    (["#### 1", "#### 2", "nothing", "#### 3", "#### 4", "#### 5"], "#### 7"),
+    (["#### 7", "#### 7", "7", "#### 7.0", "\\boxed{7}", "#### 7"], "#### 7"),
+]
+CORRECT = [
+    [True, False, False, True, False, True],
+    [False] * 6,
+    [True] * 6,
+]
+
+
+def direct_pass_at_k(correct: list[bool], k: int) -> float:
+    """The fraction of all k-subsets of the samples that hold at least one correct sample."""
+    subsets = list(itertools.combinations(correct, k))
+    return sum(any(s) for s in subsets) / len(subsets)
+
+
+@pytest.mark.parametrize("k", range(1, 7))
+def test_pass_at_k_equals_direct_count_over_subsets(k):
+    task = tiny_task()
+    evaluator = Evaluator(task, ROLLOUT, num_samples=6, k=k)
+    records = [sample_metrics(task, texts, {"answer": answer}, k) for texts, answer in SAMPLES]
+    for record, correct in zip(records, CORRECT, strict=True):
+        assert record["samples_correct"] == correct
+        assert record[f"pass@{k}"] == pytest.approx(direct_pass_at_k(correct, k), abs=1e-12)
+    # The logged metric is the mean over problems (other keys are filled in for the means).
+    filled = [{"reward": 0, "checks": {}, "length": 0, **r} for r in records]
+    expected = sum(direct_pass_at_k(c, k) for c in CORRECT) / len(CORRECT)
+    assert evaluator.metrics(filled)[f"eval/pass@{k}"] == pytest.approx(expected, abs=1e-12)
+    assert evaluator.metrics(filled)["eval/pass@1"] == pytest.approx(sum(map(sum, CORRECT)) / 18)
+
+
+def test_pass_at_k_is_exact_when_n_equals_k():
+    assert pass_at_k(4, 0, 4) == 0.0
+    assert pass_at_k(4, 1, 4) == 1.0
+    assert pass_at_k(4, 4, 4) == 1.0
+    with pytest.raises(ValueError, match="k <= n"):
+        pass_at_k(3, 1, 4)
+
+
+def test_maj_at_k_votes_over_the_first_k_samples():
+    assert majority_vote([7.0, 8.0, 8.0, None, None]) == 1  # the first sample saying 8
+    assert majority_vote([7.0, 8.0]) == 0  # a tie goes to the answer seen first
+    assert majority_vote([None, None]) is None
+    task, row = tiny_task(), {"answer": "#### 7"}
+    texts = ["#### 8", "#### 7", "7", "#### 8", "#### 8"]
+    assert sample_metrics(task, texts, row, 3)["maj@3"] == 1.0  # 7 and 7.0 vote together
+    assert sample_metrics(task, texts, row, 5)["maj@5"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [({"num_samples": 2, "k": 3}, "eval.heldout.k"), ({"num_samples": -1}, "num_samples")],
+)
+def test_evaluator_rejects_bad_settings(kwargs, key):
+    with pytest.raises(ValueError, match=key):
+        Evaluator(tiny_task(), ROLLOUT, **kwargs)
+
+
+def test_evaluator_on_tiny_model_batches_and_scores_every_problem():
+    policy = tiny_policy()
+    task = tiny_task(num_test=5)
+    cfg = compose_config("model=tiny", "rollout.max_new_tokens=6")
+    evaluator = instantiate(
+        cfg.eval.heldout, task=task, rollout=cfg.rollout, batch_size=4, num_samples=3, k=2
+    )
+    assert evaluator.max_new_tokens == 6  # null: the rollout's budget
+    metrics, records = evaluator(policy, task.test, HybridReward())
+    assert len(records) == 5
+    for key in ("avg_reward", "avg_response_length", "avg_math_score", "pass@2", "maj@2"):
+        assert f"eval/{key}" in metrics
+    for key in task.check("", task.test[0]):
+        assert f"eval/{key}" in metrics
+    assert metrics["eval/avg_math_score"] == metrics["eval/accuracy_lenient"]
+    for record in records:
+        assert len(record["samples"]) == 3 and 1 <= record["length"] <= 6
+        c = sum(record["samples_correct"])
+        assert record["pass@2"] == pass_at_k(3, c, 2)
+    mean_reward = sum(r["reward"] for r in records) / 5
+    assert metrics["eval/avg_reward"] == pytest.approx(mean_reward)

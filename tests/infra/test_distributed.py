@@ -1,0 +1,212 @@
+"""Data parallelism with real processes (torchrun, gloo on CPU): N ranks make one process's update.
+
+Exactness is checked on a fixed batch: every rank generates the same global batch from the same
+seed, keeps its share of the groups, and makes one SGD step (no clipping, no LoRA dropout, so
+gradient scale errors show). The CLI runs show the rest: sampling sharded by rank, one writer,
+resume. Their sampling cannot match one process's draw for draw: each rank samples its own
+groups with its own random stream, so those runs are compared with themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import REPO, TINY, cli_env, compose_config, read_metrics
+from hydra.utils import instantiate
+
+from grpo.algorithm.loss import GRPOLoss
+from grpo.algorithm.update import no_grad_logprobs, policy_update
+from grpo.infra import distributed
+from grpo.infra.config import ConfigError, validate_config
+from grpo.infra.records import compare_metrics
+from grpo.model.reference import Reference
+from grpo.rollout.generation import generate
+from grpo.rollout.sampler import GroupedSampler
+
+AGGREGATIONS = ("seq_mean_token_mean", "token_mean")  # DeepSeekMath's default; token-level
+QUESTIONS = [
+    "Ava has 3 apples and gets 4 more. How many?",
+    "Ben buys 2 bags of 5 pens. How many pens?",
+    "Kai has 9 books and gives away 4. How many are left?",
+    "Jo has 6 boxes with 3 marbles each. How many marbles?",
+]
+G = 4
+# Completion lengths of the 16 rows (rank 0: rows 0-7, rank 1: rows 8-15); 8 = truncated and
+# masked out (mask_truncated): the ranks' token and completion counts differ from half the
+# batch's, so normalisers that were not summed over ranks would give another update.
+LENGTHS = [8, 8, 3, 5, 8, 2, 8, 8, 1, 4, 6, 7, 8, 6, 5, 3]
+ADVANTAGES = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.2, -0.2, 0.8, -0.8] * 2)
+# CLI runs on 2 processes: 2 prompts per step, one group per rank.
+TINY_DDP = (*TINY, "trainer.micro_batch_size=2", "eval.comparison.at_end=false")
+
+
+def torchrun(nproc: int, *args: str, env: dict[str, str] | None = None, check: bool = True):
+    """`torchrun --standalone --nproc_per_node=N ARGS` for real (a free port each time)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        *args,
+    ]
+    tests = str(REPO / "tests")  # a rank running this file imports conftest
+    env = {**cli_env(), "PYTHONPATH": tests, **(env or {})}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        output = f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{output}")
+    return proc
+
+
+def train_on(nproc: int, *overrides: str, env: dict[str, str] | None = None, check: bool = True):
+    return torchrun(nproc, "-m", "grpo.train", *TINY_DDP, *overrides, env=env, check=check)
+
+
+def fixed_batch():
+    """The tiny LoRA policy (seed 0) and a global batch of 4 groups with lengths `LENGTHS`."""
+    cfg = compose_config("model=tiny", "model.lora.enabled=true", "model.lora.dropout=0.0")
+    torch.manual_seed(0)
+    policy = instantiate(cfg.model)
+    torch.manual_seed(1)
+    rollout = generate(policy.model, policy.tokenizer, QUESTIONS, G, max_new_tokens=8)
+    t = rollout.completion_ids.shape[1]
+    lengths = torch.tensor(LENGTHS).clamp(max=t)
+    mask = torch.arange(t)[None, :] < lengths[:, None]
+    return policy, replace(rollout, completion_mask=mask.long(), truncated=lengths == t)
+
+
+def one_update(strategy: str) -> dict[str, dict]:
+    """One SGD step per aggregation on this rank's share of the fixed batch (all of it without
+    ranks): the trained weights and the logged statistics, by aggregation."""
+    results = {}
+    for aggregation in AGGREGATIONS:
+        policy, rollout = fixed_batch()
+        reference = Reference(policy, 1.0)
+        distributed.prepare(policy.model, strategy)
+        n = rollout.completion_ids.shape[0] // distributed.world_size()
+        mine = rollout.rows(slice(distributed.rank() * n, (distributed.rank() + 1) * n))
+        params = [p for p in policy.model.parameters() if p.requires_grad]
+        loss = GRPOLoss(kl={"coef": 0.5}, aggregation=aggregation)
+        scores = no_grad_logprobs(policy, reference, mine, loss, 1.0, 2, True, need_old=False)
+        stats = policy_update(
+            policy,
+            mine,
+            distributed.my_rows(ADVANTAGES),
+            scores,
+            loss,
+            torch.optim.SGD(params, lr=1.0),
+            micro_batch_size=2,
+            max_grad_norm=None,
+            temperature=1.0,
+            mask_truncated=True,
+        )
+        with distributed.gathered(policy.model):
+            weights = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
+        results[aggregation] = {"weights": weights, "stats": stats}
+    return results
+
+
+def assert_same_update(one: dict, many: dict) -> None:
+    start, _ = fixed_batch()
+    initial = dict(start.model.named_parameters())
+    for aggregation in AGGREGATIONS:
+        a, b = one[aggregation], many[aggregation]
+        moved = max((w - initial[k]).abs().max().item() for k, w in a["weights"].items())
+        assert moved > 1e-3, f"{aggregation}: the step changed nothing; the test would be blind"
+        for name, weight in a["weights"].items():
+            torch.testing.assert_close(b["weights"][name], weight, rtol=1e-5, atol=1e-6)
+        assert b["stats"].keys() == a["stats"].keys()
+        for key, value in a["stats"].items():
+            assert b["stats"][key] == pytest.approx(value, rel=1e-5, abs=1e-7), (aggregation, key)
+
+
+def test_two_ranks_make_the_update_of_one_process_on_the_same_batch(tmp_path):
+    out = tmp_path / "ranks.pt"
+    torchrun(2, __file__, str(out))  # each rank: one step with DDP, then with FSDP
+    ranks = torch.load(out, weights_only=True)
+    one = one_update("ddp")  # in this process: no ranks
+    for strategy in distributed.STRATEGIES:
+        assert_same_update(one, ranks[strategy])
+
+
+def test_sampler_ranks_share_the_global_batches_in_order():
+    single = GroupedSampler(10, 4, 2, seed=3)
+    ranks = [GroupedSampler(10, 4, 2, seed=3, rank=r, world_size=2) for r in range(2)]
+    for _ in range(7):  # across epochs
+        whole = next(single).prompt_indices
+        assert [i for s in ranks for i in next(s).prompt_indices] == whole
+    with pytest.raises(ValueError, match="trainer.batch_size=3 must be a multiple of the 2"):
+        GroupedSampler(10, 3, 2, rank=0, world_size=2)
+
+
+def test_batch_size_that_the_processes_cannot_share_is_refused(monkeypatch):
+    cfg = compose_config("trainer.batch_size=4")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match=r"trainer.batch_size=4: must be a multiple of the 3"):
+        validate_config(cfg)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg.trainer.micro_batch_size = 16  # 4 prompts x 4 / 2 processes = 8 rows each
+    with pytest.raises(ConfigError, match=r"num_responses_per_prompt / 2 processes = 8"):
+        validate_config(cfg)
+
+
+def test_two_process_run_finishes_and_only_rank_0_writes(tmp_path):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    proc = train_on(2, f"paths.output_root={tmp_path / 'outputs'}", env={"TMPDIR": str(scratch)})
+    (run_dir,) = (tmp_path / "outputs").glob("*/*")  # one run folder, not one per rank
+    lines = read_metrics(run_dir)
+    assert [m["step"] for m in lines] == [1, 2]
+    assert all(m["group_stats/num_groups"] == 2 for m in lines[1:])  # both ranks' groups
+    assert "eval/accuracy_strict" in lines[-1]
+    assert (run_dir / "model").is_dir() and (run_dir / "summary.json").is_file()
+    assert proc.stdout.count("held-out results") == 1  # printed by rank 0 alone
+    assert list(scratch.glob("grpo-rank*")) == []  # rank 1's temporary Hydra folder is gone
+
+
+@pytest.mark.slow
+def test_resumed_two_process_run_continues_the_same_way(tmp_path):
+    run_dir = tmp_path / "run"
+    run = ("trainer.max_steps=4", "trainer.save_every=2", "logging.samples_every=1")
+    train_on(2, *run, f"hydra.run.dir={run_dir}")
+    whole = tmp_path / "whole"
+    shutil.copytree(run_dir, whole)
+    checkpoint = run_dir / "checkpoints" / "step_000002"
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
+    assert len(state["other_ranks"]) == 1  # rank 1's sampler and RNG
+    assert state["other_ranks"][0]["rng"]["torch"].ne(state["rng"]["torch"]).any()
+    train_on(2, *run, f"trainer.resume={checkpoint}", f"hydra.run.dir={run_dir}")
+    assert compare_metrics(whole, run_dir) == []
+    assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3, 4]  # each step once
+    assert (run_dir / "samples.jsonl").read_text() == (whole / "samples.jsonl").read_text()
+    alone = torchrun(
+        1, "-m", "grpo.train", *TINY_DDP, *run, "trainer.resume=auto", f"hydra.run.dir={run_dir}",
+        check=False,
+    )  # fmt: skip
+    assert alone.returncode != 0
+    assert "written by 2 processes; resume it with as many (now 1)" in alone.stderr
+
+
+def test_fsdp_lora_run_on_two_processes_saves_the_whole_adapter(tmp_path):
+    run_dir = tmp_path / "run"
+    train_on(2, "trainer.strategy=fsdp", "model.lora.enabled=true", f"hydra.run.dir={run_dir}")
+    config = json.loads((run_dir / "model" / "adapter_config.json").read_text())
+    assert config["r"] == 16
+    from peft import AutoPeftModelForCausalLM
+
+    AutoPeftModelForCausalLM.from_pretrained(run_dir / "model")  # whole tensors, not shards
+    assert [m["step"] for m in read_metrics(run_dir)] == [1, 2]
+
+
+if __name__ == "__main__":  # a rank started by torchrun: `one_update` with each strategy
+    distributed.init("cpu")
+    updates = {strategy: one_update(strategy) for strategy in distributed.STRATEGIES}
+    if distributed.is_main():
+        torch.save(updates, sys.argv[1])

@@ -1,0 +1,86 @@
+"""The lean decoder (grpo.rollout.lean) against transformers' `generate`: the same greedy
+tokens for every architecture, sampled log-probs equal to a forward pass, its sampler, and the
+models it leaves to `generate`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ARCHITECTURES, EOS, PAD, VOCAB, prompt_batch, random_model
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from grpo.batch import Rollout
+from grpo.rollout import lean
+from grpo.rollout.logprobs import token_logprobs
+
+
+def hf_greedy(model, ids, mask, eos: int, new_tokens: int = 16, min_new_tokens: int = 2):
+    return model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=new_tokens,
+        min_new_tokens=min_new_tokens,
+        do_sample=False,
+        pad_token_id=PAD,
+        eos_token_id=eos,
+    )
+
+
+@pytest.mark.parametrize("kind", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("kv_heads", [4, 2])
+@pytest.mark.parametrize(("padded", "copies"), [(True, 1), (False, 1), (True, 3)])
+def test_lean_greedy_tokens_equal_generate(kind, kv_heads, padded, copies):
+    ids, mask = prompt_batch(padded)
+    free_run = hf_greedy(random_model(kind, kv_heads), ids, mask, EOS)
+    # An end token the rows actually produce, so rows finish at different steps.
+    eos = int(free_run[0, ids.shape[1] + 5])
+    model = random_model(kind, kv_heads, eos)
+    assert lean.supports(model)
+    rows, row_mask = ids.repeat_interleave(copies, 0), mask.repeat_interleave(copies, 0)
+    expected = hf_greedy(model, rows, row_mask, eos)
+    tokens, _ = lean.sample(
+        model, ids, mask, 16, eos, PAD, 2, do_sample=False, num_return_sequences=copies
+    )
+    assert torch.equal(tokens, expected)
+    assert (tokens[:, ids.shape[1] :] == PAD).any(), "some rows should have finished early"
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("pack", [False, True])
+def test_lean_sampling_logprobs_equal_a_forward_pass(temperature, pack, monkeypatch):
+    """Also with MKL-packed weights (used when sampling from models too big for the caches)."""
+    if pack:
+        monkeypatch.setattr(lean, "PACK_BYTES", 0)  # pack even this small model
+    model = random_model("qwen2", 2)
+    if lean._packing_pays(model) != pack:
+        pytest.skip("this torch build has no MKL packed linear")
+    ids, mask = prompt_batch(padded=True)
+    torch.manual_seed(3)
+    tokens, logprobs = lean.sample(
+        model, ids, mask, 12, EOS, PAD, temperature=temperature, with_logprobs=True
+    )
+    completion = tokens[:, ids.shape[1] :]
+    is_eos = (completion == EOS).long()
+    sampled = ((is_eos.cumsum(1) - is_eos) == 0).long()  # up to and including the first EOS
+    rollout = Rollout(
+        ids, mask, completion, sampled, torch.zeros(6, dtype=torch.bool), [""] * 6, PAD
+    )
+    with torch.no_grad():
+        expected, _ = token_logprobs(model, rollout, temperature)
+    torch.testing.assert_close(logprobs, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_inverse_cdf_sampler_draws_from_probs():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2]]).repeat(20_000, 1)
+    torch.manual_seed(0)
+    counts = torch.bincount(lean.sample_token(probs), minlength=5).double() / 20_000
+    assert counts[0] == counts[2] == 0  # zero-probability tokens are never drawn
+    torch.testing.assert_close(counts, probs[0].double(), atol=0.015, rtol=0)
+
+
+def test_generation_config_extras_fall_back_to_generate():
+    model = random_model("llama", 4)
+    model.generation_config.repetition_penalty = 1.3
+    assert not lean.supports(model)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2))
+    assert not lean.supports(gpt2)
