@@ -1,10 +1,12 @@
 """Checkpoints: every `trainer.save_every` steps and on SIGTERM/SIGINT; exact resume.
 
 A checkpoint is a folder `RUN/checkpoints/step_000120/` holding
-- `model.safetensors`: the trainable weights (LoRA adapters, or all weights) by parameter name,
-  and `reference.safetensors` when the reference policy is updated during training;
-- `trainer_state.pt`: optimizer, scheduler, sampler position and RNG states (python, numpy,
-  torch, CUDA); it loads with `torch.load(weights_only=True)`;
+- `weights/`: the trainable weights (LoRA adapters, or all weights) and the optimizer state, by
+  parameter name, written by torch.distributed.checkpoint (DCP): with FSDP every rank writes
+  its own shards, and a run resumes on the same number of processes;
+- `reference.safetensors` when the reference policy is updated during training;
+- `trainer_state.pt`: scheduler, sampler position and RNG states (python, numpy, torch, CUDA)
+  of every rank; it loads with `torch.load(weights_only=True)`;
 - `meta.json`: the step, the logger's run id (wandb), the held-out results before training,
   and how many lines each `*.jsonl` log of the run folder had, so a resumed run writes each
   step once.
@@ -35,9 +37,15 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 from hydra.utils import get_class
 from omegaconf import DictConfig, open_dict
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
 
 from grpo.infra import distributed
 from grpo.infra.config import ConfigError
@@ -46,11 +54,13 @@ from grpo.infra.records import record_run
 CHECKPOINTS = "checkpoints"
 STEP_DIR = re.compile(r"^step_(\d+)$")
 WEIGHTS, REFERENCE, STATE, META = (
-    "model.safetensors",
+    "weights",
     "reference.safetensors",
     "trainer_state.pt",
     "meta.json",
 )
+# The trainable parameters only (a LoRA base stays out); their names are checked on restore.
+STATE_DICT = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 @dataclass
@@ -192,6 +202,12 @@ def _this_rank(state: dict[str, Any], path: Path) -> dict[str, Any]:
     return state if distributed.rank() == 0 else others[distributed.rank() - 1]
 
 
+def _finite(tensor: Any) -> bool:
+    """Whether a (possibly FSDP-sharded) tensor holds only finite numbers (this rank's part)."""
+    local = tensor.to_local() if distributed.sharded(tensor) else tensor
+    return bool(torch.isfinite(local).all())
+
+
 def _count_lines(path: Path) -> int:
     with path.open("rb") as f:
         return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
@@ -216,39 +232,55 @@ class Checkpointer:
         self.run_dir, self.root = Path(run_dir), Path(run_dir) / CHECKPOINTS
         self.save_every, self.keep = trainer.save_every, trainer.keep_checkpoints
         self.max_steps = trainer.max_steps
-        self.model, self.logger = policy.model, logger
-        self.stateful = {"optimizer": optimizer, "scheduler": scheduler, "sampler": sampler}
+        self.model, self.logger, self.optimizer = policy.model, logger, optimizer
+        self.stateful = {"scheduler": scheduler, "sampler": sampler}
         # A reference policy that moves during training (full fine-tuning) is state too.
         self.reference = reference if getattr(reference, "every", 0) else None
         self.stop_signal: int | None = None
         self._previous: dict[int, Any] = {}
 
-    def _trainable(self) -> dict[str, torch.Tensor]:
-        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+    def _weights(self) -> dict[str, Any]:
+        """The trainable weights and the optimizer state as DCP state dicts (this rank's shards
+        under FSDP)."""
+        model, optimizer = get_state_dict(self.model, self.optimizer, options=STATE_DICT)
+        return {"model": model, "optimizer": optimizer}
 
     def save(self, step: int, before: dict[str, float]) -> Path:
         """Write checkpoint `step` atomically, then delete all but the last `keep`.
 
-        With several ranks every rank calls it and rank 0 writes, with each rank's sampler
-        position and RNG states (`other_ranks`): ranks sample differently.
+        Every rank calls it: each writes its weight shards, and rank 0 the rest, with each
+        rank's sampler position and RNG states (`other_ranks`): ranks sample differently.
         """
+        weights = self._weights()
+        bad = [n for n, t in weights["model"].items() if not _finite(t)]
+        if distributed.max_over_ranks(int(bool(bad))):
+            raise FloatingPointError(
+                f"step {step}: non-finite weights ({bad[0] if bad else 'on another rank'}...); "
+                f"not saved, the last good checkpoint stays {self.latest()}"
+            )
         ranks = distributed.gather_to_main(
             {"sampler": self.stateful["sampler"].state_dict(), "rng": _rng_state()}
         )
-        if ranks is None:  # not rank 0
-            return self.root / f"step_{step:06d}"
-        weights = {n: p.detach().cpu().contiguous() for n, p in self._trainable().items()}
-        bad = [n for n, t in weights.items() if not torch.isfinite(t).all()]
-        if bad:
-            raise FloatingPointError(
-                f"step {step}: non-finite weights ({bad[0]}...); not saved, the last good "
-                f"checkpoint stays {self.latest()}"
-            )
+        tmp = distributed.main_then_share(self._new_folder, step)
+        dcp.save(weights, checkpoint_id=tmp / WEIGHTS)
+        final = self.root / f"step_{step:06d}"
+        if distributed.is_main():
+            self._finish(tmp, final, step, before, ranks)
+        distributed.barrier()  # no rank goes on before the checkpoint is whole
+        return final
+
+    def _new_folder(self, step: int) -> Path:
+        """A fresh temporary folder for checkpoint `step`; leftovers of a kill removed."""
         self.root.mkdir(parents=True, exist_ok=True)
-        for stale in [*self.root.glob(".tmp-*"), *self.root.glob(".trash-*")]:  # from a kill
+        for stale in [*self.root.glob(".tmp-*"), *self.root.glob(".trash-*")]:
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{step:06d}-", dir=self.root))
-        save_file(weights, tmp / WEIGHTS)
+        return Path(tempfile.mkdtemp(prefix=f".tmp-step_{step:06d}-", dir=self.root))
+
+    def _finish(
+        self, tmp: Path, final: Path, step: int, before: dict[str, float], ranks: list[Any]
+    ) -> None:
+        """Rank 0: the reference, the trainer state and the metadata; then the rename that
+        makes the checkpoint exist, and the deletion of all but the last `keep`."""
         if self.reference is not None:
             with self.reference.weights():
                 ref = self.reference.model.named_parameters()
@@ -262,16 +294,14 @@ class Checkpointer:
             "jsonl_lines": {p.name: _count_lines(p) for p in self.run_dir.glob("*.jsonl")},
         }
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
-        for file in tmp.iterdir():
+        for file in [*tmp.iterdir(), *(tmp / WEIGHTS).iterdir()]:
             _fsync(file)
-        final = self.root / f"step_{step:06d}"
         if final.exists():
             _remove(final)
         os.replace(tmp, final)
         _fsync(self.root)
         for old in list_checkpoints(self.run_dir)[: -self.keep]:
             _remove(old)
-        return final
 
     def latest(self) -> Path | None:
         found = list_checkpoints(self.run_dir)
@@ -280,16 +310,25 @@ class Checkpointer:
     def restore(self, point: ResumePoint) -> tuple[int, dict[str, float]]:
         """Load checkpoint `point` into the model, optimizer, scheduler, sampler and RNGs;
         returns its step and the held-out results from before training."""
-        params, weights = self._trainable(), load_file(point.path / WEIGHTS)
-        if set(params) != set(weights):
-            missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
+        weights = self._weights()
+        saved = set(dcp.FileSystemReader(point.path / WEIGHTS).read_metadata().state_dict_metadata)
+        names = {f"model.{n}" for n in weights["model"]}
+        if not names <= saved or not {n for n in saved if n.startswith("model.")} <= names:
+            missing = sorted(names - saved)[:3]
+            extra = sorted(n for n in saved - names if n.startswith("model."))[:3]
             raise ValueError(
                 f"{point.path}: trainable weights do not match the model "
-                f"(missing {missing[:3]}, unexpected {extra[:3]}): was the model config changed?"
+                f"(missing {missing}, unexpected {extra}): was the model config changed?"
             )
+        dcp.load(weights, checkpoint_id=point.path / WEIGHTS)
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=weights["model"],
+            optim_state_dict=weights["optimizer"],
+            options=STATE_DICT,
+        )
         with torch.no_grad():
-            for name, param in params.items():
-                param.copy_(weights[name])
             if self.reference is not None:
                 ref = load_file(point.path / REFERENCE)
                 with self.reference.weights(changes=True):

@@ -130,6 +130,12 @@ def max_over_ranks(value: int) -> int:
     return int(top.item())
 
 
+def barrier() -> None:
+    """Wait until every rank gets here (one process: nothing)."""
+    if world_size() > 1:
+        dist.barrier()
+
+
 def share(obj: T) -> T:
     """Rank 0's `obj` on every rank."""
     if world_size() == 1:
@@ -227,7 +233,9 @@ def evaluate(
 
 def prepare(model: torch.nn.Module, strategy: str) -> None:
     """Make `model` data-parallel in place: rank 0's trainable weights on every rank (a seeded
-    LoRA init differs by rank), and with `fsdp` its decoder layers sharded. One process: no-op.
+    LoRA init differs by rank), and with `fsdp` its decoder layers sharded, and the rest of the
+    model too (embeddings, final norm, LM head) when it trains (full fine-tuning). One process:
+    no-op.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"trainer.strategy={strategy!r}: expected one of {STRATEGIES}")
@@ -240,19 +248,21 @@ def prepare(model: torch.nn.Module, strategy: str) -> None:
     if strategy == "fsdp":
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         layers = set(getattr(base, "_no_split_modules", None) or [])  # decoder layer classes
-        for module in model.modules():
-            if type(module).__name__ in layers:
-                # Resharded after every forward, also as roots: peft's disable_adapter (the
-                # reference policy) then switches requires_grad of the sharded parameters.
-                fully_shard(module, reshard_after_forward=True)
-                module.set_gradient_divide_factor(1.0)  # sum the ranks' gradients
-                module.set_force_sum_reduction_for_comms(True)  # (gloo has no pre-scaled sum)
-        outside = [n for n, p in model.named_parameters() if p.requires_grad and not sharded(p)]
-        if outside:
-            raise ValueError(
-                f"trainer.strategy=fsdp shards the decoder layers; trainable {outside[0]} is "
-                "outside them: train LoRA adapters of the layers' modules, or use ddp"
-            )
+        units = [m for m in model.modules() if type(m).__name__ in layers]
+        if any(p.requires_grad and not sharded(p) for p in _outside(model, units)):
+            units.append(model)  # full fine-tuning: the root unit holds the rest
+        for module in units:
+            # Resharded after every forward, also as roots: peft's disable_adapter (the
+            # reference policy) then switches requires_grad of the sharded parameters.
+            fully_shard(module, reshard_after_forward=True)
+            module.set_gradient_divide_factor(1.0)  # sum the ranks' gradients
+            module.set_force_sum_reduction_for_comms(True)  # (gloo has no pre-scaled sum)
+
+
+def _outside(model: torch.nn.Module, units: list[torch.nn.Module]) -> list[torch.Tensor]:
+    """The parameters of `model` that none of `units` holds."""
+    inside = {id(p) for unit in units for p in unit.parameters()}
+    return [p for p in model.parameters() if id(p) not in inside]
 
 
 def sharded(obj: torch.nn.Module | torch.Tensor) -> bool:

@@ -243,10 +243,15 @@ def _padded(
 
 
 def _chunked_head(model: PreTrainedModel) -> bool:
-    """True for models whose LM head `_ChunkedLogProbs` can run (Llama/Qwen, a plain Linear)."""
+    """True for models whose LM head `_ChunkedLogProbs` can run (Llama/Qwen, a plain Linear
+    whose weight is whole: an FSDP-sharded head runs inside the model's forward instead)."""
     lm = lean.causal_lm(model)
     head = lm.get_output_embeddings()
-    return lm.config.model_type in lean.SUPPORTED_MODEL_TYPES and type(head) is nn.Linear
+    return (
+        lm.config.model_type in lean.SUPPORTED_MODEL_TYPES
+        and type(head) is nn.Linear
+        and not distributed.sharded(head.weight)
+    )
 
 
 def _model_inputs(

@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import REPO, TINY, cli_env, run_train, tiny_policy
 from omegaconf import OmegaConf
-from safetensors.torch import load_file
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from grpo.infra.checkpoint import (
     META,
@@ -93,7 +93,8 @@ def test_restore_continues_exactly_like_an_uninterrupted_run(tmp_path):
 def test_a_moving_reference_is_saved_and_restored(tmp_path, offload):
     policy = tiny_policy()
     reference = Reference(policy, 1.0, every=1, mix=0.5, offload=offload)
-    _, optimizer, scheduler, sampler = make_parts(seed=0)
+    _, _, scheduler, sampler = make_parts(seed=0)
+    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=0.1)
     parts = (policy, optimizer, scheduler, sampler)
     trainer = SimpleNamespace(save_every=1, keep_checkpoints=2, max_steps=10)
     ckpt = Checkpointer(tmp_path, trainer, *parts, reference=reference)
@@ -111,16 +112,20 @@ def test_a_moving_reference_is_saved_and_restored(tmp_path, offload):
             assert torch.equal(p, want)
 
 
-def test_files_load_with_safetensors_and_weights_only_torch_load(tmp_path):
+def test_files_load_with_dcp_and_weights_only_torch_load(tmp_path):
     parts = make_parts(seed=0)
     train_step(*parts)
     logger = SimpleNamespace(run_id="wandb-run-7")  # a logger that exposes its run id
     trainer = SimpleNamespace(save_every=1, keep_checkpoints=2, max_steps=10)
     path = Checkpointer(tmp_path, trainer, *parts, logger=logger).save(1, before={})
-    weights = load_file(path / WEIGHTS)
-    assert set(weights) == {"0.weight", "1.weight", "1.bias"}  # trainable only: 0.bias is frozen
+    plain = tmp_path / "plain.pt"  # DCP's own converter to one torch.save file
+    dcp_to_torch_save(path / WEIGHTS, plain)
+    saved = torch.load(plain, weights_only=True)
+    assert set(saved["model"]) == {"0.weight", "1.weight", "1.bias"}  # 0.bias is frozen
+    assert torch.equal(saved["model"]["1.bias"], parts[0].model[1].bias)
+    assert set(saved["optimizer"]["state"]) == {"0.weight", "1.weight", "1.bias"}
     state = torch.load(path / STATE, weights_only=True)
-    assert {"optimizer", "scheduler", "sampler", "rng", "step"} <= set(state)
+    assert {"scheduler", "sampler", "rng", "step"} <= set(state)
     meta = json.loads((path / META).read_text())
     assert meta["step"] == 1 and meta["run_id"] == "wandb-run-7"
 
@@ -292,4 +297,6 @@ def test_a_nan_gradient_stops_the_run_keeping_the_last_good_checkpoint(tmp_path)
     assert 1 <= last_good < 6 and steps == list(range(1, last_good + 1))
     assert list_checkpoints(run_dir)[-1].name == f"step_{last_good:06d}"
     for path in list_checkpoints(run_dir):
-        assert all(torch.isfinite(t).all() for t in load_file(path / WEIGHTS).values())
+        dcp_to_torch_save(path / WEIGHTS, tmp_path / "plain.pt")
+        weights = torch.load(tmp_path / "plain.pt", weights_only=True)["model"]
+        assert all(torch.isfinite(t).all() for t in weights.values())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import re
 import typing
 
@@ -63,18 +64,34 @@ def test_every_option_composes_and_passes_the_checks(override):
     assert isinstance(sampler, GroupedSampler)
 
 
+def local_task(option: str, request, tmp_path) -> list[str]:
+    """Overrides that point a task at local files (no hub here): GSM8K's copy, or math
+    problems the test writes."""
+    if option == "gsm8k":
+        return [f"task.path={request.getfixturevalue('gsm8k_dir')}"]
+    if option == "math":
+        rows = [{"problem": "What is $1 + 1$?", "answer": "2"}] * 2
+        for split in ("train", "test"):
+            (tmp_path / f"{split}.jsonl").write_text("".join(f"{json.dumps(r)}\n" for r in rows))
+        return [f"task.path={tmp_path}"]
+    return []
+
+
 @pytest.mark.parametrize("option", options("task"))
-def test_every_task_builds_with_its_default_reward(option, gsm8k_dir, tmp_path):
-    local = {"gsm8k": f"task.path={gsm8k_dir}"}
-    cfg = compose_config(f"task={option}", *([local[option]] if option in local else []))
+def test_every_task_builds_and_its_default_reward_pays_the_right_answer(option, request, tmp_path):
+    cfg = compose_config(f"task={option}", *local_task(option, request, tmp_path))
+    validate_config(cfg)
     task = instantiate(cfg.task)
     assert isinstance(task, Task) and task.train and task.test
     reward = instantiate(cfg.reward)
     row = task.test[0]
-    assert (
-        reward([row["answer"]], [task.answer(row)]).total[0]
-        > reward(["?"], [task.answer(row)]).total[0]
-    )
+    if option == "math":
+        right = f"$\\boxed{{{row['answer']}}}$"
+    else:
+        right = f"#### {task.ground_truth(row)}"
+    answer = task.answer(row)
+    assert reward([right], [answer]).total[0] > reward(["?"], [answer]).total[0]
+    assert task.correct(right, row) and task.check(right, row)["accuracy_strict"] == 1.0
 
 
 def test_the_default_config_is_the_quickstart_recipe():

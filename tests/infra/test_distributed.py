@@ -2,17 +2,23 @@
 
 Exactness is checked on a fixed batch: every rank generates the same global batch from the same
 seed, keeps its share of the groups, and makes one SGD step (no clipping, no LoRA dropout, so
-gradient scale errors show). The CLI runs show the rest: sampling sharded by rank, one writer,
-resume. Their sampling cannot match one process's draw for draw: each rank samples its own
-groups with its own random stream, so those runs are compared with themselves.
+gradient scale errors show), with DDP and with FSDP. Dynamic sampling's refill rounds are
+collective: 2 ranks draw the same prompts as one process. The CLI runs show the rest: the
+defaults under torchrun, sampling sharded by rank, one writer, FSDP full fine-tuning killed
+with SIGKILL and resumed from its sharded checkpoint. Their sampling cannot match one process's
+draw for draw: each rank samples its own groups with its own random stream, so those runs are
+compared with themselves.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 
 import pytest
@@ -20,9 +26,12 @@ import torch
 from conftest import REPO, TINY, cli_env, compose_config, read_metrics
 from hydra.utils import instantiate
 
+from grpo.algorithm.dynamic_sampling import sample_groups
 from grpo.algorithm.loss import GRPOLoss
 from grpo.algorithm.update import no_grad_logprobs, policy_update
+from grpo.batch import RewardOutput, Rollout, ScoredRollout
 from grpo.infra import distributed
+from grpo.infra.checkpoint import list_checkpoints
 from grpo.infra.config import ConfigError, validate_config
 from grpo.infra.records import compare_metrics
 from grpo.model.reference import Reference
@@ -43,12 +52,12 @@ G = 4
 LENGTHS = [8, 8, 3, 5, 8, 2, 8, 8, 1, 4, 6, 7, 8, 6, 5, 3]
 ADVANTAGES = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.2, -0.2, 0.8, -0.8] * 2)
 # CLI runs on 2 processes: 2 prompts per step, one group per rank.
-TINY_DDP = (*TINY, "trainer.micro_batch_size=2", "eval.comparison.at_end=false")
+TINY_DDP = (*TINY, "eval.comparison.at_end=false")
 
 
-def torchrun(nproc: int, *args: str, env: dict[str, str] | None = None, check: bool = True):
-    """`torchrun --standalone --nproc_per_node=N ARGS` for real (a free port each time)."""
-    cmd = [
+def torchrun_command(nproc: int, *args: str) -> list[str]:
+    """`torchrun --standalone --nproc_per_node=N ARGS` (a free port each time)."""
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -56,9 +65,19 @@ def torchrun(nproc: int, *args: str, env: dict[str, str] | None = None, check: b
         f"--nproc_per_node={nproc}",
         *args,
     ]
+
+
+def torchrun_env(env: dict[str, str] | None = None) -> dict[str, str]:
     tests = str(REPO / "tests")  # a rank running this file imports conftest
-    env = {**cli_env(), "PYTHONPATH": tests, **(env or {})}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return {**cli_env(), "PYTHONPATH": tests, **(env or {})}
+
+
+def torchrun(nproc: int, *args: str, env: dict[str, str] | None = None, check: bool = True):
+    """torchrun for real; the completed process."""
+    cmd = torchrun_command(nproc, *args)
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=torchrun_env(env), capture_output=True, text=True, timeout=600
+    )
     if check and proc.returncode != 0:
         output = f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
         raise AssertionError(f"{' '.join(cmd)} failed:\n{output}")
@@ -129,7 +148,7 @@ def assert_same_update(one: dict, many: dict) -> None:
 
 def test_two_ranks_make_the_update_of_one_process_on_the_same_batch(tmp_path):
     out = tmp_path / "ranks.pt"
-    torchrun(2, __file__, str(out))  # each rank: one step with DDP, then with FSDP
+    torchrun(2, __file__, "update", str(out))  # each rank: one step with DDP, then with FSDP
     ranks = torch.load(out, weights_only=True)
     one = one_update("ddp")  # in this process: no ranks
     for strategy in distributed.STRATEGIES:
@@ -155,6 +174,96 @@ def test_batch_size_that_the_processes_cannot_share_is_refused(monkeypatch):
     cfg.trainer.micro_batch_size = 16  # 4 prompts x 4 / 2 processes = 8 rows each
     with pytest.raises(ConfigError, match=r"num_responses_per_prompt / 2 processes = 8"):
         validate_config(cfg)
+
+
+def flat_unless_prime(prompt: int) -> list[float]:
+    """Deterministic rewards of a prompt's G = 2 completions: spread only for prime indices."""
+    prime = prompt > 1 and all(prompt % d for d in range(2, prompt))
+    return [1.0, 0.0] if prime else [1.0, 1.0]
+
+
+def dynamic_batch(max_extra_rounds: int) -> dict:
+    """`sample_groups` with DAPO's dynamic sampling, 4 prompts per step over all ranks, draws
+    from the real sampler scored by `flat_unless_prime`; the global batch's prompts, stats and
+    every rank's sampler position after 3 steps."""
+    sampler = instantiate(
+        compose_config().algorithm.sampler,
+        num_prompts=40,
+        batch_size=4,
+        group_size=2,
+        seed=7,
+        rank=distributed.rank(),
+        world_size=distributed.world_size(),
+    )
+
+    def draw() -> ScoredRollout:
+        prompts = next(sampler).prompt_indices
+        n = len(prompts)
+        ids = torch.tensor(prompts)[:, None]
+        ones = torch.ones(n, 1, dtype=torch.long)
+        rollout = Rollout(ids, ones, ids, ones, torch.zeros(n, dtype=torch.bool), [""] * n, 0)
+        rewards = [r for p in prompts[::2] for r in flat_unless_prime(p)]
+        rows = [{"question": str(p), "answer": ""} for p in prompts]
+        return ScoredRollout(rows, rollout, RewardOutput(rewards, {"r": rewards}))
+
+    steps = []
+    for _ in range(3):
+        batch, stats = sample_groups(draw, 4, 2, True, max_extra_rounds)
+        steps.append({"prompts": [r["question"] for r in batch.rows], "stats": stats})
+    return {"steps": steps, "positions": distributed.all_gather(sampler.state_dict())}
+
+
+def test_dynamic_sampling_rounds_are_collective(tmp_path):
+    """2 ranks draw the same prompts in the same rounds as one process, and end each step at
+    the same sampler position (the rounds depend on the rewards of both ranks' groups)."""
+    out = tmp_path / "dynamic.pt"
+    torchrun(2, __file__, "dynamic", str(out))
+    ranks = torch.load(out, weights_only=True)
+    alone = dynamic_batch(max_extra_rounds=3)
+    assert ranks["steps"] == alone["steps"]
+    assert any(step["stats"]["sampling_rounds"] > 1 for step in alone["steps"])
+    assert ranks["positions"][0] == ranks["positions"][1] == alone["positions"][0]
+
+
+def test_the_defaults_run_under_torchrun_with_two_processes(tmp_path):
+    """No override but the tiny model: the default micro-batch is each process's rows."""
+    run_dir = tmp_path / "run"
+    torchrun(2, "-m", "grpo.train", "model=tiny", f"hydra.run.dir={run_dir}")
+    assert [m["step"] for m in read_metrics(run_dir)] == list(range(1, 31))
+    assert (run_dir / "comparison.json").is_file()
+
+
+def test_fsdp_full_fine_tuning_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_path):
+    """FSDP shards every weight of the tiny model over 2 processes; checkpoints are written by
+    torch.distributed.checkpoint, each rank its shard. SIGKILL after checkpoint 3, resume."""
+    run = (
+        "trainer.strategy=fsdp",
+        "trainer.max_steps=6",
+        "trainer.save_every=1",
+        "logging.samples_every=1",
+    )
+    whole = tmp_path / "whole"
+    train_on(2, *run, f"hydra.run.dir={whole}")
+    assert len(list((whole / "checkpoints" / "step_000005" / "weights").glob("*.distcp"))) == 2
+
+    run_dir = tmp_path / "run"
+    cmd = torchrun_command(2, "-m", "grpo.train", *TINY_DDP, *run, f"hydra.run.dir={run_dir}")
+    process = subprocess.Popen(
+        cmd, cwd=REPO, env=torchrun_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not (run_dir / "checkpoints" / "step_000003").exists():
+        assert process.poll() is None and time.monotonic() < deadline, "no checkpoint 3"
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)  # torchrun and both ranks, no handler runs
+    process.wait()
+    assert not (run_dir / "summary.json").exists(), "the run finished before the kill"
+    assert 3 <= int(list_checkpoints(run_dir)[-1].name[5:]) < 6
+    train_on(2, *run, "trainer.resume=auto", f"hydra.run.dir={run_dir}")
+    assert compare_metrics(whole, run_dir) == []
+    assert [m["step"] for m in read_metrics(run_dir)] == list(range(1, 7))
+    assert (run_dir / "samples.jsonl").read_text() == (whole / "samples.jsonl").read_text()
 
 
 def test_two_process_run_finishes_and_only_rank_0_writes(tmp_path):
@@ -205,8 +314,11 @@ def test_fsdp_lora_run_on_two_processes_saves_the_whole_adapter(tmp_path):
     assert [m["step"] for m in read_metrics(run_dir)] == [1, 2]
 
 
-if __name__ == "__main__":  # a rank started by torchrun: `one_update` with each strategy
+if __name__ == "__main__":  # a rank started by torchrun: `update` or `dynamic`, then OUT
     distributed.init("cpu")
-    updates = {strategy: one_update(strategy) for strategy in distributed.STRATEGIES}
+    if sys.argv[1] == "update":
+        result = {strategy: one_update(strategy) for strategy in distributed.STRATEGIES}
+    else:
+        result = dynamic_batch(max_extra_rounds=3)
     if distributed.is_main():
-        torch.save(updates, sys.argv[1])
+        torch.save(result, sys.argv[2])
