@@ -3,8 +3,11 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt | md5sum | cut -c1-8)
-# Tests and benchmarks pin threads: two OpenMP threads fighting over two cores can be 10-50x slower.
+# Tests pin one thread per process (pytest runs two): two OpenMP threads fighting over two cores
+# can be 10-50x slower. Training uses every core, for OpenMP and MKL alike.
 THREADS ?= 1
+CORES := $(shell nproc)
+HALF := $(shell echo $$(( $(CORES) / 2 > 1 ? $(CORES) / 2 : 1 )))
 export OMP_NUM_THREADS ?= $(THREADS)
 export MKL_NUM_THREADS ?= $(THREADS)
 export TOKENIZERS_PARALLELISM = false
@@ -26,12 +29,11 @@ $(STAMP): requirements.txt
 	touch $@
 
 train: install ## train the quickstart (SmolLM2-135M + LoRA on arithmetic, CPU, offline)
-	OMP_NUM_THREADS=$(shell nproc) $(PY) -m grpo.train experiment=quickstart $(ARGS)
+	OMP_NUM_THREADS=$(CORES) MKL_NUM_THREADS=$(CORES) $(PY) -m grpo.train experiment=quickstart $(ARGS)
 
 train-ddp: install ## the quickstart on 2 processes (torchrun, data parallel; gloo on CPU)
-	OMP_NUM_THREADS=$(shell echo $$(( $$(nproc) / 2 > 1 ? $$(nproc) / 2 : 1 ))) $(VENV)/bin/torchrun \
-		--standalone --nproc_per_node=2 -m grpo.train experiment=quickstart \
-		trainer.micro_batch_size=8 $(ARGS)
+	OMP_NUM_THREADS=$(HALF) MKL_NUM_THREADS=$(HALF) $(VENV)/bin/torchrun \
+		--standalone --nproc_per_node=2 -m grpo.train experiment=quickstart $(ARGS)
 
 test: install ## run the default test suite (no slow tests)
 	$(PY) -m pytest -q -n 2 -m "not slow" $(ARGS)

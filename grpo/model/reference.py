@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from grpo.batch import Rollout
+from grpo.infra import distributed
 from grpo.infra.config import ConfigError
 from grpo.model.loading import Policy
 from grpo.rollout.logprobs import batch_logprobs
@@ -97,7 +98,7 @@ class Reference:
         """After optimiser step `step`: mix the policy into the reference if one is due."""
         if not self.every or step % self.every:
             return
-        with self.weights(changes=True):
+        with self.weights(changes=True), distributed.gathered(self.policy.model):
             pairs = zip(self.model.parameters(), self.policy.model.parameters(), strict=True)
             for ref, current in pairs:
                 ref.lerp_(current, self.mix)  # exact copy at mix = 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 Row = dict[str, Any]
@@ -80,3 +81,22 @@ class Task(ABC):
     def answer_of(self, completion: str) -> Hashable | None:
         """The completion's answer in a form that equal answers share (maj@k votes); None when
         it gives none."""
+
+
+def load_rows(
+    path: str | None, hub_id: str, hub_config: str | None
+) -> tuple[dict[str, list[dict]], dict[str, str]]:
+    """Raw rows by split, and where each split came from (for error messages): from
+    `path/train.jsonl` and `path/test.jsonl` when `path` is set, else from the hub; both through
+    `datasets.load_dataset`. A missing file is named with `task.path`."""
+    from datasets import load_dataset
+
+    if path is None:
+        raw = load_dataset(hub_id, hub_config)
+        return {k: v.to_list() for k, v in raw.items()}, {k: f"{hub_id} split {k}" for k in raw}
+    files = {split: Path(path).expanduser() / f"{split}.jsonl" for split in ("train", "test")}
+    for split, file in files.items():
+        if not file.is_file():
+            raise FileNotFoundError(f"task.path={path!r}: {split} file not found: {file}")
+    raw = load_dataset("json", data_files={k: str(v) for k, v in files.items()})
+    return {k: v.to_list() for k, v in raw.items()}, {k: str(v) for k, v in files.items()}

@@ -19,8 +19,7 @@ from functools import lru_cache
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
-from grpo.tasks.base import Row, Splits, Task
-from grpo.tasks.gsm8k import local_splits
+from grpo.tasks.base import Row, Splits, Task, load_rows
 from grpo.tasks.rewards import Completions, Reward
 
 PROMPT = "{question}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."
@@ -105,24 +104,15 @@ class CompetitionMath(Task):
         system_prompt: str | None = None,
         template: str = PROMPT,
     ) -> None:
-        from datasets import load_dataset
-
-        if path is not None:
-            files = local_splits(path)
-            raw = load_dataset("json", data_files={k: str(v) for k, v in files.items()})
-            sources = {k: str(v) for k, v in files.items()}
+        raw, sources = load_rows(path, hub_id, hub_config)
+        if path is not None:  # a folder has both files
             train_split, test_split = "train", "test"
-        else:
-            raw = load_dataset(hub_id, hub_config)
-            sources = {k: f"{hub_id} split {k}" for k in raw}
         skipped = {}
-        test, skipped["test"] = _rows(raw[test_split].to_list(), sources[test_split], skip_invalid)
+        test, skipped["test"] = _rows(raw[test_split], sources[test_split], skip_invalid)
         if train_split == test_split:  # one split: hold out its first num_test rows
             train, test = test[num_test:], test[:num_test]
         else:
-            train, skipped["train"] = _rows(
-                raw[train_split].to_list(), sources[train_split], skip_invalid
-            )
+            train, skipped["train"] = _rows(raw[train_split], sources[train_split], skip_invalid)
             test = test[:num_test]
         super().__init__(Splits(train, test, skipped), stop_pattern, system_prompt)
         self.template = template

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Hashable
-from pathlib import Path
 
 from grpo.tasks.answers import ANSWER_MARKER, answers_match, extract_answer, parse_number
-from grpo.tasks.base import Row, Splits, Task
+from grpo.tasks.base import Row, Splits, Task, load_rows
 
 PROMPT_TEMPLATE = (
     "Question: {question}\n\n"
@@ -101,15 +100,6 @@ def validate_rows(rows: list[dict], source: str, skip_invalid: bool) -> tuple[li
     return kept, len(rows) - len(kept)
 
 
-def local_splits(path: str) -> dict[str, Path]:
-    """`path/train.jsonl` and `path/test.jsonl`; FileNotFoundError naming `task.path`."""
-    files = {split: Path(path).expanduser() / f"{split}.jsonl" for split in ("train", "test")}
-    for split, file in files.items():
-        if not file.is_file():
-            raise FileNotFoundError(f"task.path={path!r}: {split} file not found: {file}")
-    return files
-
-
 class GSM8K(GSM8KFormat):
     """GSM8K from `path/{train,test}.jsonl` when `path` is set, else from the hub; the first
     `max_train_samples` / `max_test_samples` rows of each split (None: all 7,473 / 1,319)."""
@@ -124,18 +114,10 @@ class GSM8K(GSM8KFormat):
         skip_invalid: bool = False,
         **format_settings: str | None,
     ) -> None:
-        from datasets import load_dataset
-
-        if path is not None:
-            files = local_splits(path)
-            raw = load_dataset("json", data_files={k: str(v) for k, v in files.items()})
-            sources = {k: str(v) for k, v in files.items()}
-        else:
-            raw = load_dataset(hub_id, hub_config)
-            sources = {k: f"{hub_id}[{hub_config}] split {k}" for k in ("train", "test")}
+        raw, sources = load_rows(path, hub_id, hub_config)
         limits = {"train": max_train_samples, "test": max_test_samples}
         splits, skipped = {}, {}
         for split in ("train", "test"):
-            rows, skipped[split] = validate_rows(raw[split].to_list(), sources[split], skip_invalid)
+            rows, skipped[split] = validate_rows(raw[split], sources[split], skip_invalid)
             splits[split] = rows[: limits[split]] if limits[split] is not None else rows
         super().__init__(Splits(splits["train"], splits["test"], skipped), **format_settings)
