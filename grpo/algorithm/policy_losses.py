@@ -80,3 +80,32 @@ def clip(
         masks["dual_clip"] = (advantages < 0) & (bound > surrogate)
         surrogate = torch.where(masks["dual_clip"], bound, surrogate)
     return PolicyLoss(-surrogate, masks)
+
+
+@POLICY_LOSSES.register("sapo")
+def sapo(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    tau_pos: Annotated[float, POSITIVE] = 1.0,
+    tau_neg: Annotated[float, POSITIVE] = 1.05,
+) -> PolicyLoss:
+    """SAPO, Soft Adaptive Policy Optimization (Gao et al. 2025, arXiv 2511.20347): a smooth
+    sigmoid gate on the token ratio in place of the hard clip,
+
+        r = exp(logp - old_logp)
+        f(r) = sigmoid(tau (r - 1)) * 4 / tau,    tau = tau_pos if A > 0 else tau_neg
+        loss = -f(r) A
+
+    The gradient is 4 sigmoid(1 - sigmoid) * r A d log pi: exactly the plain policy gradient at
+    r = 1 (f(1) = 2 / tau, f'(1) = 1), fading smoothly as r leaves 1 instead of dropping to 0
+    at a clip bound. tau_neg > tau_pos makes tokens with A <= 0 fade faster (the paper: their
+    gradients destabilise more). Defaults: the paper's and TRL's (`sapo_temperature_pos=1.0`,
+    `sapo_temperature_neg=1.05`). No bound binds, so no masks are logged.
+    """
+    log_ratio = torch.where(mask, logp - old_logp, 0.0)  # junk in padding never reaches exp
+    tau = torch.where(advantages > 0, logp.new_tensor(tau_pos), logp.new_tensor(tau_neg))
+    gate = torch.sigmoid(tau * (torch.exp(log_ratio) - 1)) * 4 / tau
+    return PolicyLoss(-gate * advantages, {})
