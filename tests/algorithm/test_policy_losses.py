@@ -184,3 +184,115 @@ def test_intellect2_delta_is_the_dual_clip():
     (ours_grad,) = torch.autograd.grad(ours.loss.sum(), logp)
     torch.testing.assert_close(ours.loss[:, 0], trl)
     torch.testing.assert_close(ours_grad, trl_grad)
+
+
+# ------------------------------------------------- references for the other entries (float64)
+# Each entry below is checked against its paper's formula written out with python floats, on the
+# ragged batch (rows of different lengths, a row with one token, an empty row, junk in padding)
+# with old log-probs that differ from the current ones. The gradient of the reference is taken
+# by central finite differences, or written out where the formula has a stop-gradient.
+
+Rows = list[list[float]]
+
+
+def valid_rows(x) -> tuple[Rows, Rows, list[float]]:
+    """The valid tokens of each row of `ragged` as python floats: logp, old, and the advantages."""
+    lengths = x["mask"].sum(1).tolist()
+    logp = [x["logp"][i, :n].tolist() for i, n in enumerate(lengths)]
+    old = [x["old"][i, :n].tolist() for i, n in enumerate(lengths)]
+    return logp, old, x["advantages"].tolist()
+
+
+def aggregate_rows(per_token: Rows, aggregation: str) -> float:
+    """seq_mean_token_mean (an empty row counts in B and adds 0) or token_mean."""
+    if aggregation == "seq_mean_token_mean":
+        return sum(sum(row) / len(row) for row in per_token if row) / len(per_token)
+    return sum(sum(row) for row in per_token) / sum(len(row) for row in per_token)
+
+
+def finite_difference(f, logp: Rows, h: float = 1e-6) -> Rows:
+    """d f / d logp[i][t] by central differences, f a function of the rows of logp."""
+    grads = []
+    for i, row in enumerate(logp):
+        grads.append([])
+        for t in range(len(row)):
+            up = [list(r) for r in logp]
+            down = [list(r) for r in logp]
+            up[i][t] += h
+            down[i][t] -= h
+            grads[i].append((f(up) - f(down)) / (2 * h))
+    return grads
+
+
+def check_reference(name, settings, x, reference, aggregation, gradient=None, fd_tol=1e-7):
+    """The entry's loss and gradient through GRPOLoss equal the reference's.
+
+    reference(logp_rows, old_rows, advantages) -> per-token losses (rows); gradient (optional)
+    gives d loss / d logp directly (rows), else finite differences of the reference are used.
+    """
+    logp_rows, old_rows, advantages = valid_rows(x)
+    fn = GRPOLoss({"name": name, **settings}, kl={"coef": 0.0}, aggregation=aggregation)
+    logp = x["logp"].clone().requires_grad_()
+    loss, stats = fn(logp, x["old"], None, x["advantages"], x["mask"])
+    (grad,) = torch.autograd.grad(loss, logp)
+
+    def total(rows: Rows) -> float:
+        return aggregate_rows(reference(rows, old_rows, advantages), aggregation)
+
+    assert loss.item() == pytest.approx(total(logp_rows), rel=1e-12, abs=1e-14)
+    if gradient is None:
+        expected, tol = finite_difference(total, logp_rows), fd_tol
+    else:
+        expected, tol = gradient(logp_rows, old_rows, advantages), 1e-12
+    for i, row in enumerate(expected):
+        for t, value in enumerate(row):
+            assert grad[i, t].item() == pytest.approx(value, rel=tol, abs=tol), (name, i, t)
+    assert (grad[~x["mask"]] == 0).all()
+    return stats
+
+
+def sigmoid(z: float) -> float:
+    return 1 / (1 + math.exp(-z))
+
+
+# ---------------------------------------------------------------------------------- sapo
+
+
+def sapo_reference(tau_pos: float, tau_neg: float):
+    """SAPO (arXiv 2511.20347): -f(r) A per token, f(r) = sigmoid(tau (r - 1)) 4 / tau."""
+
+    def per_token(logp: Rows, old: Rows, advantages: list[float]) -> Rows:
+        out = []
+        for lp, od, a in zip(logp, old, advantages, strict=True):
+            tau = tau_pos if a > 0 else tau_neg
+            ratios = [math.exp(p - o) for p, o in zip(lp, od, strict=True)]
+            out.append([-sigmoid(tau * (r - 1)) * 4 / tau * a for r in ratios])
+        return out
+
+    return per_token
+
+
+@pytest.mark.parametrize("taus", [(1.0, 1.05), (0.5, 2.0)])
+@pytest.mark.parametrize("aggregation", ["seq_mean_token_mean", "token_mean"])
+def test_sapo_matches_its_formula(taus, aggregation):
+    settings = {"tau_pos": taus[0], "tau_neg": taus[1]}
+    stats = check_reference("sapo", settings, ragged(6), sapo_reference(*taus), aggregation)
+    assert stats["clip_fraction"] == 0  # a soft gate: no bound ever binds
+
+
+@pytest.mark.parametrize("a", [1.5, -0.7])
+def test_sapo_gate_at_ratio_one_is_the_plain_policy_gradient(a):
+    """f(1) = 2 / tau and f'(1) = 1: on-policy the token's gradient is -A d log pi whatever tau."""
+    logp = torch.zeros(1, 1, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    adv = torch.tensor([[a]], dtype=torch.float64)
+    out = POLICY_LOSSES["sapo"](logp, logp.detach(), adv, mask, tau_pos=1.0, tau_neg=1.05)
+    (grad,) = torch.autograd.grad(out.loss.sum(), logp)
+    tau = 1.0 if a > 0 else 1.05
+    assert out.loss.item() == pytest.approx(-2 / tau * a, rel=1e-15)
+    assert grad.item() == pytest.approx(-a, rel=1e-15)
+    # Away from r = 1 the gate's slope 4 sigmoid (1 - sigmoid) < 1: the update fades smoothly.
+    far = torch.full((1, 1), 0.5, dtype=torch.float64, requires_grad=True)
+    out = POLICY_LOSSES["sapo"](far, torch.zeros_like(far), adv, mask)
+    (grad,) = torch.autograd.grad(out.loss.sum(), far)
+    assert 0 < grad.item() / (-a * math.exp(0.5)) < 1
