@@ -109,3 +109,81 @@ def sapo(
     tau = torch.where(advantages > 0, logp.new_tensor(tau_pos), logp.new_tensor(tau_neg))
     gate = torch.sigmoid(tau * (torch.exp(log_ratio) - 1)) * 4 / tau
     return PolicyLoss(-gate * advantages, {})
+
+
+def per_sequence(advantages: Tensor, name: str) -> Tensor:
+    """The advantages as [B, 1]; a sequence-level loss refuses per-token advantages [B, T]."""
+    if advantages.dim() != 2 or advantages.shape[-1] != 1:
+        raise ValueError(
+            f"policy loss {name!r} needs one advantage per completion [B, 1], got shape "
+            f"{tuple(advantages.shape)}"
+        )
+    return advantages
+
+
+def mean_log_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
+    """(1 / |o_i|) sum over the completion's valid tokens of log(pi / pi_old): [B, 1]; 0 for a
+    completion without valid tokens. Padding never enters (not even NaN or inf)."""
+    log_ratio = torch.where(mask, logp - old_logp, 0.0)
+    return log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+
+
+@POLICY_LOSSES.register("gspo")
+def gspo(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_ratio: Annotated[float, UNIT] = 3e-4,
+    clip_ratio_high: Annotated[float | None, POSITIVE] = 4e-4,
+) -> PolicyLoss:
+    """GSPO, Group Sequence Policy Optimization (Zheng et al. 2025, arXiv 2507.18071): one
+    importance ratio per completion, the geometric mean of its token ratios, clipped per
+    completion:
+
+        s_i = (pi(o_i) / pi_old(o_i))^(1 / |o_i|) = exp(mean_t (logp - old_logp))
+        loss_i = -min(s_i A_i, clip(s_i, 1 - eps_low, 1 + eps_high) A_i)
+
+    broadcast to the completion's valid tokens, so that the default `seq_mean_token_mean`
+    aggregation gives the paper's 1/G sum_i loss_i. eps_low = `clip_ratio`, eps_high =
+    `clip_ratio_high` (null: `clip_ratio`); defaults 3e-4 and 4e-4 are the paper's (section 5.1),
+    two orders below the token clip's because s_i is a per-token geometric mean. The masks are
+    per completion [B, 1]: where the clip binds the whole completion has no gradient.
+    """
+    high = clip_ratio if clip_ratio_high is None else clip_ratio_high
+    advantages = per_sequence(advantages, "gspo")
+    ratio = torch.exp(mean_log_ratio(logp, old_logp, mask))
+    clipped = ratio.clamp(1 - clip_ratio, 1 + high)
+    surrogate = torch.minimum(ratio * advantages, clipped * advantages)
+    loss = torch.where(mask, -surrogate, 0.0)
+    return PolicyLoss(loss, clip_masks(ratio, advantages, clip_ratio, high))
+
+
+@POLICY_LOSSES.register("gspo_token")
+def gspo_token(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_ratio: Annotated[float, UNIT] = 3e-4,
+    clip_ratio_high: Annotated[float | None, POSITIVE] = 4e-4,
+) -> PolicyLoss:
+    """GSPO-token (Zheng et al. 2025, arXiv 2507.18071): a per-token ratio whose
+    value is the completion's s_i and whose gradient is that of the token alone,
+
+        s_i,t = sg[s_i] * pi(o_i,t) / sg[pi(o_i,t)]    (value s_i, gradient s_i d log pi_t)
+        loss_t = -min(s_i,t A_i,t, clip(s_i,t, 1 - eps_low, 1 + eps_high) A_i,t)
+
+    so that advantages may differ per token ([B, T]); with one advantage per completion it
+    equals `gspo` in value and gradient (tests/algorithm/test_policy_losses.py). Settings and
+    defaults as `gspo`.
+    """
+    high = clip_ratio if clip_ratio_high is None else clip_ratio_high
+    sequence = mean_log_ratio(logp, old_logp, mask).detach()
+    ratio = torch.exp(torch.where(mask, sequence + logp - logp.detach(), 0.0))
+    clipped = ratio.clamp(1 - clip_ratio, 1 + high)
+    surrogate = torch.minimum(ratio * advantages, clipped * advantages)
+    masks = {k: v & mask for k, v in clip_masks(ratio, advantages, clip_ratio, high).items()}
+    return PolicyLoss(torch.where(mask, -surrogate, 0.0), masks)

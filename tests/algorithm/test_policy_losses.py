@@ -296,3 +296,92 @@ def test_sapo_gate_at_ratio_one_is_the_plain_policy_gradient(a):
     out = POLICY_LOSSES["sapo"](far, torch.zeros_like(far), adv, mask)
     (grad,) = torch.autograd.grad(out.loss.sum(), far)
     assert 0 < grad.item() / (-a * math.exp(0.5)) < 1
+
+
+# ---------------------------------------------------------------------------------- gspo
+
+
+def gspo_reference(low: float, high: float):
+    """GSPO (arXiv 2507.18071): s_i = exp(mean_t log(pi / pi_old)), one clipped loss per
+    completion, -min(s_i A_i, clip(s_i, 1 - low, 1 + high) A_i), on each of its tokens."""
+
+    def per_token(logp: Rows, old: Rows, advantages: list[float]) -> Rows:
+        out = []
+        for lp, od, a in zip(logp, old, advantages, strict=True):
+            if not lp:
+                out.append([])
+                continue
+            s = math.exp(sum(p - o for p, o in zip(lp, od, strict=True)) / len(lp))
+            loss = -min(s * a, min(max(s, 1 - low), 1 + high) * a)
+            out.append([loss] * len(lp))
+        return out
+
+    return per_token
+
+
+def gspo_token_gradient(low: float, high: float, aggregation: str):
+    """d loss / d logp of GSPO-token, written out: the token's own -s_i A_i, 0 where the clip
+    binds (s_i outside the range in the direction of A_i), times the aggregation's weight."""
+
+    def gradient(logp: Rows, old: Rows, advantages: list[float]) -> Rows:
+        tokens, out = sum(len(lp) for lp in logp), []
+        for lp, od, a in zip(logp, old, advantages, strict=True):
+            s = math.exp(sum(p - o for p, o in zip(lp, od, strict=True)) / max(len(lp), 1))
+            bound = (s > 1 + high and a > 0) or (s < 1 - low and a < 0)
+            per_row = aggregation == "seq_mean_token_mean"
+            weight = 1 / (len(logp) * max(len(lp), 1)) if per_row else 1 / tokens
+            out.append([0.0 if bound else -s * a * weight] * len(lp))
+        return out
+
+    return gradient
+
+
+@pytest.mark.parametrize("aggregation", ["seq_mean_token_mean", "token_mean"])
+@pytest.mark.parametrize("name", ["gspo", "gspo_token"])
+def test_gspo_matches_its_formula(name, aggregation):
+    # Wide ranges so that some completions are clipped and some are not; then the paper's.
+    for low, high, seed in ((0.2, 0.28, 15), (3e-4, 4e-4, 8)):
+        settings = {"clip_ratio": low, "clip_ratio_high": high}
+        reference = gspo_reference(low, high)
+        gradient = gspo_token_gradient(low, high, aggregation) if name == "gspo_token" else None
+        x = ragged(seed)
+        stats = check_reference(name, settings, x, reference, aggregation, gradient)
+        if low == 0.2:  # both bounds bind somewhere, and some completions are inside
+            assert stats["clip_low_fraction"] > 0 and stats["clip_high_fraction"] > 0
+            assert stats["clip_fraction"] < 1
+
+
+@pytest.mark.parametrize("aggregation", ["seq_mean_token_mean", "token_mean"])
+def test_gspo_token_equals_gspo_for_sequence_advantages(aggregation):
+    x = ragged(26)
+    out = {}
+    for name in ("gspo", "gspo_token"):
+        fn = GRPOLoss(
+            {"name": name, "clip_ratio": 0.2, "clip_ratio_high": 0.28},
+            kl={"coef": 0.0},
+            aggregation=aggregation,
+        )
+        logp = x["logp"].clone().requires_grad_()
+        loss, stats = fn(logp, x["old"], None, x["advantages"], x["mask"])
+        out[name] = (loss, torch.autograd.grad(loss, logp)[0], stats)
+    torch.testing.assert_close(out["gspo_token"][0], out["gspo"][0], rtol=1e-14, atol=0)
+    torch.testing.assert_close(out["gspo_token"][1], out["gspo"][1], rtol=1e-12, atol=1e-15)
+    assert out["gspo_token"][2]["clip_fraction"] == out["gspo"][2]["clip_fraction"] > 0
+
+
+def test_gspo_clips_whole_completions_and_refuses_token_advantages():
+    """s_i is the geometric mean of the token ratios: one token's large ratio is diluted by
+    the completion's length, and where s_i leaves the range every token of it stops."""
+    logp = torch.tensor([[0.5, 0.0, 0.0, 0.0], [0.5, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[True] * 4, [True, False, False, False]])
+    adv = torch.ones(2, 1, dtype=torch.float64)
+    out = POLICY_LOSSES["gspo"](logp, torch.zeros_like(logp), adv, mask, clip_ratio_high=0.2)
+    # Row 0: s = e^(0.5 / 4) = 1.133 < 1.2, unclipped; row 1: s = e^0.5 = 1.65, clipped.
+    assert out.clipped["clip_high"].tolist() == [[False], [True]]
+    assert out.loss[0].tolist() == pytest.approx([-math.exp(0.125)] * 4)
+    assert out.loss[1].tolist() == pytest.approx([-1.2, 0.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match=r"'gspo' needs one advantage per completion"):
+        POLICY_LOSSES["gspo"](logp, logp, torch.ones_like(logp), mask)
+    # GSPO-token takes them: a token's own advantage scales its own gradient.
+    token = POLICY_LOSSES["gspo_token"](logp, logp, torch.ones_like(logp), mask)
+    assert token.loss.shape == logp.shape
