@@ -18,6 +18,7 @@ value: every ratio is 1 and no clip binds; the clip matters only from the second
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, NamedTuple
 
 import torch
@@ -187,3 +188,49 @@ def gspo_token(
     surrogate = torch.minimum(ratio * advantages, clipped * advantages)
     masks = {k: v & mask for k, v in clip_masks(ratio, advantages, clip_ratio, high).items()}
     return PolicyLoss(torch.where(mask, -surrogate, 0.0), masks)
+
+
+@POLICY_LOSSES.register("cispo")
+def cispo(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_ratio: Annotated[float | None, UNIT] = None,
+    clip_ratio_high: Annotated[float, POSITIVE] = 4.0,
+) -> PolicyLoss:
+    """CISPO, clipped IS-weight policy optimisation (MiniMax-M1, arXiv 2506.13585, section 3.1):
+    the importance weight is clipped and detached, and every token keeps its gradient. The
+    paper's objective per token is sg(clip(r, 1 - eps_low, 1 + eps_high)) A log pi, r =
+    exp(logp - old_logp), whose gradient
+
+        d loss / d logp = -clip(r, 1 - eps_low, 1 + eps_high) A
+
+    is REINFORCE with a truncated importance weight, where PPO's clip would zero the token.
+    Ours is the loss with exactly that gradient at every point and without a stop-gradient,
+
+        c = clamp(log r, log(1 - eps_low), log(1 + eps_high))
+        loss = -A e^c (1 + log r - c)
+
+    -r A inside the range (the value of the unclipped surrogate, comparable with `clip`'s),
+    continued linearly in log r outside it. The paper's literal sg(w) A log pi has the same
+    gradient but a value that tracks log pi (meaningless as a logged loss) and a gradient that
+    is not the derivative of its value (gradcheck fails on it).
+
+    eps_low = `clip_ratio`, null = no lower bound (the paper sets eps_low large and tunes only
+    eps_high); eps_high = `clip_ratio_high`, default 4, a cap of 5 on r: TRL's documented value
+    for loss_type="cispo" (epsilon_high=5.0, from ScaleRL, arXiv 2510.13786; TRL caps r itself
+    at epsilon_high). Masks: `truncated_high` (r > 1 + eps_high) and, with a lower bound,
+    `truncated_low`, for any sign of A. Not named clip_*: a truncated token keeps its gradient,
+    and clip_fraction counts tokens without one. Logged as truncated_high_fraction.
+    """
+    log_ratio = torch.where(mask, logp - old_logp, 0.0)
+    low = None if clip_ratio is None else math.log(1 - clip_ratio)
+    high = math.log(1 + clip_ratio_high)
+    clamped = log_ratio.clamp(min=low, max=high)
+    loss = -advantages * torch.exp(clamped) * (1 + log_ratio - clamped)
+    masks = {"truncated_high": mask & (log_ratio > high)}
+    if low is not None:
+        masks["truncated_low"] = mask & (log_ratio < low)
+    return PolicyLoss(torch.where(mask, loss, 0.0), masks)

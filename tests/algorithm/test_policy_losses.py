@@ -385,3 +385,105 @@ def test_gspo_clips_whole_completions_and_refuses_token_advantages():
     # GSPO-token takes them: a token's own advantage scales its own gradient.
     token = POLICY_LOSSES["gspo_token"](logp, logp, torch.ones_like(logp), mask)
     assert token.loss.shape == logp.shape
+
+
+# --------------------------------------------------------------------------------- cispo
+
+
+def cispo_weight(r: float, low: float | None, high: float) -> float:
+    """clip(r, 1 - low, 1 + high), no lower bound when low is None."""
+    return min(r if low is None else max(r, 1 - low), 1 + high)
+
+
+def cispo_reference(low: float | None, high: float):
+    """CISPO's loss per token, written out: -r A inside [1 - low, 1 + high], continued linearly
+    in log r outside it (w (1 + log r - log w) with w the clipped weight): the function whose
+    derivative is the paper's -sg(clip(r)) A."""
+
+    def per_token(logp: Rows, old: Rows, advantages: list[float]) -> Rows:
+        out = []
+        for lp, od, a in zip(logp, old, advantages, strict=True):
+            row = []
+            for p, o in zip(lp, od, strict=True):
+                w = cispo_weight(math.exp(p - o), low, high)
+                row.append(-a * w * (1 + (p - o) - math.log(w)))
+            out.append(row)
+        return out
+
+    return per_token
+
+
+def cispo_gradient(low: float | None, high: float, aggregation: str):
+    """The paper's gradient (MiniMax-M1 section 3.1), written out: sg(clip(r)) A d log pi for
+    every token (as a loss: minus that), times the aggregation's weight."""
+
+    def gradient(logp: Rows, old: Rows, advantages: list[float]) -> Rows:
+        tokens = sum(len(lp) for lp in logp)
+        out = []
+        for lp, od, a in zip(logp, old, advantages, strict=True):
+            per_row = aggregation == "seq_mean_token_mean"
+            weight = 1 / (len(logp) * max(len(lp), 1)) if per_row else 1 / tokens
+            ratios = [math.exp(p - o) for p, o in zip(lp, od, strict=True)]
+            out.append([-cispo_weight(r, low, high) * a * weight for r in ratios])
+        return out
+
+    return gradient
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean"])
+@pytest.mark.parametrize("low_high", [(None, 4.0), (None, 0.28), (0.2, 0.28)])
+def test_cispo_matches_its_formula_and_gradient(low_high, aggregation):
+    low, high = low_high
+    settings = {"clip_ratio": low, "clip_ratio_high": high}
+    x = ragged(10)
+    reference = cispo_reference(low, high)
+    stats = check_reference(
+        "cispo", settings, x, reference, aggregation, cispo_gradient(low, high, aggregation)
+    )
+    # The gradient is also the derivative of the value (finite differences of the reference).
+    check_reference("cispo", settings, x, reference, aggregation)
+    # Truncated weights are logged apart from clip_fraction: those tokens keep their gradient.
+    assert stats["clip_fraction"] == 0
+    if high == 0.28:
+        assert stats["truncated_high_fraction"] > 0
+    assert ("truncated_low_fraction" in stats) == (low is not None)
+    if low is not None:
+        assert stats["truncated_low_fraction"] > 0
+
+
+@pytest.mark.parametrize("low", [None, 0.2])
+def test_cispo_gradient_is_the_papers_detached_weight_times_the_score(low):
+    """The paper's literal per-token objective sg(clip(r)) A log pi, differentiated by autograd,
+    gives our gradient token by token (values differ: see the docstring)."""
+    x = ragged(11)
+    mask, adv = x["mask"], x["advantages"][:, None]
+    logp = x["logp"].clone().requires_grad_()
+    ours = POLICY_LOSSES["cispo"](logp, x["old"], adv, mask, clip_ratio=low, clip_ratio_high=0.28)
+    (ours_grad,) = torch.autograd.grad(ours.loss.sum(), logp)
+    ratio = torch.exp(logp - x["old"])
+    weight = ratio.clamp(min=None if low is None else 1 - low, max=1.28).detach()
+    literal = torch.where(mask, -weight * adv * logp, 0.0)
+    (literal_grad,) = torch.autograd.grad(literal.sum(), logp)
+    torch.testing.assert_close(ours_grad, literal_grad, rtol=1e-13, atol=1e-15)
+    # Inside the range the value is the unclipped surrogate -r A.
+    inside = mask & ~ours.clipped["truncated_high"]
+    if low is not None:
+        inside &= ~ours.clipped["truncated_low"]
+    torch.testing.assert_close(ours.loss[inside], -(ratio * adv)[inside].detach())
+    assert inside.any() and (mask & ~inside).any()
+
+
+def test_cispo_keeps_the_gradient_where_the_clip_would_drop_it():
+    """A token with r = 3 and A > 0: PPO's clip gives it no gradient, CISPO the truncated
+    weight's, 1 + eps_high; with no lower bound a token with r = 0.01 keeps its weight 0.01."""
+    logp = torch.tensor([[math.log(3.0)], [math.log(0.01)]], dtype=torch.float64)
+    logp.requires_grad_()
+    old, mask = torch.zeros_like(logp), torch.ones_like(logp, dtype=torch.bool)
+    adv = torch.tensor([[1.0], [-1.0]], dtype=torch.float64)
+    grads = {}
+    for name in ("clip", "cispo"):
+        out = POLICY_LOSSES[name](logp, old, adv, mask, clip_ratio_high=0.28)
+        (grads[name],) = torch.autograd.grad(out.loss.sum(), logp)
+    assert grads["clip"][:, 0].tolist() == [0.0, 0.0]
+    assert grads["cispo"][:, 0].tolist() == pytest.approx([-1.28, 0.01])
+    assert out.clipped["truncated_high"][:, 0].tolist() == [True, False]
