@@ -234,3 +234,48 @@ def cispo(
     if low is not None:
         masks["truncated_low"] = mask & (log_ratio < low)
     return PolicyLoss(torch.where(mask, loss, 0.0), masks)
+
+
+@POLICY_LOSSES.register("gmpo")
+def gmpo(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_log_ratio: Annotated[float, POSITIVE] = 0.4,
+    clip_log_ratio_high: Annotated[float | None, POSITIVE] = None,
+) -> PolicyLoss:
+    """GMPO, Geometric-Mean Policy Optimization (Zhao et al. 2025, arXiv 2507.20673): the
+    geometric mean of the token ratios, each clipped first, in log space, on the side the
+    advantage pushes (PPO's min, per token):
+
+        d_t = logp - old_logp,  c_t = clamp(d_t, -eps_low, eps_high)
+        d'_t = min(d_t, c_t) if A > 0 else max(d_t, c_t)
+        loss_i = -A_i exp(mean_t d'_t)
+
+    broadcast to the completion's valid tokens (with seq_mean_token_mean: 1/G sum_i loss_i, the
+    paper's). eps_low = `clip_log_ratio`, eps_high = `clip_log_ratio_high` (null: the same), in
+    log space: the ratio range is (e^-eps_low, e^eps_high), the paper's (e^-0.4, e^0.4) by
+    default. The paper writes the clip as min(w^sgn(A), clip(w^sgn(A), e1, e2))^sgn(A); with its
+    symmetric range that is the above, as in its authors' code, verl's `geo_mean` and TRL's
+    GMPO (with unequal bounds those keep (-eps_low, eps_high) for both signs; so do we).
+    Unlike GSPO the clip is per token, before the mean: a token past the bound in the direction
+    of A has no gradient (masks clip_low / clip_high, per token), the others keep theirs.
+    """
+    low = clip_log_ratio
+    high = clip_log_ratio if clip_log_ratio_high is None else clip_log_ratio_high
+    advantages = per_sequence(advantages, "gmpo")
+    log_ratio = torch.where(mask, logp - old_logp, 0.0)
+    clamped = log_ratio.clamp(-low, high)
+    positive = advantages > 0
+    clipped = torch.where(
+        positive, torch.minimum(log_ratio, clamped), torch.maximum(log_ratio, clamped)
+    )
+    mean = clipped.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+    loss = torch.where(mask, -advantages * torch.exp(mean), 0.0)
+    masks = {
+        "clip_low": mask & (advantages < 0) & (log_ratio < -low),
+        "clip_high": mask & positive & (log_ratio > high),
+    }
+    return PolicyLoss(loss, masks)

@@ -487,3 +487,70 @@ def test_cispo_keeps_the_gradient_where_the_clip_would_drop_it():
     assert grads["clip"][:, 0].tolist() == [0.0, 0.0]
     assert grads["cispo"][:, 0].tolist() == pytest.approx([-1.28, 0.01])
     assert out.clipped["truncated_high"][:, 0].tolist() == [True, False]
+
+
+# ---------------------------------------------------------------------------------- gmpo
+
+
+def gmpo_reference(low: float, high: float):
+    """GMPO (arXiv 2507.20673): -A exp(mean_t d'_t) on each token of the completion, d'_t the
+    log-ratio clipped to [-low, high] on the side A pushes (min for A > 0, max otherwise)."""
+
+    def per_token(logp: Rows, old: Rows, advantages: list[float]) -> Rows:
+        out = []
+        for lp, od, a in zip(logp, old, advantages, strict=True):
+            clipped = []
+            for p, o in zip(lp, od, strict=True):
+                d = p - o
+                c = min(max(d, -low), high)
+                clipped.append(min(d, c) if a > 0 else max(d, c))
+            value = -a * math.exp(sum(clipped) / len(clipped)) if clipped else 0.0
+            out.append([value] * len(lp))
+        return out
+
+    return per_token
+
+
+@pytest.mark.parametrize("aggregation", ["seq_mean_token_mean", "token_mean"])
+@pytest.mark.parametrize("low_high", [(0.4, None), (0.3, 0.5)])
+def test_gmpo_matches_its_formula(low_high, aggregation):
+    low, high = low_high
+    settings = {"clip_log_ratio": low, "clip_log_ratio_high": high}
+    reference = gmpo_reference(low, low if high is None else high)
+    stats = check_reference("gmpo", settings, ragged(17), reference, aggregation)
+    assert stats["clip_low_fraction"] > 0 and stats["clip_high_fraction"] > 0
+
+
+def test_gmpo_clips_one_token_on_the_side_of_the_advantage():
+    """A token with log-ratio 1 > 0.4: with A > 0 it is clipped (no gradient, the other tokens
+    keep theirs); with A < 0 the clip does not bind on that side (PPO's min, per token)."""
+    logp = torch.tensor([[1.0, 0.1, -0.1]] * 2, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones_like(logp, dtype=torch.bool)
+    adv = torch.tensor([[1.0], [-1.0]], dtype=torch.float64)
+    out = POLICY_LOSSES["gmpo"](logp, torch.zeros_like(logp), adv, mask)
+    (grad,) = torch.autograd.grad(out.loss[:, 0].sum(), logp)
+    assert out.loss[0, 0].item() == pytest.approx(-math.exp(0.4 / 3))
+    assert out.loss[1, 0].item() == pytest.approx(math.exp(1.0 / 3))
+    assert grad[0, 0] == 0 and (grad[0, 1:] != 0).all() and (grad[1] != 0).all()
+    assert out.clipped["clip_high"][0].tolist() == [True, False, False]
+    assert not out.clipped["clip_low"].any() and not out.clipped["clip_high"][1].any()
+
+
+def test_gmpo_equals_gspo_where_neither_clips():
+    """Without a binding clip both weigh the completion by the geometric mean of its token
+    ratios, so the two losses agree in value and gradient."""
+    x = ragged(13)
+    old = x["logp"] + 0.05 * torch.randn(x["logp"].shape, dtype=torch.float64)  # |d| < 0.4
+    settings = {
+        "gmpo": {"clip_log_ratio": 0.4},
+        "gspo": {"clip_ratio": 0.5, "clip_ratio_high": 0.5},
+    }
+    out = {}
+    for name, extra in settings.items():
+        logp = x["logp"].clone().requires_grad_()
+        fn = GRPOLoss({"name": name, **extra}, kl={"coef": 0.0})
+        loss, stats = fn(logp, old, None, x["advantages"], x["mask"])
+        out[name] = (loss, torch.autograd.grad(loss, logp)[0], stats["clip_fraction"])
+    assert out["gmpo"][2] == out["gspo"][2] == 0
+    torch.testing.assert_close(out["gmpo"][0], out["gspo"][0], rtol=1e-13, atol=0)
+    torch.testing.assert_close(out["gmpo"][1], out["gspo"][1], rtol=1e-12, atol=1e-15)
