@@ -9,8 +9,11 @@ with `logp` the current policy's log-probs of the sampled tokens [B, T] (with gr
 `advantages` [B, 1] (a sequence's advantage broadcast over its tokens) or [B, T], and `mask`
 the valid tokens [B, T] (bool). It returns the loss to minimise at each token, before the
 aggregation (`grpo.algorithm.loss.AGGREGATIONS`) reduces it, and the masks of tokens where a
-clip bound binds, logged as fractions. The settings are the entry's keyword-only parameters,
-given by `conf/algorithm/policy_loss/<name>.yaml`.
+bound binds, logged as fractions ([B, T], or [B, 1] for a whole completion; masks named clip_*
+mark tokens left without gradient and add up to clip_fraction). The settings are the entry's
+keyword-only parameters, given by `conf/algorithm/policy_loss/<name>.yaml`. Sequence-level
+entries (`gspo`, `gmpo`) put their completion's loss on each of its valid tokens and need
+[B, 1] advantages. docs/algorithms.md tabulates every entry.
 
 With one optimiser step per generated batch (mu = 1, one mini-batch) old_logp equals logp in
 value: every ratio is 1 and no clip binds; the clip matters only from the second step on.
