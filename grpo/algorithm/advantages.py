@@ -175,3 +175,123 @@ def bnpo(
     p = (g.double().mean(dim=1) - lo) / (hi - lo)
     weights = beta_weights(p.clamp(0.0, 1.0)).to(g.dtype)
     return (centred(g) / (hi - lo) * weights.unsqueeze(1)).reshape(-1)
+
+
+@ADVANTAGE_ESTIMATORS.register("rloo")
+def rloo(rewards: Tensor, group_size: int, parts: Mapping[str, Tensor]) -> Tensor:
+    """RLOO (Ahmadian et al. 2024, arXiv 2402.14740, eq. 8): the leave-one-out baseline,
+
+        A_i = r_i - 1/(G-1) sum_{j != i} r_j = G/(G-1) (r_i - mean(group))
+
+    an unbiased baseline (it does not depend on the completion it scores); no division by a
+    std. It is Dr. GRPO's `no_std` times G/(G-1)."""
+    return (centred(grouped(rewards, group_size)) * (group_size / (group_size - 1))).reshape(-1)
+
+
+@ADVANTAGE_ESTIMATORS.register("reinforce_pp_baseline")
+def reinforce_pp_baseline(
+    rewards: Tensor,
+    group_size: int,
+    parts: Mapping[str, Tensor],
+    *,
+    eps: Annotated[float, POSITIVE] = 1e-4,
+) -> Tensor:
+    """REINFORCE++ with a group baseline (Hu et al. 2025, arXiv 2501.03262; verl
+    `reinforce_plus_plus_baseline`): the group mean subtracted, then the result normalised over
+    the whole batch,
+
+        x_i = r_i - mean(group),    A_i = (x_i - mean_batch(x)) / (std_batch(x) + eps)
+
+    population std. Ours normalises over the N completions; verl's `masked_whiten` normalises
+    over tokens, each completion weighted by its length (and with Bessel's correction and
+    sqrt(var + 1e-8)). Over completions mean_batch(x) is 0 (every group sums to 0), so this is
+    the group-centred reward over the batch std of the centred rewards; `batch_std` divides by
+    the std of the raw rewards instead, which also counts the spread between the groups' means.
+    """
+    c = centred(grouped(rewards, group_size))
+    out = (c - c.mean()) / (c.std(correction=0) + eps)
+    return out.masked_fill(constant_groups(c), 0.0).reshape(-1)
+
+
+@ADVANTAGE_ESTIMATORS.register("grpo_passk")
+def grpo_passk(
+    rewards: Tensor,
+    group_size: int,
+    parts: Mapping[str, Tensor],
+    *,
+    divide_by_std: bool = True,
+    eps: Annotated[float, POSITIVE] = 1e-4,
+) -> Tensor:
+    """Pass@k-style advantage (verl `compute_grpo_passk_outcome_advantage`, which cites Tang et
+    al. 2025, "Optimizing Language Models for Inference Time Objectives using Reinforcement
+    Learning", arXiv 2503.19595): only the best completion of each group is credited, by how
+    much it beats the best of the others (the leave-one-out gradient of max over the group),
+
+        A_best = r_max - r_second_max,   A_i = 0 for the others
+
+    divided by the group's std + eps when `divide_by_std` (verl's norm_adv_by_std_in_grpo).
+    A tie for the best gives the group zeros (r_max - r_second_max = 0), as does a group whose
+    rewards all agree. The std is the population one, as in `grpo` (verl: Bessel's correction;
+    eps 1e-6 there)."""
+    g = grouped(rewards, group_size)
+    top = g.topk(2, dim=1)
+    gap = top.values[:, :1] - top.values[:, 1:]  # [num_groups, 1], 0 on a tie
+    if divide_by_std:
+        gap = gap / (spread(centred(g)) + eps)
+    out = torch.zeros_like(g).scatter(1, top.indices[:, :1], gap)
+    return out.masked_fill(constant_groups(g), 0.0).reshape(-1)
+
+
+@ADVANTAGE_ESTIMATORS.register("gdpo")
+def gdpo(
+    rewards: Tensor,
+    group_size: int,
+    parts: Mapping[str, Tensor],
+    *,
+    part_weights: Mapping[str, float] | None = None,
+    batch_normalize: bool = True,
+    eps: Annotated[float, POSITIVE] = 1e-4,
+) -> Tensor:
+    """GDPO, group reward-decoupled normalisation (Liu et al. 2026, arXiv 2601.05242; TRL
+    `multi_objective_aggregation="normalize_then_sum"`): each part of the reward is normalised
+    within its group before the parts are summed, so a part with a small spread is not drowned
+    by one with a large spread, then the sum is normalised over the batch:
+
+        A_n,i = (r_n,i - mean(group of r_n)) / (std(group of r_n) + eps)
+        S_i = sum_n w_n A_n,i,    A_i = (S_i - mean_batch(S)) / (std_batch(S) + eps)
+
+    `parts` are the reward's named parts (e.g. correctness, format); without any, the reward
+    itself is the one part. w_n = `part_weights` (name -> weight; a part not named weighs 1):
+    the weights a reward puts inside its parts cancel in the normalisation. `batch_normalize`
+    false skips the last step: with one part that is exactly `grpo`. Population stds (TRL:
+    Bessel's correction). Parts must add up to the rewards (with the KL in the reward,
+    algorithm.kl.in_reward, they do not: refused).
+
+    Ours: a group whose total rewards all agree gets zeros, as from every estimator here; the
+    paper's formula can give it a small non-zero advantage when three or more parts vary in it
+    with different spreads.
+    """
+    g = grouped(rewards, group_size)
+    parts = dict(parts) or {"reward": rewards}
+    weights = dict(part_weights or {})
+    unknown = sorted(set(weights) - set(parts))
+    if unknown:
+        raise ValueError(
+            f"part_weights names {', '.join(unknown)}: not a part of the reward "
+            f"(its parts: {', '.join(parts)})"
+        )
+    total = sum(part.to(g.dtype).reshape(-1) for part in parts.values())
+    if not torch.allclose(total, g.reshape(-1), rtol=1e-5, atol=1e-6):
+        row = int((total - g.reshape(-1)).abs().argmax())
+        raise ValueError(
+            f"gdpo normalises each part of the reward, but the parts do not add up to the "
+            f"reward at row {row} ({total[row].item()} vs {g.reshape(-1)[row].item()}); "
+            "with algorithm.kl.in_reward the KL penalty is in the reward and in no part"
+        )
+    summed = torch.zeros_like(g)
+    for name, part in parts.items():
+        c = centred(grouped(part.to(g.dtype), group_size))
+        summed = summed + weights.get(name, 1.0) * c / (spread(c) + eps)
+    if batch_normalize:
+        summed = (summed - summed.mean()) / (summed.std(correction=0) + eps)
+    return summed.masked_fill(constant_groups(g), 0.0).reshape(-1)

@@ -62,7 +62,10 @@ def low_var_kl(logp: Tensor, ref: Tensor, old: Tensor) -> Tensor:
 def k3_is(logp: Tensor, ref: Tensor, old: Tensor) -> Tensor:
     """pi / pi_old * k3 (DeepSeek-V3.2, arXiv 2512.02556, section 3.1): the tokens were
     sampled from pi_old, so k3 is reweighted to an unbiased estimate under pi. The weight
-    carries gradient, as in the paper's formula. Equals k3 in value when pi_old = pi."""
+    carries gradient, as in the paper's formula and in TRL's `use_bias_correction_kl` (its
+    ratio is not detached): the expected gradient is then that of KL(pi || pi_ref); detached, it
+    would be that of the reverse KL(pi_ref || pi) (tests/algorithm/test_kl.py). Equals k3 in
+    value when pi_old = pi."""
     return torch.exp(logp - old) * k3(logp, ref, old)
 
 

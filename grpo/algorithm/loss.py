@@ -107,7 +107,11 @@ def _mean_std(values: Tensor) -> tuple[float, float]:
 
 def off_policy_mask(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, delta: float):
     """[B, 1] bool, False for completions with A < 0 whose mean over valid tokens of
-    log(pi_old / pi) exceeds `delta` (DeepSeek-V3.2 off-policy sequence masking)."""
+    log(pi_old / pi) exceeds `delta` (DeepSeek-V3.2 off-policy sequence masking, eq. 9 as TRL
+    `get_off_policy_mask` writes it: the same sign, the same per-completion token mean). TRL
+    takes pi_old from the inference engine when it has one (vLLM), so its mask also sees the
+    engine-vs-trainer mismatch; here pi_old is the trainer's own log-probs of the sampling
+    policy, so only the drift of the optimiser steps counts."""
     drift = _masked_sum((old_logp - logp).detach(), mask, dim=-1) / mask.sum(-1).clamp(min=1)
     return ~((advantages.reshape(-1) < 0) & (drift > delta)).unsqueeze(-1)
 

@@ -303,6 +303,13 @@ def validate_config(cfg: DictConfig) -> None:
         settings = {k: v for k, v in OmegaConf.to_container(node).items() if k != name_key}
         _registry_check(registry, node[name_key], settings, f"{prefix}.name")
     _registry_check(KL_ESTIMATORS, alg.kl.estimator, {}, "algorithm.kl.estimator")
+    _require(
+        not (alg.kl.in_reward and alg.advantage.name == "gdpo"),
+        "algorithm.kl.in_reward",
+        "gdpo normalises each part of the reward and the KL penalty is in none of them: keep the "
+        "KL in the loss (false) or pick another algorithm.advantage",
+        alg.kl.in_reward,
+    )
     _registry_check(AGGREGATIONS, alg.loss.aggregation, {}, "algorithm.loss.aggregation")
 
     world = launched_world_size()

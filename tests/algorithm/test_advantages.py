@@ -86,7 +86,9 @@ def test_grpo_advantages_have_unit_population_variance(group_size):
     torch.testing.assert_close(advantages.std(1, correction=0), torch.ones(5), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["grpo", "batch_std", "no_std"])
+@pytest.mark.parametrize(
+    "name", ["grpo", "batch_std", "no_std", "rloo", "reinforce_pp_baseline", "gdpo"]
+)
 def test_identical_rewards_give_exact_zeros(name):
     # 0.1 repeated eight times: its float32 mean is one ulp away from 0.1, so a naive
     # (r - mean) / (std + eps) would give advantages of about 7e-5 instead of 0.
@@ -163,3 +165,173 @@ def test_bnpo_edge_cases():
     assert torch.isfinite(advantages).all() and torch.equal(advantages[:4], torch.zeros(4))
     with pytest.raises(ValueError, match=r"reward 1.5 at row 1 is outside reward_range"):
         estimate("bnpo", torch.tensor([0.0, 1.5]), 2, {})
+
+
+# ------------------------------------------------------------------ references, written out
+def groups_of(rewards, g: int) -> list[list[float]]:
+    values = rewards.tolist()
+    return [values[i : i + g] for i in range(0, len(values), g)]
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def pstd(xs: list[float]) -> float:
+    m = mean(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs))
+
+
+def float64_rewards(seed: int, groups: int = 5, g: int = 4):
+    """Continuous rewards with two parts; group 1 constant in both parts, group 2 constant in its
+    total only, group 3 with a tie for its best."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.rand(groups * g, generator=gen, dtype=torch.float64)
+    b = 0.3 * torch.rand(groups * g, generator=gen, dtype=torch.float64)
+    a[g : 2 * g], b[g : 2 * g] = 0.5, 0.1
+    a[2 * g : 3 * g] = torch.tensor([0.2, 0.4, 0.6, 0.8], dtype=torch.float64)
+    b[2 * g : 3 * g] = 1.0 - a[2 * g : 3 * g]
+    a[3 * g : 4 * g] = torch.tensor([0.9, 0.1, 0.9, 0.3], dtype=torch.float64)
+    b[3 * g : 4 * g] = 0.0
+    return a + b, {"a": a, "b": b}
+
+
+def rloo_reference(rewards, g: int) -> list[float]:
+    """RLOO (arXiv 2402.14740): r_i minus the mean of the other G-1 rewards of its group."""
+    out = []
+    for group in groups_of(rewards, g):
+        out += [
+            r - sum(group[j] for j in range(g) if j != i) / (g - 1) for i, r in enumerate(group)
+        ]
+    return out
+
+
+def test_rloo_matches_a_float64_reference_and_is_a_rescaled_no_std():
+    rewards, parts = float64_rewards(20)
+    got = estimate("rloo", rewards, 4, parts)
+    expected = torch.tensor(rloo_reference(rewards, 4), dtype=torch.float64)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+    for g in (2, 4, 5):  # A_i = G/(G-1) (r_i - mean(group))
+        r = torch.randn(3 * g, generator=torch.Generator().manual_seed(g), dtype=torch.float64)
+        no_std = estimate("no_std", r, g, {})
+        torch.testing.assert_close(estimate("rloo", r, g, {}), g / (g - 1) * no_std)
+
+
+def reinforce_pp_reference(rewards, g: int, eps: float) -> list[float]:
+    """REINFORCE++-baseline (arXiv 2501.03262): group mean out, then batch whitening; 0 for a
+    group whose rewards agree."""
+    groups = groups_of(rewards, g)
+    x = [r - mean(group) for group in groups for r in group]
+    m, s = mean(x), pstd(x)
+    constant = [max(group) == min(group) for group in groups]
+    return [0.0 if constant[i // g] else (v - m) / (s + eps) for i, v in enumerate(x)]
+
+
+def test_reinforce_pp_baseline_matches_a_float64_reference():
+    rewards, parts = float64_rewards(21)
+    got = estimate_advantages({"name": "reinforce_pp_baseline", "eps": 1e-4}, rewards, 4, parts)
+    expected = torch.tensor(reinforce_pp_reference(rewards, 4, 1e-4), dtype=torch.float64)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+    # Whitened over the batch: mean 0, std 1 (up to eps); unlike batch_std, whose scale is the
+    # std of the raw rewards (it counts the spread of the group means too).
+    tiny = estimate_advantages({"name": "reinforce_pp_baseline", "eps": 1e-12}, rewards, 4, {})
+    assert tiny.mean().item() == pytest.approx(0.0, abs=1e-12)
+    assert tiny.std(correction=0).item() == pytest.approx(1.0, rel=1e-9)
+    batch = estimate_advantages({"name": "batch_std", "eps": 1e-12}, rewards, 4)
+    assert batch.std(correction=0).item() < 0.99
+
+
+def passk_reference(rewards, g: int, divide_by_std: bool, eps: float) -> list[float]:
+    """verl's grpo_passk: r_max - r_second_max for the best of each group, 0 for the others."""
+    out = []
+    for group in groups_of(rewards, g):
+        ranked = sorted(group, reverse=True)
+        gap = ranked[0] - ranked[1]
+        if divide_by_std:
+            gap /= pstd(group) + eps
+        best = group.index(ranked[0])
+        out += [gap if i == best else 0.0 for i in range(g)]
+    return out
+
+
+@pytest.mark.parametrize("divide_by_std", [True, False])
+def test_grpo_passk_matches_a_float64_reference(divide_by_std):
+    rewards, parts = float64_rewards(22)
+    settings = {"name": "grpo_passk", "divide_by_std": divide_by_std, "eps": 1e-4}
+    got = estimate_advantages(settings, rewards, 4, parts)
+    expected = passk_reference(rewards, 4, divide_by_std, 1e-4)
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=0)
+    assert (got != 0).sum() == 2  # one per group, none in the two constant ones and the tied one
+    assert torch.equal(got[12:16], torch.zeros(4, dtype=torch.float64))  # a tie for the best
+
+
+def test_grpo_passk_credits_only_the_best_by_its_margin():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.2, 0.9, 0.5, 0.5])
+    got = estimate_advantages({"name": "grpo_passk", "divide_by_std": False}, rewards, 4)
+    torch.testing.assert_close(got, torch.tensor([1.0] + [0.0] * 8 + [0.4, 0.0, 0.0]))
+
+
+def gdpo_reference(parts: dict, rewards, g: int, weights: dict, batch: bool, eps: float):
+    """GDPO (arXiv 2601.05242): per-part group normalisation, weighted sum, batch whitening;
+    ours: zeros for a group whose total rewards agree."""
+    n = len(rewards)
+    summed = [0.0] * n
+    for name, part in parts.items():
+        for k, group in enumerate(groups_of(part, g)):
+            m, s = mean(group), pstd(group)
+            for j, r in enumerate(group):
+                summed[k * g + j] += weights.get(name, 1.0) * (
+                    0.0 if s == 0 else (r - m) / (s + eps)
+                )
+    if batch:
+        m, s = mean(summed), pstd(summed)
+        summed = [(v - m) / (s + eps) for v in summed]
+    totals = groups_of(rewards, g)
+    return [0.0 if max(totals[i // g]) == min(totals[i // g]) else v for i, v in enumerate(summed)]
+
+
+@pytest.mark.parametrize("batch_normalize", [True, False])
+@pytest.mark.parametrize("weights", [None, {"b": 3.0}])
+def test_gdpo_matches_a_float64_reference(batch_normalize, weights):
+    rewards, parts = float64_rewards(23)
+    parts["c"] = torch.zeros_like(rewards)  # a part constant everywhere adds nothing
+    settings = {"name": "gdpo", "part_weights": weights, "batch_normalize": batch_normalize}
+    got = estimate_advantages(settings, rewards, 4, parts)
+    expected = gdpo_reference(parts, rewards, 4, weights or {}, batch_normalize, 1e-4)
+    torch.testing.assert_close(
+        got, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-14
+    )
+    assert torch.equal(got[4:12], torch.zeros(8, dtype=torch.float64))  # totals agree
+
+
+def test_gdpo_with_one_part_is_group_normalisation():
+    rewards, _ = float64_rewards(24)
+    one = {"correctness": rewards}
+    grpo = estimate_advantages({"name": "grpo"}, rewards, 4)
+    plain = estimate_advantages({"name": "gdpo", "batch_normalize": False}, rewards, 4, one)
+    torch.testing.assert_close(plain, grpo, rtol=1e-15, atol=0)
+    whitened = estimate_advantages({"name": "gdpo"}, rewards, 4, one)
+    torch.testing.assert_close(whitened, (grpo - grpo.mean()) / (grpo.std(correction=0) + 1e-4))
+    # Without parts the reward is the one part.
+    torch.testing.assert_close(estimate_advantages({"name": "gdpo"}, rewards, 4), whitened)
+
+
+def test_gdpo_keeps_apart_reward_combinations_that_grpo_merges():
+    """The paper's point: totals (1 + 0) and (0 + 1) get one advantage from grpo, but their parts
+    differ in spread, so gdpo tells them apart; and scaling a part changes nothing."""
+    a = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    b = torch.tensor([0.0, 1.0, 1.0, 0.0], dtype=torch.float64)
+    grpo = estimate_advantages({"name": "grpo"}, a + b, 4)
+    gdpo = estimate_advantages({"name": "gdpo", "eps": 1e-12}, a + b, 4, {"a": a, "b": b})
+    assert grpo[0] == grpo[1] == grpo[2]
+    assert gdpo[0] > gdpo[1] == gdpo[2] > gdpo[3]
+    scaled = estimate_advantages({"name": "gdpo", "eps": 1e-12}, 5 * a + b, 4, {"a": 5 * a, "b": b})
+    torch.testing.assert_close(scaled, gdpo)
+
+
+def test_gdpo_refuses_unknown_weights_and_parts_that_miss_the_reward():
+    rewards, parts = float64_rewards(25)
+    with pytest.raises(ValueError, match="part_weights names z: not a part of the reward"):
+        estimate_advantages({"name": "gdpo", "part_weights": {"z": 1.0}}, rewards, 4, parts)
+    with pytest.raises(ValueError, match=r"do not add up to the reward at row 3.*kl.in_reward"):
+        estimate_advantages({"name": "gdpo"}, rewards - 0.01 * (torch.arange(20) == 3), 4, parts)

@@ -101,3 +101,26 @@ def test_sequence_penalty_sums_valid_tokens_times_beta():
     expected = 0.5 * torch.where(mask, logp - ref, 0.0).sum(1)
     torch.testing.assert_close(penalty, expected)
     assert penalty[2] == 0
+
+
+def test_importance_weighted_k3_has_the_gradient_of_the_kl_only_with_the_weight_attached():
+    """DeepSeek-V3.2's weight pi / pi_old carries gradient (as TRL's `use_bias_correction_kl`,
+    whose ratio is not detached): the expected gradient over tokens from pi_old is then exactly
+    the gradient of KL(pi || pi_ref). With the weight detached it would be the gradient of the
+    reverse KL(pi_ref || pi) instead (k3's known pathwise gradient)."""
+    gen = torch.Generator().manual_seed(6)
+    logits = torch.randn(6, generator=gen, dtype=torch.float64, requires_grad=True)
+    ref = torch.log_softmax(torch.randn(6, generator=gen, dtype=torch.float64), 0)
+    old = torch.log_softmax(torch.randn(6, generator=gen, dtype=torch.float64), 0)
+    pi = torch.log_softmax(logits, 0)
+
+    def grad(value: torch.Tensor) -> torch.Tensor:
+        return torch.autograd.grad(value, logits, retain_graph=True)[0]
+
+    kl = grad((pi.exp() * (pi - ref)).sum())
+    reverse = grad((ref.exp() * (ref - pi)).sum())
+    expected = grad((old.exp() * KL_ESTIMATORS["k3_is"](pi, ref, old)).sum())
+    detached = torch.exp(pi - old).detach() * KL_ESTIMATORS["k3"](pi, ref, old)
+    torch.testing.assert_close(expected, kl, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad((old.exp() * detached).sum()), reverse, rtol=1e-12, atol=1e-14)
+    assert (kl - reverse).abs().max() > 1e-3

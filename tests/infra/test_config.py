@@ -240,6 +240,10 @@ def test_every_group_refuses_a_missing_option_listing_its_options(group, tmp_pat
             "algorithm.advantage.eps: not a setting of advantage estimator 'no_std'",
         ),
         (
+            ["algorithm/advantage=gdpo", "algorithm.kl.in_reward=true"],
+            "algorithm.kl.in_reward=True: gdpo normalises each part of the reward",
+        ),
+        (
             ["algorithm.policy_loss.clip_ratio=1.5"],
             r"algorithm.policy_loss.clip_ratio=1.5: must be in (0, 1)",
         ),
