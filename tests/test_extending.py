@@ -155,6 +155,10 @@ CONF = Path("conf").resolve()
 request = json.loads(sys.argv[1])
 
 
+def given(question):  # the list of numbers a Countdown question shows
+    return json.loads(question[question.index("[") : question.index("]") + 1])
+
+
 def config(*overrides):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("train", overrides=list(overrides))
@@ -180,7 +184,7 @@ for overrides in request["errors"]:
 # Section 3: the echo penalty, on an arithmetic problem's prompt as the model sees it.
 task = instantiate(config("task=arithmetic", "task.num_train=4", "task.num_test=1").task)
 row = task.test[0]
-right = "#### " + task.ground_truth(row)
+right = task.reference_completion(row)
 echo = instantiate(config("reward=echo_penalty").reward)
 texts = [right, row["question"] + "\n" + right]
 scores = echo(texts, [task.answer(row)] * 2, [task.prompt(row)] * 2)
@@ -198,8 +202,8 @@ out["countdown"] = {
     "sizes": [len(first.train), len(first.test)],
     "seeded": first.train == again.train and first.test == again.test,
     "overlap": len({r["question"] for r in first.train} & {r["question"] for r in first.test}),
-    "own_answers_solve": all(first.correct(first.ground_truth(r), r) for r in rows),
-    "counts": sorted({len(r["question"].split("[")[1].split("]")[0].split(",")) for r in first.train}),
+    "own_answers_solve": all(first.correct(first.reference_completion(r), r) for r in rows),
+    "counts": sorted({len(given(r["question"])) for r in first.train}),
     "totals": reward(texts, [puzzle["answer"]] * len(texts)).total,
     "checks": [first.check(text, puzzle) for text in texts[:2]],
     "prompt": first.prompt(first.test[0]),

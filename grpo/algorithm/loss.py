@@ -139,11 +139,11 @@ class GRPOLoss(nn.Module):
         super().__init__()
         settings = dict(policy_loss or {"name": "clip"})
         self.policy_loss_name = settings.pop("name")
-        POLICY_LOSSES.check(self.policy_loss_name, settings, "policy_loss.name")
+        POLICY_LOSSES.check(self.policy_loss_name, settings, "algorithm.policy_loss.name")
         self.policy_loss = partial(POLICY_LOSSES[self.policy_loss_name], **settings)
         kl = {"coef": 0.04, "estimator": "k3", "in_reward": False, **(kl or {})}
-        KL_ESTIMATORS.check(kl["estimator"], {}, "kl.estimator")
-        AGGREGATIONS.check(aggregation, {}, "aggregation")
+        KL_ESTIMATORS.check(kl["estimator"], {}, "algorithm.kl.estimator")
+        AGGREGATIONS.check(aggregation, {}, "algorithm.loss.aggregation")
         for name, value, ok, rule in (
             ("kl.coef", kl["coef"], kl["coef"] >= 0, ">= 0"),
             ("entropy_coef", entropy_coef, entropy_coef >= 0, ">= 0"),

@@ -49,8 +49,7 @@ def comparison_problems(prompts: list[Row], heldout: list[Row], num_heldout: int
             )
     if num_heldout < 0:
         raise ValueError(f"eval.comparison.num_heldout must be >= 0, got {num_heldout}")
-    fixed = [{"question": str(p["question"]), "answer": str(p["answer"])} for p in prompts]
-    return fixed + list(heldout[:num_heldout])
+    return [dict(p) for p in prompts] + list(heldout[:num_heldout])
 
 
 def model_responses(
@@ -125,32 +124,33 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def format_table(result: dict[str, Any], width: int = 44) -> str:
+def format_table(result: dict[str, Any], width: int = 40) -> str:
     """A plain-text table: per problem the mean score of each model and the first responses."""
     stats = result["comparison_stats"]
     lines = [
         f"model comparison: mean reward of {stats['num_responses_per_prompt']} sampled "
         "responses per prompt",
-        f"  {'#':>2}  {'question':<{width}} {'truth':>7} "
+        f"  {'#':>2}  {'question':<{width}} {'truth':>12} "
         f"{'original':>9} {'trained':>9} {'change':>8}",
     ]
     for i, row in enumerate(result["problems"], start=1):
         before, after = row["original"], row["trained"]
         lines.append(
-            f"  {i:>2}  {_clip(row['question'], width):<{width}} {_clip(row['ground_truth'], 7):>7}"
-            f" {before['avg_score']:9.3f} {after['avg_score']:9.3f} {row['improvement']:+8.3f}"
+            f"  {i:>2}  {_clip(row['question'], width):<{width}}"
+            f" {_clip(row['ground_truth'], 12):>12} {before['avg_score']:9.3f}"
+            f" {after['avg_score']:9.3f} {row['improvement']:+8.3f}"
         )
         for side in ("original", "trained"):
             first = row[side]["responses"][0]["completion"] if row[side]["responses"] else ""
             lines.append(f"        {side:>8}: {_clip(first, width + 30)!r}")
     pct = stats["improvement_percentage"]
     lines.append(
-        f"  {'':>2}  {'average':<{width}} {'':>7} {stats['original_avg_score']:9.3f}"
+        f"  {'':>2}  {'average':<{width}} {'':>12} {stats['original_avg_score']:9.3f}"
         f" {stats['trained_avg_score']:9.3f} {stats['improvement']:+8.3f}"
         + (f" ({pct:+.1f}%)" if pct is not None else "")
     )
     lines.append(
-        f"  {'':>2}  {'accuracy':<{width}} {'':>7} {stats['original_accuracy']:9.3f}"
+        f"  {'':>2}  {'accuracy':<{width}} {'':>12} {stats['original_accuracy']:9.3f}"
         f" {stats['trained_accuracy']:9.3f}"
     )
     return "\n".join(lines)

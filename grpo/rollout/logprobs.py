@@ -70,7 +70,7 @@ def can_share_prompts(model: PreTrainedModel) -> bool:
     """True when `SharedPrompts` can run `model`: Llama/Qwen with the chunked head, a KV cache
     in its forward pass (gradient checkpointing turns the cache off in training), and not
     FSDP-sharded (its ranks must run the same forward and backward passes, untested here)."""
-    checkpointing = model.training and lean.causal_lm(model).is_activation_checkpointing
+    checkpointing = model.training and lean.causal_lm(model).is_gradient_checkpointing
     return _chunked_head(model) and not checkpointing and not distributed.sharded(model)
 
 

@@ -68,6 +68,10 @@ class Task(ABC):
         """The reference answer as a reader wants to see it (sample tables, comparisons)."""
         return self.answer(row)
 
+    def reference_completion(self, row: Row) -> str:
+        """A completion this task counts as right for `row`: what the model should write."""
+        return self.answer(row)
+
     @abstractmethod
     def check(self, completion: str, row: Row) -> dict[str, float]:
         """Per-completion scores for the held-out evaluation, by their `eval/` metric names;

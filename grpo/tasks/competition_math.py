@@ -120,6 +120,9 @@ class CompetitionMath(Task):
     def prompt(self, row: Row) -> str:
         return self.template.format(question=row["question"])
 
+    def reference_completion(self, row: Row) -> str:
+        return f"The answer is $\\boxed{{{row['answer']}}}$."
+
     def check(self, completion: str, row: Row) -> dict[str, float]:
         return {
             "accuracy_strict": float(is_correct(completion, row["answer"], strict=True)),

@@ -6,9 +6,9 @@ max_new_tokens=...)`` and returns a ``RewardOutput``: the ``total`` per completi
 be logged as its breakdown. A subclass implements ``parts(batch)`` on a ``Completions`` batch,
 which also carries the prompts, the completion lengths in tokens and the generation budget.
 The rewards here read GSM8K-format answers (``#### N``, or a bare number) with the same
-``extract_answer`` as the completions; other tasks bring their own (``grpo.tasks.math``).
-Constructor arguments are plain numbers and strings so Hydra can build each reward from its
-``_target_``.
+``extract_answer`` as the completions; other tasks bring their own
+(``grpo.tasks.competition_math``). Constructor arguments are plain numbers and strings so Hydra
+can build each reward from its ``_target_``.
 """
 
 from __future__ import annotations

@@ -85,10 +85,7 @@ def test_every_task_builds_and_its_default_reward_pays_the_right_answer(option, 
     assert isinstance(task, Task) and task.train and task.test
     reward = instantiate(cfg.reward)
     row = task.test[0]
-    if option == "math":
-        right = f"$\\boxed{{{row['answer']}}}$"
-    else:
-        right = f"#### {task.ground_truth(row)}"
+    right = task.reference_completion(row)
     answer = task.answer(row)
     assert reward([right], [answer]).total[0] > reward(["?"], [answer]).total[0]
     assert task.correct(right, row) and task.check(right, row)["accuracy_strict"] == 1.0
