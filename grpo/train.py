@@ -39,6 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from grpo.algorithm.advantages import estimate_advantages
 from grpo.algorithm.dynamic_sampling import sample_groups
+from grpo.algorithm.loss import GRPOLoss
 from grpo.algorithm.update import no_grad_logprobs, policy_update, reward_kl_penalty
 from grpo.batch import ScoredRollout
 from grpo.evaluation.comparison import compare_models
@@ -51,6 +52,7 @@ from grpo.model.loading import Policy
 from grpo.model.reference import Reference
 from grpo.rollout.generation import generate, render_prompts
 from grpo.rollout.sampler import GroupedSampler
+from grpo.rollout.vllm_engine import VLLMEngine
 from grpo.tasks.base import Task
 from grpo.tasks.rewards import Reward
 
@@ -70,7 +72,12 @@ def resolve_device(device: str) -> str:
 
 
 def sample_and_score(
-    task: Task, sampler: GroupedSampler, policy: Policy, reward_fn: Reward, rollout: DictConfig
+    task: Task,
+    sampler: GroupedSampler,
+    policy: Policy,
+    reward_fn: Reward,
+    rollout: DictConfig,
+    with_logprobs: bool,
 ) -> ScoredRollout:
     """Steps 1-3: take the next prompts, generate G completions each (rows grouped), score."""
     rows = [task.train[i] for i in next(sampler).prompt_indices]
@@ -90,6 +97,8 @@ def sample_and_score(
         stop_pattern=task.stop_pattern,
         min_new_tokens=rollout.min_new_tokens,
         backend=rollout.backend,
+        engine=policy.engine,
+        with_logprobs=with_logprobs,
     )
     generate_s = time.perf_counter() - start
     scores = reward_fn(
@@ -100,6 +109,19 @@ def sample_and_score(
         rollout.max_new_tokens,
     )
     return ScoredRollout(rows, generated, scores, generate_s)
+
+
+def build_loss(cfg: DictConfig) -> GRPOLoss:
+    """`algorithm.loss` with its policy loss, KL and rollout correction, and the generation
+    budget (Dr. GRPO's constant)."""
+    alg = cfg.algorithm
+    return instantiate(
+        alg.loss,
+        policy_loss=alg.policy_loss,
+        kl=alg.kl,
+        rollout_correction=alg.rollout_correction,
+        max_completion_length=cfg.rollout.max_new_tokens,
+    )
 
 
 def train(cfg: DictConfig, run_dir: Path) -> float:
@@ -119,9 +141,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     task = instantiate(cfg.task)
     reward_fn = instantiate(cfg.reward)
     evaluator = instantiate(cfg.eval.heldout, task=task, rollout=ro)
-    loss_fn = instantiate(
-        alg.loss, policy_loss=alg.policy_loss, kl=alg.kl, max_completion_length=ro.max_new_tokens
-    )
+    loss_fn = build_loss(cfg)
     sampler = instantiate(
         alg.sampler,
         num_prompts=len(task.train),
@@ -132,6 +152,13 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         world_size=distributed.world_size(),
     )
     policy = instantiate(cfg.model, device=device)
+    if ro.backend == "vllm":  # colocated: fed the policy's weights after every step
+        policy.engine = VLLMEngine(
+            policy.checkpoint,
+            cfg.model.dtype,
+            ro.max_prompt_length + ro.max_new_tokens,
+            **ro.vllm,
+        )
     reference = None
     if alg.kl.coef > 0:
         reference = Reference(
@@ -151,7 +178,8 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         run_config=OmegaConf.to_container(cfg, resolve=True),
     )
     ckpt = Checkpointer(run_dir, tr, policy, optimizer, scheduler, sampler, logger, reference)
-    draw = partial(sample_and_score, task, sampler, policy, reward_fn, ro)
+    with_logprobs = alg.rollout_correction.name != "none"  # vLLM keeps them always
+    draw = partial(sample_and_score, task, sampler, policy, reward_fn, ro, with_logprobs)
     size = micro_batch_size(cfg)
     logprob_settings = {
         "temperature": ro.temperature,
@@ -173,10 +201,12 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         with distributed.gathered(policy.model):  # FSDP: whole weights; ranks split the rows
             return distributed.evaluate(evaluator, policy, task.test, reward_fn)
 
+    if resume is not None:  # weights, optimizer, scheduler, sampler, RNG: continues exactly
+        start_step, before = ckpt.restore(resume)
+    if policy.engine is not None:
+        policy.engine.sync(policy.model)
     if resume is None:
         start_step, before = 0, run_eval()  # kept in summary.json, not a step of metrics.jsonl
-    else:  # weights, optimizer, scheduler, sampler, RNG: continues exactly
-        start_step, before = ckpt.restore(resume)
     after: dict[str, float] = {}
     ckpt.catch_signals()  # SIGTERM/SIGINT: finish the step, checkpoint, exit
     for step in range(start_step + 1, tr.max_steps + 1):
@@ -208,6 +238,8 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             reference.maybe_update(step)
         scheduler.step()
         t3 = time.perf_counter()
+        if policy.engine is not None:  # the next generation samples from the updated policy
+            stats["weight_sync_s"] = policy.engine.sync(policy.model)
         # 6. Log, evaluate, checkpoint.
         metrics = step_metrics(stats, batch, g, scheduler, trainable, sampler, (t0, t1, t2, t3))
         if step == tr.max_steps or (cfg.eval.every and step % cfg.eval.every == 0):

@@ -17,7 +17,7 @@ from grpo.algorithm.update import no_grad_logprobs, policy_update
 from grpo.model.reference import Reference
 from grpo.rollout.generation import generate, render_prompts
 from grpo.rollout.logprobs import token_logprobs
-from grpo.train import train
+from grpo.train import build_loss, train
 
 
 def without_timing(metrics: list[dict]) -> list[dict]:
@@ -120,8 +120,7 @@ def test_an_update_changes_trainable_weights_only_and_never_the_reference(lora):
     ref_before = reference(rollout)
     params = dict(policy.model.named_parameters())
     before = {name: p.detach().clone() for name, p in params.items()}
-    alg = cfg.algorithm
-    loss_fn = instantiate(alg.loss, policy_loss=alg.policy_loss, kl=alg.kl)
+    loss_fn = build_loss(cfg)
     scores = no_grad_logprobs(policy, reference, rollout, loss_fn, 1.0, 8, True, False)
     optimizer = torch.optim.AdamW([p for p in params.values() if p.requires_grad], 1e-2)
     policy_update(policy, rollout, advantages, scores, loss_fn, optimizer, 8, 1.0, 1.0)

@@ -10,6 +10,11 @@ For token t of completion i, with advantage A_i broadcast over its tokens:
   in the reward (`algorithm.kl.in_reward`);
 - `H_t` the token entropy, an optional bonus.
 
+The rollout-vs-training correction (`ROLLOUT_CORRECTIONS`, `algorithm.rollout_correction`)
+weights each token's policy loss by a truncated or masked ratio between the training pass and the
+engine that sampled (given as `sampling_logprobs`); off (`none`) by default, the mismatch is then
+only logged.
+
 Token selection, both off by default: `top_entropy_quantile` rho < 1 gives policy gradient only
 to the rho fraction of valid tokens with the highest entropy in the batch (Wang et al. 2025,
 arXiv 2506.01939; the caller passes that `selected` mask); `off_policy_mask_threshold` delta
@@ -37,6 +42,7 @@ from torch import Tensor, nn
 
 from grpo.algorithm.kl import KL_ESTIMATORS
 from grpo.algorithm.policy_losses import POLICY_LOSSES
+from grpo.algorithm.rollout_correction import ROLLOUT_CORRECTIONS, mismatch_stats
 from grpo.registry import Registry
 
 AGGREGATIONS = Registry("aggregation")
@@ -130,6 +136,7 @@ class GRPOLoss(nn.Module):
         self,
         policy_loss: Mapping[str, Any] | None = None,
         kl: Mapping[str, Any] | None = None,
+        rollout_correction: Mapping[str, Any] | None = None,
         aggregation: str = "seq_mean_token_mean",
         entropy_coef: float = 0.0,
         top_entropy_quantile: float = 1.0,
@@ -141,6 +148,12 @@ class GRPOLoss(nn.Module):
         self.policy_loss_name = settings.pop("name")
         POLICY_LOSSES.check(self.policy_loss_name, settings, "algorithm.policy_loss.name")
         self.policy_loss = partial(POLICY_LOSSES[self.policy_loss_name], **settings)
+        correction = dict(rollout_correction or {"name": "none"})
+        self.correction_name = correction.pop("name")
+        ROLLOUT_CORRECTIONS.check(
+            self.correction_name, correction, "algorithm.rollout_correction.name"
+        )
+        self.correction = partial(ROLLOUT_CORRECTIONS[self.correction_name], **correction)
         kl = {"coef": 0.04, "estimator": "k3", "in_reward": False, **(kl or {})}
         KL_ESTIMATORS.check(kl["estimator"], {}, "algorithm.kl.estimator")
         AGGREGATIONS.check(aggregation, {}, "algorithm.loss.aggregation")
@@ -217,14 +230,15 @@ class GRPOLoss(nn.Module):
         num_sequences: int | None = None,
         num_tokens: int | None = None,
         selected: Tensor | None = None,
-        weights: Tensor | None = None,
+        sampling_logprobs: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
         """Scalar loss over a (micro-)batch and its statistics as python floats.
 
-        Shapes: logprobs, old_logprobs, ref_logprobs, mask, entropy, selected, weights [B, T];
-        advantages [B]. old_logprobs=None means on-policy (ratio 1 in value, gradient of logp
-        kept). `selected`: tokens that get policy gradient (top-entropy selection); `weights`:
-        per-token factors on the policy loss (the rollout-vs-training correction).
+        Shapes: logprobs, old_logprobs, ref_logprobs, mask, entropy, selected,
+        sampling_logprobs [B, T]; advantages [B]. old_logprobs=None means on-policy (ratio 1 in
+        value, gradient of logp kept). `selected`: tokens that get policy gradient (top-entropy
+        selection); `sampling_logprobs`: the generating engine's log-probs of the tokens (the
+        rollout-vs-training correction and its mismatch statistics).
         num_sequences / num_tokens: totals over the optimiser batch; None uses this batch's.
         Loss-valued stats (total_loss, policy_loss, kl_penalty, entropy_bonus) use the same
         normalisers, so they too add up over micro-batches; token stats are over valid tokens.
@@ -235,7 +249,7 @@ class GRPOLoss(nn.Module):
             "mask": mask,
             "entropy": entropy,
             "selected": selected,
-            "weights": weights,
+            "sampling_logprobs": sampling_logprobs,
         }
         self._check_inputs(logprobs, per_token_inputs, advantages)
         mask = mask.bool()
@@ -257,7 +271,9 @@ class GRPOLoss(nn.Module):
             ).expand_as(mask)
         if selected is not None and self.selects_tokens:
             gradient = selected.bool() if gradient is None else gradient & selected.bool()
-        if weights is not None:
+        weights = None
+        if sampling_logprobs is not None:
+            weights = self.correction(old_logprobs, sampling_logprobs, mask)
             policy_loss = policy_loss * weights
         if gradient is not None:
             policy_loss = torch.where(gradient, policy_loss, 0.0)
@@ -284,6 +300,10 @@ class GRPOLoss(nn.Module):
             stats["clip_fraction"] = region[mask].double().mean().item()
             if gradient is not None:
                 stats["masked_fraction"] = (~gradient[mask]).double().mean().item()
+            if sampling_logprobs is not None:
+                stats.update(mismatch_stats(old_logprobs, sampling_logprobs, mask))
+                changed = (weights != 1).expand_as(mask)[mask]
+                stats["rollout_corrected_fraction"] = changed.double().mean().item()
             if kl is not None:
                 stats["kl_penalty"] = aggregate(self.kl_coef * kl).item()
                 stats["kl_mean"], stats["kl_std"] = _mean_std(kl[mask])

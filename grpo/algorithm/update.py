@@ -110,13 +110,15 @@ def normalisers(mask: torch.Tensor) -> dict[str, int]:
     return distributed.sum_over_ranks(counts)
 
 
-def _rows(scores: TokenScores, rows: slice) -> dict[str, torch.Tensor | None]:
+def _rows(scores: TokenScores, rollout: Rollout, rows: slice) -> dict[str, torch.Tensor | None]:
     """The loss's per-token inputs for rows `rows`."""
-    return {
-        "old_logprobs": None if scores.old is None else scores.old[rows],
-        "ref_logprobs": None if scores.ref is None else scores.ref[rows],
-        "selected": None if scores.selected is None else scores.selected[rows],
+    per_token = {
+        "old_logprobs": scores.old,
+        "ref_logprobs": scores.ref,
+        "selected": scores.selected,
+        "sampling_logprobs": rollout.sampling_logprobs,
     }
+    return {k: None if v is None else v[rows] for k, v in per_token.items()}
 
 
 def policy_update(
@@ -161,7 +163,7 @@ def policy_update(
                     advantages[rows],
                     mask[rows],
                     norm,
-                    _rows(scores, rows),
+                    _rows(scores, rollout, rows),
                     loss_fn,
                     optimizer,
                     micro_batch_size,

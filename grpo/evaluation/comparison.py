@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -158,10 +159,11 @@ def format_table(result: dict[str, Any], width: int = 40) -> str:
 
 @contextmanager
 def original_model(policy: Policy, load_original: Callable[[], Policy]) -> Iterator[Policy]:
-    """The model before training: adapters off (LoRA), or `load_original()` (full fine-tune)."""
+    """The model before training: adapters off (LoRA), or `load_original()` (full fine-tune);
+    without the policy's generation engine, which holds the trained weights."""
     if policy.uses_lora:
         with policy.model.disable_adapter():
-            yield policy
+            yield replace(policy, engine=None)
     else:
         yield load_original()
 

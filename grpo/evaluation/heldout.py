@@ -121,6 +121,11 @@ class Evaluator:
         self.temperature = temperature
         self.top_p = top_p
 
+    def backend_for(self, policy: Policy) -> str:
+        """The rollout's backend; but the vLLM engine holds the policy's weights only, so
+        another model (the comparison's original) is decoded by the lean decoder."""
+        return "lean" if self.backend == "vllm" and policy.engine is None else self.backend
+
     @torch.no_grad()
     def complete(
         self, policy: Policy, rows: list[Row], n: int = 1, sample: bool = False
@@ -153,7 +158,12 @@ class Evaluator:
                 top_p=self.top_p,
                 do_sample=sample,
                 stop_pattern=self.task.stop_pattern,
-                backend=self.backend,
+                # The engine holds the policy's weights; another model (the comparison's
+                # original) is decoded by the lean decoder.
+                backend="lean"
+                if self.backend == "vllm" and policy.engine is None
+                else self.backend,
+                engine=policy.engine,
             )
             texts += rollout.texts
             lengths += rollout.lengths.tolist()

@@ -82,6 +82,7 @@ class ModelSchema:
     dtype: Dtype = MISSING
     load_in_4bit: bool = MISSING
     gradient_checkpointing: bool = MISSING
+    lm_head_fp32: bool = MISSING
     lora: LoraSchema = field(default_factory=LoraSchema)
     tokenizer: TokenizerSchema = field(default_factory=TokenizerSchema)
 
@@ -125,6 +126,7 @@ class AlgorithmSchema:
     num_responses_per_prompt: int = MISSING
     policy_loss: dict[str, Any] = MISSING
     advantage: dict[str, Any] = MISSING
+    rollout_correction: dict[str, Any] = MISSING
     kl: KLSchema = field(default_factory=KLSchema)
     loss: LossSchema = field(default_factory=LossSchema)
     update_epochs: int = MISSING
@@ -136,6 +138,14 @@ class AlgorithmSchema:
 
 
 @dataclass
+class VLLMSchema:
+    kv_cache_gib: float = MISSING
+    gpu_memory_utilization: float = MISSING
+    enforce_eager: bool = MISSING
+    sleep: bool = MISSING
+
+
+@dataclass
 class RolloutSchema:
     backend: Backend = MISSING
     temperature: float = MISSING
@@ -144,6 +154,7 @@ class RolloutSchema:
     max_new_tokens: int = MISSING
     min_new_tokens: int = MISSING
     max_prompt_length: int = MISSING
+    vllm: VLLMSchema = field(default_factory=VLLMSchema)
 
 
 @dataclass
@@ -259,6 +270,8 @@ RANGES: list[tuple[str, str, Any]] = [
     ("rollout.max_new_tokens", "must be > 0", lambda v: v > 0),
     ("rollout.min_new_tokens", "must be >= 0", lambda v: v >= 0),
     ("rollout.max_prompt_length", "must be > 0", lambda v: v > 0),
+    ("rollout.vllm.kv_cache_gib", "must be > 0", lambda v: v > 0),
+    ("rollout.vllm.gpu_memory_utilization", "must be in (0, 1)", lambda v: 0 < v < 1),
     ("trainer.learning_rate", "must be > 0", lambda v: v > 0),
     ("trainer.batch_size", "must be >= 1", lambda v: v >= 1),
     ("trainer.max_steps", "must be >= 1", lambda v: v >= 1),
@@ -285,6 +298,7 @@ def validate_config(cfg: DictConfig) -> None:
     from grpo.algorithm.kl import KL_ESTIMATORS
     from grpo.algorithm.loss import AGGREGATIONS
     from grpo.algorithm.policy_losses import POLICY_LOSSES
+    from grpo.algorithm.rollout_correction import ROLLOUT_CORRECTIONS
 
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
@@ -293,15 +307,16 @@ def validate_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         _require(test(value), key, why, value)
     alg, tr, ro = cfg.algorithm, cfg.trainer, cfg.rollout
-    for registry, node, name_key in (
-        (POLICY_LOSSES, alg.policy_loss, "name"),
-        (ADVANTAGE_ESTIMATORS, alg.advantage, "name"),
+    for registry, prefix in (
+        (POLICY_LOSSES, "algorithm.policy_loss"),
+        (ADVANTAGE_ESTIMATORS, "algorithm.advantage"),
+        (ROLLOUT_CORRECTIONS, "algorithm.rollout_correction"),
     ):
-        prefix = "algorithm.policy_loss" if registry is POLICY_LOSSES else "algorithm.advantage"
-        if name_key not in node:
+        node = OmegaConf.to_container(OmegaConf.select(cfg, prefix))
+        if "name" not in node:
             raise ConfigError(f"{prefix}.name: missing; registered: {', '.join(registry)}")
-        settings = {k: v for k, v in OmegaConf.to_container(node).items() if k != name_key}
-        _registry_check(registry, node[name_key], settings, f"{prefix}.name")
+        settings = {k: v for k, v in node.items() if k != "name"}
+        _registry_check(registry, node["name"], settings, f"{prefix}.name")
     _registry_check(KL_ESTIMATORS, alg.kl.estimator, {}, "algorithm.kl.estimator")
     _require(
         not (alg.kl.in_reward and alg.advantage.name == "gdpo"),
@@ -362,6 +377,14 @@ def validate_config(cfg: DictConfig) -> None:
         )
         every = alg.reference_update.every
         _require(every == 0, "algorithm.reference_update.every", why, every)
+    if ro.backend == Backend.vllm:
+        from grpo.rollout import vllm_engine
+
+        _require(vllm_engine.available(), "rollout.backend", vllm_engine.INSTALL_HINT, "vllm")
+        why = "the engine serves one process for now: run vLLM without torchrun"
+        _require(world == 1, "rollout.backend", why, "vllm")
+        why = "vLLM is fed full-precision weights: no 4-bit base with rollout.backend=vllm"
+        _require(not model.load_in_4bit, "model.load_in_4bit", why, model.load_in_4bit)
     if tr.strategy == Strategy.fsdp and world > 1:
         why = "FSDP shards whole weights only in fp32 or bf16 without 4-bit quantization"
         _require(not model.load_in_4bit, "trainer.strategy", why, tr.strategy)

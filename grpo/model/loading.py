@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -38,6 +40,8 @@ class Policy:
     tokenizer: PreTrainedTokenizerBase
     use_chat_template: bool
     uses_lora: bool
+    checkpoint: str = ""  # the folder or hub id it was loaded from
+    engine: Any = None  # a generation engine fed its weights (rollout.backend=vllm), or None
 
 
 def _cached_build(folder: Path, build: Callable[[Path], None]) -> str:
@@ -141,6 +145,18 @@ def tiny_checkpoint(
     return _cached_build(Path(cache_dir).expanduser() / name, build)
 
 
+class Float32Head(nn.Linear):
+    """An LM head that computes its logits in float32 from lower-precision weights (ScaleRL,
+    arXiv 2510.13786: FP32 at the LM head; TRL `cast_lm_head_to_fp32`): the weights stay as
+    they are (tied ones stay tied); the products and log-probs are float32."""
+
+    float32 = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(x.float(), self.weight.float(), bias)
+
+
 def load_tokenizer(checkpoint: str, padding_side: str = "left") -> PreTrainedTokenizerBase:
     """The checkpoint's tokenizer, left-padded for batched generation, with a pad token."""
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
@@ -155,6 +171,7 @@ def load_policy(
     dtype: str = "float32",
     load_in_4bit: bool = False,
     gradient_checkpointing: bool = False,
+    lm_head_fp32: bool = False,
     lora: dict[str, Any] | None = None,
     tokenizer: dict[str, Any] | None = None,
     device: str = "cpu",
@@ -162,7 +179,8 @@ def load_policy(
     """Load the policy from `checkpoint`; optionally 4-bit NF4 (QLoRA) and LoRA adapters.
 
     `lora` holds `enabled`, `r`, `alpha`, `dropout`, `target_modules` (peft's LoraConfig);
-    `tokenizer` holds `padding_side` and `use_chat_template`.
+    `tokenizer` holds `padding_side` and `use_chat_template`; `lm_head_fp32` makes the LM head a
+    `Float32Head` (float32 logits from bf16 or fp16 weights).
     """
     tok_cfg = dict(tokenizer or {})
     use_chat_template = bool(tok_cfg.pop("use_chat_template", False))
@@ -182,6 +200,8 @@ def load_policy(
     model = AutoModelForCausalLM.from_pretrained(checkpoint, **kwargs)
     if not load_in_4bit:
         model.to(device)
+    if lm_head_fp32 and isinstance(model.get_output_embeddings(), nn.Linear):
+        model.get_output_embeddings().__class__ = Float32Head  # same parameters, float32 math
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
     lora = dict(lora or {})
@@ -206,4 +226,4 @@ def load_policy(
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    return Policy(model, tok, use_chat_template, uses_lora)
+    return Policy(model, tok, use_chat_template, uses_lora, checkpoint)

@@ -1,24 +1,29 @@
 """Rollouts: render prompts and sample G completions per prompt (log-probs: `logprobs.py`).
 
-Generation uses `grpo.rollout.lean` (a lean decoder for Llama/Qwen models, same greedy tokens)
-or transformers' `generate` (KV cache, sampling, left padding). A completion ends at EOS, at an
-optional stop pattern (e.g. the `#### N` answer line), or at `max_new_tokens`, in which case it
-is marked truncated. Its mask covers exactly the tokens the policy sampled, the EOS included.
+Three backends (`rollout.backend`): `lean`, the lean decoder of `grpo.rollout.lean` for
+Llama/Qwen models (the same greedy tokens as transformers, less overhead per token; other models
+fall back to `generate`); `transformers`, its `generate` (KV cache, sampling, left padding);
+`vllm`, vLLM's engine in this process (`grpo.rollout.vllm_engine`). A completion ends at EOS, at
+an optional stop pattern (e.g. the `#### N` answer line), or at `max_new_tokens`, in which case
+it is marked truncated. Its mask covers exactly the tokens the policy sampled, the EOS included.
+With `with_logprobs` (always with vLLM) the rollout keeps each sampled token's log-prob under the
+generating backend, for the rollout-vs-training correction.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria
 
 from grpo.batch import Rollout
-from grpo.rollout import lean
+from grpo.rollout import lean, vllm_engine
 from grpo.tasks.base import Row, Task
 
-BACKENDS = ("lean", "transformers")
+BACKENDS = ("lean", "transformers", "vllm")
 
 
 def render_prompts(
@@ -72,13 +77,11 @@ def generate(
     stop_pattern: str | None = None,
     min_new_tokens: int = 0,
     backend: str = "lean",
+    engine: Any = None,
+    with_logprobs: bool = False,
 ) -> Rollout:
-    """Sample `num_return_sequences` completions per prompt, rows grouped by prompt.
-
-    `backend`: "lean" decodes with `grpo.lean.sample` where it supports the model
-    (same greedy tokens as transformers, less overhead per token), else with transformers'
-    `generate`; "transformers" always uses `generate`.
-    """
+    """Sample `num_return_sequences` completions per prompt, rows grouped by prompt, with
+    `backend` (see the module docstring; "vllm" needs the policy's `engine`)."""
     if backend not in BACKENDS:
         raise ValueError(f"rollout.backend={backend!r}: expected one of {', '.join(BACKENDS)}")
     device = next(model.parameters()).device
@@ -90,12 +93,32 @@ def generate(
         truncation=True,
         max_length=max_prompt_length,
     ).to(device)
+    if backend == "vllm":
+        if engine is None:
+            raise ValueError("rollout.backend=vllm: the policy has no vLLM engine")
+        sampled = engine.generate(
+            tokenizer,
+            enc.input_ids,
+            enc.attention_mask,
+            num_return_sequences,
+            max_new_tokens,
+            temperature,
+            top_p,
+            top_k,
+            do_sample,
+            stop_pattern,
+            min_new_tokens,
+        )
+        return vllm_engine.to_rollout(
+            tokenizer, enc.input_ids, enc.attention_mask, num_return_sequences, *sampled
+        )
     prompt_ids = enc.input_ids.repeat_interleave(num_return_sequences, 0)
     prompt_mask = enc.attention_mask.repeat_interleave(num_return_sequences, 0)
     prompt_len = prompt_ids.shape[1]
     stop = StopOnPattern(tokenizer, stop_pattern, prompt_len) if stop_pattern else None
+    logprobs = None
     if backend == "lean" and lean.supports(model):
-        out, _ = lean.sample(
+        out, logprobs = lean.sample(
             model,
             enc.input_ids,
             enc.attention_mask,
@@ -107,12 +130,13 @@ def generate(
             top_p,
             do_sample,
             stop,
+            with_logprobs=with_logprobs,
             num_return_sequences=num_return_sequences,
             top_k=top_k,
         )
     else:
         sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
-        out = model.generate(
+        generated = model.generate(
             input_ids=prompt_ids,
             attention_mask=prompt_mask,
             max_new_tokens=max_new_tokens,
@@ -122,8 +146,14 @@ def generate(
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
             use_cache=True,
+            return_dict_in_generate=True,
+            output_scores=with_logprobs,
             **sampling,
         )
+        out = generated.sequences
+        if with_logprobs:  # the processed scores: the distribution each token was drawn from
+            scores = torch.stack(generated.scores, 1).float().log_softmax(-1)
+            logprobs = scores.gather(-1, out[:, prompt_len:, None])[..., 0]
     completion_ids = out[:, prompt_len:]
     lengths, truncated = _completion_lengths(
         completion_ids, tokenizer.eos_token_id, stop.stopped_at if stop else {}
@@ -132,6 +162,8 @@ def generate(
     completion_mask = (positions[None, :] < lengths[:, None]).long()
     completion_ids = completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    if logprobs is not None:
+        logprobs = torch.where(completion_mask.bool(), logprobs, 0.0)
     return Rollout(
         prompt_ids,
         prompt_mask,
@@ -140,6 +172,7 @@ def generate(
         truncated,
         texts,
         tokenizer.pad_token_id,
+        logprobs,
     )
 
 

@@ -243,13 +243,13 @@ def _padded(
 
 
 def _chunked_head(model: PreTrainedModel) -> bool:
-    """True for models whose LM head `_ChunkedLogProbs` can run (Llama/Qwen, a plain Linear
-    whose weight is whole: an FSDP-sharded head runs inside the model's forward instead)."""
+    """True for models whose LM head `_ChunkedLogProbs` can run (Llama/Qwen, a Linear whose
+    weight is whole: an FSDP-sharded head runs inside the model's forward instead)."""
     lm = lean.causal_lm(model)
     head = lm.get_output_embeddings()
     return (
         lm.config.model_type in lean.SUPPORTED_MODEL_TYPES
-        and type(head) is nn.Linear
+        and isinstance(head, nn.Linear)
         and not distributed.sharded(head.weight)
     )
 
@@ -282,8 +282,11 @@ def _head_logprobs(
     head = lean.causal_lm(model).get_output_embeddings()
     valid = mask.bool()
     rows = max(1, chunk_logits // head.out_features) if chunk_logits else int(valid.sum())
+    states, weight = hidden[valid], head.weight
+    if getattr(head, "float32", False):  # grpo.model.loading.Float32Head: logits in float32
+        states, weight = states.float(), weight.float()
     logp, entropy = _ChunkedLogProbs.apply(
-        hidden[valid], head.weight, ids[valid], temperature, with_entropy, rows
+        states, weight, ids[valid], temperature, with_entropy, rows
     )
     logp = hidden.new_zeros(valid.shape, dtype=torch.float32).masked_scatter(valid, logp)
     if not with_entropy:

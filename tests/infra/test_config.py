@@ -21,6 +21,7 @@ from grpo.algorithm.advantages import ADVANTAGE_ESTIMATORS
 from grpo.algorithm.kl import KL_ESTIMATORS
 from grpo.algorithm.loss import AGGREGATIONS, GRPOLoss
 from grpo.algorithm.policy_losses import POLICY_LOSSES
+from grpo.algorithm.rollout_correction import ROLLOUT_CORRECTIONS
 from grpo.infra.config import (
     RANGES,
     ConfigError,
@@ -32,7 +33,7 @@ from grpo.infra.config import (
 from grpo.rollout.sampler import GroupedSampler
 from grpo.tasks.base import Task
 from grpo.tasks.rewards import Reward
-from grpo.train import train
+from grpo.train import build_loss, train
 
 # A checkpoint that does not exist: a run that got as far as loading the model would fail there.
 NO_MODEL = ("model=tiny", "model.checkpoint=/no/such/model")
@@ -43,6 +44,7 @@ def options(group: str) -> list[str]:
 
 
 GROUPS = ["model", "reward", "algorithm", "algorithm/policy_loss", "algorithm/advantage"]
+GROUPS += ["algorithm/rollout_correction"]
 GROUPS += ["rollout", "trainer", "logging", "eval", "experiment"]
 
 
@@ -52,12 +54,7 @@ GROUPS += ["rollout", "trainer", "logging", "eval", "experiment"]
 def test_every_option_composes_and_passes_the_checks(override):
     cfg = compose_config(override)
     validate_config(cfg)
-    loss = instantiate(
-        cfg.algorithm.loss,
-        policy_loss=cfg.algorithm.policy_loss,
-        kl=cfg.algorithm.kl,
-        max_completion_length=cfg.rollout.max_new_tokens,
-    )
+    loss = build_loss(cfg)
     assert isinstance(loss, GRPOLoss)
     assert isinstance(instantiate(cfg.reward), Reward)
     sampler = instantiate(cfg.algorithm.sampler, num_prompts=10, batch_size=2, group_size=2)
@@ -131,9 +128,7 @@ def test_a_paper_pairing_of_algorithm_and_reward_is_an_experiment():
 def test_dapo_with_a_kl_term_is_one_setting_the_loss_and_the_reference_share():
     cfg = compose_config("algorithm=dapo", "algorithm.kl.coef=0.04")
     validate_config(cfg)
-    loss = instantiate(
-        cfg.algorithm.loss, policy_loss=cfg.algorithm.policy_loss, kl=cfg.algorithm.kl
-    )
+    loss = build_loss(cfg)
     assert (
         loss.kl_coef == 0.04 and cfg.algorithm.kl.coef == 0.04
     )  # train builds the reference from it
@@ -165,6 +160,7 @@ def choice_keys() -> dict[str, list[str]]:
 
 
 REGISTRY_KEYS = {
+    "algorithm.rollout_correction.name": ROLLOUT_CORRECTIONS,
     "algorithm.policy_loss.name": POLICY_LOSSES,
     "algorithm.advantage.name": ADVANTAGE_ESTIMATORS,
     "algorithm.kl.estimator": KL_ESTIMATORS,

