@@ -114,8 +114,15 @@ def test_seeded_sampling_reproduces(policy):
     for _ in range(2):
         torch.manual_seed(5)
         runs.append(
-            generate(policy.model, policy.tokenizer, prompts(policy), 4, 16, backend="vllm",
-                     engine=policy.engine).completion_ids  # fmt: skip
+            generate(
+                policy.model,
+                policy.tokenizer,
+                prompts(policy),
+                4,
+                16,
+                backend="vllm",
+                engine=policy.engine,
+            ).completion_ids  # fmt: skip
         )
     assert torch.equal(*runs)
 
