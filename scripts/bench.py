@@ -19,6 +19,7 @@ SmolLM2 step as a multiple of its FLOP floor, and how our step time grows with G
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -55,6 +56,7 @@ class Workload:
     micro_batch: int = 8  # ours: completions per forward/backward (memory vs. speed)
     share_prompts: bool = True  # ours: each prompt's pass shared by its G completions
     offload_reference: bool = False  # ours: the frozen reference waits in a file (full FT)
+    backend: str = "lean"  # ours: rollout.backend (vllm: the engine in the process)
 
     @property
     def completions(self) -> int:
@@ -71,7 +73,17 @@ SMOLLM2 = Workload(
 SMOLLM2_LORA = replace(
     SMOLLM2, name="smollm2-lora", lora=True, micro_batch=4, offload_reference=False
 )
-WORKLOADS = {w.name: w for w in (TINY, SMOLLM2, SMOLLM2_LORA)}
+# vLLM rows (make install-vllm): our step with vLLM generating, the weight sync in the split.
+SMOLLM2_VLLM = replace(SMOLLM2, name="smollm2-vllm", backend="vllm")
+SMOLLM2_LORA_VLLM = replace(SMOLLM2_LORA, name="smollm2-lora-vllm", backend="vllm")
+WORKLOADS = {w.name: w for w in (TINY, SMOLLM2, SMOLLM2_LORA, SMOLLM2_VLLM, SMOLLM2_LORA_VLLM)}
+# Under --avx2 every worker runs with AVX2 kernels (the closest an AVX-512 machine gets to an
+# AVX2-only one): ATen's CPU dispatch, MKL's and oneDNN's instruction sets.
+AVX2_ENV = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+}
 SCALING = [(g, t) for g in (4, 8) for t in (32, 64)]  # (G, completion length) on the tiny model
 
 
@@ -160,6 +172,8 @@ def our_overrides(
         f"trainer.share_prompts={str(workload.share_prompts).lower()}",
         f"trainer.offload_reference={str(workload.offload_reference).lower()}",
         f"trainer.num_threads={threads}",
+        f"rollout.backend={workload.backend}",
+        "rollout.vllm.kv_cache_gib=0.1",
         "eval.heldout.max_new_tokens=4",
         "eval.heldout.num_samples=0",
         "eval.comparison.at_end=false",
@@ -182,11 +196,13 @@ def run_ours(workload: Workload, threads: int, extra: list[str]) -> dict:
         lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     steps = [m for m in map(json.loads, lines) if "time/step_s" in m]
     measured = steps[workload.warmup :]
+    sync = [m.get("time/weight_sync_s", 0.0) for m in measured]  # after the step's update
     return {
-        "step_s": [m["time/step_s"] for m in measured],
+        "step_s": [m["time/step_s"] + s for m, s in zip(measured, sync, strict=True)],
         "generate_s": [m["time/generate_s"] for m in measured],
         "score_ref_s": [m["time/score_s"] for m in measured],
         "update_s": [m["time/update_s"] for m in measured],
+        "sync_s": sync,
         "mean_length": statistics.mean(m["completions/mean_length"] for m in measured),
     }
 
@@ -289,6 +305,7 @@ def run_trl(workload: Workload, threads: int) -> dict:
         "generate_s": generate,
         "score_ref_s": [r - g for r, g in zip(rollout, generate, strict=True)],
         "update_s": [s - r for s, r in zip(timings["step"][w:], rollout, strict=True)],
+        "sync_s": [0.0] * len(rollout),
         "mean_length": statistics.mean(lengths[w:]),
     }
 
@@ -301,7 +318,23 @@ def run_matmul(threads: int, size: int = 4096, repeats: int = 3) -> dict:
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b  # warm-up
     best = min(_timed(lambda: a @ b) for _ in range(repeats))
-    return {"gflops": 2 * size**3 / best / 1e9}
+    config = torch.__config__.show()
+    blas = next((x.split("=")[1] for x in config.split(", ") if x.startswith("BLAS_INFO=")), "?")
+    return {
+        "gflops": 2 * size**3 / best / 1e9,
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "blas": blas,
+        "mkl_instructions": os.environ.get("MKL_ENABLE_INSTRUCTIONS", "(default: the best)"),
+    }
+
+
+def cpu_model() -> str:
+    """The CPU's model name, from /proc/cpuinfo."""
+    info = Path("/proc/cpuinfo")
+    for line in info.read_text().splitlines() if info.exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def _timed(fn) -> float:
@@ -372,7 +405,13 @@ def run_generation_pieces(workload: Workload, threads: int) -> dict:
     policy, prompts, _ = _policy_and_rollout(workload, threads)
     t, repeats = workload.new_tokens, 5 if workload.model == "tiny" else 2
     result = {}
-    for backend in ("transformers", "lean"):
+    for backend in ("transformers", "lean", "vllm"):
+        if backend == "vllm":
+            if importlib.util.find_spec("vllm") is None:
+                continue
+            from grpo.rollout.vllm_engine import VLLMEngine
+
+            policy.engine = VLLMEngine(policy.checkpoint, kv_cache_gib=0.1)
         result[backend] = _median_time(
             lambda b=backend: generate(
                 policy.model,
@@ -382,6 +421,7 @@ def run_generation_pieces(workload: Workload, threads: int) -> dict:
                 t,
                 min_new_tokens=t,
                 backend=b,
+                engine=policy.engine,
             ),
             repeats,
         )
@@ -431,6 +471,9 @@ def worker(args: argparse.Namespace) -> None:
 # The driver: runs workers, alternating sides, and prints the tables.
 
 
+DISPATCH_ENV: dict[str, str] = {}  # AVX2_ENV under --avx2
+
+
 def spawn(kind: str, workload: Workload, threads: int, extra: list[str] = ()) -> dict:
     """Run a worker process; returns its result with `peak_rss_mb` (ru_maxrss of the process).
 
@@ -448,6 +491,7 @@ def spawn(kind: str, workload: Workload, threads: int, extra: list[str] = ()) ->
         TRANSFORMERS_VERBOSITY="error",
         PYTHONWARNINGS="ignore",
     )
+    env.update(DISPATCH_ENV)
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         cmd = [sys.executable, __file__, "--worker", kind, "--spec", json.dumps(asdict(workload))]
         cmd += ["--threads", str(threads), "--out", out.name, *(f"--set={o}" for o in extra)]
@@ -474,6 +518,7 @@ class Summary:
     generate: float
     score_ref: float
     update: float
+    sync: float
     rss: float
     mean_length: float
 
@@ -488,6 +533,7 @@ def summarise(runs: list[dict]) -> Summary:
         generate=statistics.median(per_run["generate_s"]),
         score_ref=statistics.median(per_run["score_ref_s"]),
         update=statistics.median(per_run["update_s"]),
+        sync=statistics.median(per_run["sync_s"]),
         rss=statistics.median(r["peak_rss_mb"] for r in runs),
         mean_length=statistics.median(r["mean_length"] for r in runs),
     )
@@ -515,7 +561,7 @@ def compare(workload: Workload, repeats: int, threads: int, extra: list[str]) ->
 
 HEADER = (
     f"{'workload':<38}{'side':<6}{'step ms (range)':>24}{'compl/s':>9}{'tok/s':>8}"
-    f"{'gen ms':>9}{'score+ref':>10}{'update':>9}{'peak RSS MB':>12}"
+    f"{'gen ms':>9}{'score+ref':>10}{'update':>9}{'sync':>7}{'peak RSS MB':>12}"
 )
 
 
@@ -525,7 +571,7 @@ def row(label: str, side: str, s: Summary, workload: Workload) -> str:
     return (
         f"{label:<38}{side:<6}{spread:>24}{completions:>9.1f}"
         f"{completions * s.mean_length:>8.0f}{s.generate * 1e3:>9.1f}{s.score_ref * 1e3:>10.1f}"
-        f"{s.update * 1e3:>9.1f}{s.rss:>12.0f}"
+        f"{s.update * 1e3:>9.1f}{s.sync * 1e3:>7.0f}{s.rss:>12.0f}"
     )
 
 
@@ -555,9 +601,17 @@ def main() -> None:
         "--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch CPU threads"
     )
     parser.add_argument(
-        "--workloads", default=",".join(WORKLOADS), help=f"comma list of {list(WORKLOADS)}"
+        "--workloads",
+        default=None,
+        help=f"comma list of {list(WORKLOADS)} (default: all; the vllm ones when it is installed)",
     )
     parser.add_argument("--no-scaling", action="store_true", help="skip the G x length table")
+    parser.add_argument(
+        "--avx2",
+        action="store_true",
+        help="run both sides with AVX2 kernels: "
+        + " ".join(f"{k}={v}" for k, v in AVX2_ENV.items()),
+    )
     parser.add_argument(
         "--pieces",
         action="store_true",
@@ -580,7 +634,11 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    names = ["tiny"] if args.quick else args.workloads.split(",")
+    if args.avx2:
+        DISPATCH_ENV.update(AVX2_ENV)
+    vllm = importlib.util.find_spec("vllm") is not None
+    everything = [n for n, w in WORKLOADS.items() if vllm or w.backend != "vllm"]
+    names = ["tiny"] if args.quick else (args.workloads or ",".join(everything)).split(",")
     unknown = sorted(set(names) - set(WORKLOADS))
     if unknown:
         raise SystemExit(f"--workloads: unknown {unknown}; choose from {list(WORKLOADS)}")
@@ -595,12 +653,19 @@ def main() -> None:
 
     print(
         f"grpo bench: torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"trl {TRL_VERSION}, {platform.processor() or platform.machine()}, "
+        f"trl {TRL_VERSION}, {cpu_model()}, "
         f"{args.threads} thread(s) pinned, {args.repeats} alternating repeats, "
         f"1-min load at start {load():.2f}",
         flush=True,
     )
-    ceiling = spawn("matmul", TINY, args.threads)["gflops"]
+    machine = spawn("matmul", TINY, args.threads)
+    ceiling = machine["gflops"]
+    forced = " ".join(f"{k}={v}" for k, v in DISPATCH_ENV.items())
+    print(
+        f"dispatch: torch CPU capability {machine['capability']}, BLAS {machine['blas']}, MKL "
+        f"instructions {machine['mkl_instructions']}" + (f" ({forced})" if forced else ""),
+        flush=True,
+    )
     print(
         f"fp32 matmul ceiling (4096^3, {args.threads} threads): {ceiling:.0f} GFLOP/s", flush=True
     )
@@ -613,6 +678,7 @@ def main() -> None:
         workload = WORKLOADS[name]
         label = f"{name} T={workload.new_tokens} mb={workload.micro_batch}"
         label += " shared" * workload.share_prompts + " offload" * workload.offload_reference
+        label += f" {workload.backend}" * (workload.backend != "lean")
         ours, trl = sides["ours"], sides["trl"]
         print(row(label, "ours", ours, workload))
         print(row(label, "trl", trl, workload))
@@ -672,7 +738,9 @@ def pieces(workloads: list[Workload], threads: int) -> None:
         t = workload.new_tokens
         gen = spawn("generation", workload, threads)
         shape = f"{workload.prompts} x {workload.group} x {t} tokens"
-        for key in ("transformers", "lean"):
+        for key in ("transformers", "lean", "vllm"):
+            if key not in gen:
+                continue
             wall, cpu = gen[key]
             print(f"{workload.name}: generate {shape}, {key}: {wall * 1e3:.1f} ({cpu * 1e3:.1f})")
         for key in ("multinomial", "inverse_cdf"):

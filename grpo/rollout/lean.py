@@ -5,10 +5,13 @@ bookkeeping on every token, and runs a pipeline of logits processors and stoppin
 for a small model on CPU that Python work is most of a decoding step. `sample` runs the prompt
 through the model's own forward once (prefill), then decodes with the model's own modules
 (norms, projections, MLP, LM head; LoRA and 4-bit layers included) in a short loop: key/value
-buffers allocated once, rotary tables computed once, one boolean mask updated in place.
+buffers allocated once, rotary tables computed once, one boolean mask updated in place. LoRA
+adapters are merged into their layer's weight for the call (W + B A scaling, a transient copy):
+one product per token instead of three.
 
 Each operation mirrors transformers' sdpa code path, so greedy decoding returns the same tokens
-as `generate`, bit for bit. Sampling draws from the same distribution, by inverting the
+as `generate`, bit for bit (with trained LoRA adapters the merged products differ from peft's
+three in the last bits). Sampling draws from the same distribution, by inverting the
 cumulative distribution (`sample_token`), so not the same tokens for a given seed. Each prompt
 is prefilled once for its G completions. Models it cannot mirror (other architectures, eager
 attention, sliding windows, extra logits processors in the generation config) are left to
@@ -88,33 +91,62 @@ def sample_token(probs: torch.Tensor) -> torch.Tensor:
 
 
 def _packing_pays(lm: PreTrainedModel) -> bool:
-    """MKL packing is available and the weights are too big to stay in the CPU caches."""
-    mkl = getattr(torch.ops, "mkl", None)
+    """oneDNN's packed linear is available, on the CPU, and the weights are too big to stay in
+    the CPU caches."""
+    ops = getattr(torch.ops, "mkldnn", None)
     size = sum(p.numel() * p.element_size() for p in lm.parameters())
-    return torch.backends.mkl.is_available() and hasattr(mkl, "_mkl_linear") and size > PACK_BYTES
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(ops, "_linear_pointwise")
+        and next(lm.parameters()).device.type == "cpu"
+        and size > PACK_BYTES
+    )
 
 
 class _PackedLinear:
-    """An fp32 `nn.Linear` whose weight MKL has re-laid out once for products with `rows` rows.
+    """An fp32 linear product whose weight oneDNN has re-laid out once for `rows` rows.
 
-    Decoding multiplies a few rows by every weight matrix, once per token: the weights stream
-    from memory and ordinary sgemm repacks each one on every call. Packing once per `sample`
-    call makes these products ~1.6x faster (SmolLM2, 8 rows, one thread) for a transient copy of
-    the weights; results differ from `F.linear` in the last bits.
+    Decoding multiplies a few rows by every weight matrix, once per token: the products are
+    bound by streaming the weights from memory, and MKL's sgemm streams them at about half the
+    rate oneDNN's blocked layout allows. Packing once per `sample` call makes SmolLM2's products
+    with 8 rows 2.5-4x faster (docs/performance.md) for a transient copy of the weights; results
+    differ from `F.linear` in the last bits.
     """
 
-    def __init__(self, linear: nn.Linear, rows: int):
-        self.weight, self.bias, self.rows = linear.weight, linear.bias, rows
-        self.packed = torch.ops.mkl._mkl_reorder_linear_weight(linear.weight, rows)
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int):
+        self.bias = bias
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, self.rows)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def _lora_merged(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """For a peft LoRA layer with active, unmerged adapters: its weight with the adapters
+    merged in, W + sum of B A scaling, and its bias; else None."""
+    base = getattr(module, "base_layer", None)
+    if type(base) is not nn.Linear or not hasattr(module, "get_delta_weight"):
+        return None
+    if module.disable_adapters or module.merged or not module.active_adapters:
+        return None
+    weight = base.weight
+    for adapter in module.active_adapters:
+        if adapter in module.lora_A:
+            weight = weight + module.get_delta_weight(adapter)
+    return weight, base.bias
 
 
 def _projection(module: nn.Module, rows: int, pack: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`module.forward`, or a packed product for a plain fp32 `nn.Linear` when `pack`."""
-    if pack and type(module) is nn.Linear and module.weight.dtype == torch.float32:
-        return _PackedLinear(module, rows).forward
+    """`module.forward`; a LoRA layer's product with its adapters merged into one weight for the
+    whole call (one matrix product per token instead of three); packed when `pack` (fp32)."""
+    merged = _lora_merged(module)
+    weight, bias = merged or (getattr(module, "weight", None), getattr(module, "bias", None))
+    plain = merged is not None or type(module) is nn.Linear
+    packable = plain and weight is not None and weight.dtype == torch.float32
+    if pack and packable:
+        return _PackedLinear(weight, bias, rows).forward
+    if merged is not None:
+        return partial(F.linear, weight=weight, bias=bias)
     return module.forward
 
 

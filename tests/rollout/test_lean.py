@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, EOS, PAD, VOCAB, prompt_batch, random_model
+from conftest import ARCHITECTURES, EOS, PAD, VOCAB, prompt_batch, random_model, tiny_policy
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from grpo.batch import Rollout
@@ -84,3 +84,32 @@ def test_generation_config_extras_fall_back_to_generate():
     assert not lean.supports(model)
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2))
     assert not lean.supports(gpt2)
+
+
+def test_lora_adapters_are_merged_for_the_call_and_sample_the_policy():
+    """Trained adapters (B != 0) merged into their weights: the sampled tokens' log-probs equal
+    a training forward pass through peft's unmerged layers; the policy itself is untouched."""
+    policy = tiny_policy(lora=True)
+    with torch.no_grad():
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    before = {n: p.clone() for n, p in policy.model.named_parameters()}
+    policy.model.eval()
+    ids, mask = prompt_batch(padded=True)
+    ids = ids.remainder(policy.tokenizer.vocab_size)
+    torch.manual_seed(4)
+    tokens, logprobs = lean.sample(
+        policy.model, ids, mask, 10, policy.tokenizer.eos_token_id, PAD, with_logprobs=True
+    )
+    completion = tokens[:, ids.shape[1] :]
+    is_eos = (completion == policy.tokenizer.eos_token_id).long()
+    sampled = ((is_eos.cumsum(1) - is_eos) == 0).long()
+    rollout = Rollout(
+        ids, mask, completion, sampled, torch.zeros(6, dtype=torch.bool), [""] * 6, PAD
+    )
+    with torch.no_grad():
+        expected, _ = token_logprobs(policy.model, rollout)
+    torch.testing.assert_close(logprobs, expected, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(p, before[n]) for n, p in policy.model.named_parameters())
+    assert not policy.model.base_model.model.model.layers[0].self_attn.q_proj.merged
