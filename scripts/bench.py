@@ -23,6 +23,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -318,12 +319,11 @@ def run_matmul(threads: int, size: int = 4096, repeats: int = 3) -> dict:
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b  # warm-up
     best = min(_timed(lambda: a @ b) for _ in range(repeats))
-    config = torch.__config__.show()
-    blas = next((x.split("=")[1] for x in config.split(", ") if x.startswith("BLAS_INFO=")), "?")
+    blas = re.search(r"BLAS_INFO=(\w+)", torch.__config__.show())
     return {
         "gflops": 2 * size**3 / best / 1e9,
         "capability": torch.backends.cpu.get_cpu_capability(),
-        "blas": blas,
+        "blas": blas.group(1) if blas else "unknown",
         "mkl_instructions": os.environ.get("MKL_ENABLE_INSTRUCTIONS", "(default: the best)"),
     }
 

@@ -7,7 +7,9 @@ between jobs, its status (done; running: its process is alive on this host; fail
 the last step logged, and the final and best values of the objective and of `rewards/mean`.
 Writes `summary.md`, `summary.csv` and `reward_curves.png` into MULTIRUN_DIR and prints the table.
 The objective and its direction default to the jobs' `objective` and the Optuna sweeper's
-`direction` (maximize for a grid).
+`direction` (maximize for a grid). With `--over seed` (any swept key) a second table groups the
+done jobs that differ only in that key: the objective before training (summary.json's `before`)
+and after, and the final reward, as mean +- population std over the group.
 """
 
 from __future__ import annotations
@@ -139,6 +141,34 @@ def table(records: list[dict[str, Any]], objective: str, direction: str) -> list
     return out
 
 
+def _mean_spread(values: list[float]) -> str:
+    """mean +- population std (with two values: +- half their difference)."""
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+    return f"{mean:.3f} +- {std:.3f}"
+
+
+def aggregate(records: list[dict[str, Any]], objective: str, over: str) -> list[dict[str, Any]]:
+    """One row per group of done jobs that differ only in `over`: mean +- spread."""
+    keys = [k for k in varying_overrides(records) if k != over]
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in records:
+        if r["status"] == "done":
+            groups.setdefault(tuple(r["overrides"].get(k, "") for k in keys), []).append(r)
+    rows = []
+    for values, members in groups.items():
+        row: dict[str, Any] = dict(zip(keys, values, strict=True))
+        row[over] = ",".join(sorted(m["overrides"].get(over, "") for m in members))
+        before = [m["summary"].get("before", {}).get(objective) for m in members]
+        after = [m["summary"].get(objective) for m in members]
+        reward = [_values(m["rows"], REWARD)[-1][1] for m in members if _values(m["rows"], REWARD)]
+        row[f"{objective} before"] = _mean_spread([v for v in before if v is not None])
+        row[f"{objective} after"] = _mean_spread([v for v in after if v is not None])
+        row[f"{REWARD} last step"] = _mean_spread(reward) if reward else None
+        rows.append(row)
+    return rows
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
@@ -196,12 +226,21 @@ def plot_rewards(records: list[dict[str, Any]], varying: list[str], path: Path) 
     plt.close(fig)
 
 
-def summarize(sweep_dir: Path, objective: str | None = None, direction: str | None = None) -> str:
-    """Write summary.md, summary.csv and reward_curves.png into `sweep_dir`; return the table."""
+def summarize(
+    sweep_dir: Path,
+    objective: str | None = None,
+    direction: str | None = None,
+    over: str | None = None,
+) -> str:
+    """Write summary.md, summary.csv and reward_curves.png into `sweep_dir`; return the table
+    (and, `over` a swept key, the table of means over it)."""
     records, objective = collect(sweep_dir, objective)
     direction = direction or direction_of(sweep_dir)
     rows = table(records, objective, direction)
     text = markdown(rows, f"{sweep_dir}: {len(rows)} jobs, ranked by {objective} ({direction})")
+    if over:
+        means = aggregate(records, objective, over)
+        text += "\n" + markdown(means, f"mean +- population std over {over}")
     (sweep_dir / "summary.md").write_text(text)
     with (sweep_dir / "summary.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["job"])
@@ -216,10 +255,11 @@ def main() -> None:
     parser.add_argument("sweep_dir", type=Path, help="a multirun folder (jobs in subfolders)")
     parser.add_argument("--objective", help="metric to rank by (default: the jobs' objective)")
     parser.add_argument("--direction", choices=["maximize", "minimize"])
+    parser.add_argument("--over", help="a swept key (e.g. seed) to average the jobs over")
     args = parser.parse_args()
     if not args.sweep_dir.is_dir():
         parser.error(f"not a folder: {args.sweep_dir}")
-    print(summarize(args.sweep_dir, args.objective, args.direction), end="")
+    print(summarize(args.sweep_dir, args.objective, args.direction, args.over), end="")
 
 
 if __name__ == "__main__":

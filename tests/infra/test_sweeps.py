@@ -69,7 +69,9 @@ def fake_job(sweep: Path, name: str, overrides: list[str], rewards: list[float],
     lines = [{"step": s, "rewards/mean": r} for s, r in enumerate(rewards, start=1)]
     if "accuracy" in extra:
         lines[-1]["eval/accuracy_strict"] = extra["accuracy"]
-        (job / "summary.json").write_text(json.dumps({"eval/accuracy_strict": extra["accuracy"]}))
+        summary = {"eval/accuracy_strict": extra["accuracy"]}
+        summary["before"] = {"eval/accuracy_strict": extra.get("before", 0.0)}
+        (job / "summary.json").write_text(json.dumps(summary))
     (job / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     if "pid" in extra:
         info = {"host": os.uname().nodename, "pid": extra["pid"], "resumes": []}
@@ -99,6 +101,18 @@ def test_summary_ranks_by_the_objective_and_lists_failed_and_running_jobs(tmp_pa
     summarize(sweep, "--direction", "minimize")
     assert [r["job"] for r in read_csv(sweep / "summary.csv")][:2] == ["0", "1"]
     assert (sweep / "reward_curves.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_summary_averages_over_seeds(tmp_path):
+    sweep = tmp_path / "sweep"
+    fake_job(sweep, "0", ["algorithm=grpo", "seed=1"], [0.2, 0.4], accuracy=0.5, before=0.2)
+    fake_job(sweep, "1", ["algorithm=grpo", "seed=2"], [0.2, 0.6], accuracy=0.7, before=0.2)
+    fake_job(sweep, "2", ["algorithm=dapo", "seed=1"], [0.1, 0.3], accuracy=0.4, before=0.2)
+    fake_job(sweep, "3", ["algorithm=dapo", "seed=2"], [0.1], pid=os.getpid())  # not done
+    table = summarize(sweep, "--over", "seed")
+    means = table.split("mean +- population std over seed")[1]
+    assert "| grpo | 1,2 | 0.200 +- 0.000 | 0.600 +- 0.100 | 0.500 +- 0.100 |" in means
+    assert "| dapo | 1 | 0.200 +- 0.000 | 0.400 +- 0.000 | 0.300 +- 0.000 |" in means
 
 
 @pytest.mark.slow
