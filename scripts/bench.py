@@ -67,7 +67,7 @@ class Workload:
 # Tiny: per-call overhead dominates, so one forward per micro-batch (no separate prompt pass)
 # and the reference in memory. SmolLM2: prompts shared (~80 of ~145 tokens a row) and, for full
 # fine-tuning, the reference offloaded, which makes room for micro-batches of 2.
-TINY = Workload("tiny", "tiny", 32, share_prompts=False)
+TINY = Workload("tiny", "tiny", 32, steps=32, share_prompts=False)  # 32 steps: ~1 s a repeat
 SMOLLM2 = Workload(
     "smollm2", "smollm2_135m", 64, warmup=1, steps=3, micro_batch=2, offload_reference=True
 )

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Callable
-from functools import partial
+from functools import partial, wraps
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -90,16 +91,19 @@ def sample_token(probs: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0].clamp_(max=probs.shape[1] - 1)
 
 
+def _weight_bytes(lm: PreTrainedModel) -> int:
+    return sum(p.numel() * p.element_size() for p in lm.parameters())
+
+
 def _packing_pays(lm: PreTrainedModel) -> bool:
     """oneDNN's packed linear is available, on the CPU, and the weights are too big to stay in
     the CPU caches."""
     ops = getattr(torch.ops, "mkldnn", None)
-    size = sum(p.numel() * p.element_size() for p in lm.parameters())
     return (
         torch.backends.mkldnn.is_available()
         and hasattr(ops, "_linear_pointwise")
         and next(lm.parameters()).device.type == "cpu"
-        and size > PACK_BYTES
+        and _weight_bytes(lm) > PACK_BYTES
     )
 
 
@@ -136,18 +140,44 @@ def _lora_merged(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] 
     return weight, base.bias
 
 
-def _projection(module: nn.Module, rows: int, pack: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`module.forward`; a LoRA layer's product with its adapters merged into one weight for the
-    whole call (one matrix product per token instead of three); packed when `pack` (fp32)."""
+def _weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """A plain linear layer's (weight, bias), a LoRA layer's with its adapters merged (one
+    matrix product per token instead of three); None for anything else (4-bit, ...)."""
     merged = _lora_merged(module)
-    weight, bias = merged or (getattr(module, "weight", None), getattr(module, "bias", None))
-    plain = merged is not None or type(module) is nn.Linear
-    packable = plain and weight is not None and weight.dtype == torch.float32
-    if pack and packable:
-        return _PackedLinear(weight, bias, rows).forward
     if merged is not None:
-        return partial(F.linear, weight=weight, bias=bias)
-    return module.forward
+        return merged
+    return (module.weight, module.bias) if type(module) is nn.Linear else None
+
+
+def _projection(module: nn.Module, rows: int, pack: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The product with `module`'s weight (`_weight`), packed when `pack` (fp32); else
+    `module.forward`."""
+    weights = _weight(module)
+    if weights is None:
+        return module.forward
+    if pack and weights[0].dtype == torch.float32:
+        return _PackedLinear(*weights, rows).forward
+    return partial(F.linear, weight=weights[0], bias=weights[1])
+
+
+def _projections(
+    modules: tuple[nn.Module, ...], rows: int, pack: bool, fuse: bool
+) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
+    """One input through several projections (q, k, v; gate, up): their outputs.
+
+    With `fuse` and plain weights (`_weight`, biases on all or none), one product with the
+    weights stacked: a small model's products are all per-call overhead, so three calls cost
+    nearly three times one. The outputs differ from separate products in the last bits.
+    """
+    weights = [_weight(m) for m in modules]
+    biases = [None if w is None else w[1] is not None for w in weights]
+    if fuse and None not in weights and len(set(biases)) == 1:
+        stacked = torch.cat([w for w, _ in weights])
+        bias = torch.cat([b for _, b in weights]) if biases[0] else None
+        sizes = [w.shape[0] for w, _ in weights]
+        return lambda x: F.linear(x, stacked, bias).split(sizes, -1)
+    products = [_projection(m, rows, pack) for m in modules]
+    return lambda x: tuple(product(x) for product in products)
 
 
 def _rms_norm(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -167,7 +197,7 @@ class _Decoder:
     Modules are called through `.forward` (no hook dispatch); rotary embedding uses
     q * cos + roll(q) * sin', with sin' the sine with its first half negated, which is
     transformers' q * cos + rotate_half(q) * sin to the bit. With `pack`, plain fp32 linear
-    layers use `_PackedLinear`.
+    layers use `_PackedLinear`; with `fuse`, q/k/v and gate/up are one product each.
     """
 
     def __init__(
@@ -178,6 +208,7 @@ class _Decoder:
         steps: int,
         copies: int,
         pack: bool,
+        fuse: bool,
     ):
         body = lm.model
         n, p = prompt_mask.shape
@@ -190,14 +221,15 @@ class _Decoder:
                 (
                     _rms_norm(layer.input_layernorm),
                     attn,
-                    *(_projection(m, n, pack) for m in (attn.q_proj, attn.k_proj, attn.v_proj)),
+                    _projections((attn.q_proj, attn.k_proj, attn.v_proj), n, pack, fuse),
                     _projection(attn.o_proj, n, pack),
                     *(  # Qwen3 normalises q and k per head
                         _rms_norm(attn.q_norm) if hasattr(attn, "q_norm") else None,
                         _rms_norm(attn.k_norm) if hasattr(attn, "k_norm") else None,
                     ),
                     _rms_norm(layer.post_attention_layernorm),
-                    *(_projection(m, n, pack) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)),
+                    _projections((mlp.gate_proj, mlp.up_proj), n, pack, fuse),
+                    _projection(mlp.down_proj, n, pack),
                     mlp.act_fn,
                 )
             )
@@ -235,17 +267,16 @@ class _Decoder:
         sin = self.sin.index_select(0, positions)[:, None, None]
         h = self.embed.forward(tokens[:, None])
         for i, layer in enumerate(self.layers):
-            norm1, attn, q_proj, k_proj, v_proj, o_proj, q_norm, k_norm, norm2 = layer[:9]
-            gate, up, down, act = layer[9:]
+            norm1, attn, qkv, o_proj, q_norm, k_norm, norm2, gate_up, down, act = layer
             x, d, groups = norm1(h), attn.head_dim, attn.num_key_value_groups
-            q, k = q_proj(x).view(n, 1, -1, d), k_proj(x).view(n, 1, -1, d)
+            q, k, v = (y.view(n, 1, -1, d) for y in qkv(x))
             if q_norm is not None:
                 q, k = q_norm(q), k_norm(k)
             qk = torch.cat((q, k), dim=2).transpose(1, 2)
             qk = qk * cos + qk.roll(d // 2, -1) * sin
             q, k = qk[:, : q.shape[2]], qk[:, q.shape[2] :]
             self.keys[i][:, :, slot:end] = k
-            self.values[i][:, :, slot:end] = v_proj(x).view(n, 1, -1, d).transpose(1, 2)
+            self.values[i][:, :, slot:end] = v.transpose(1, 2)
             kwargs = {}
             if groups > 1 and mask is None:
                 kwargs["enable_gqa"] = True
@@ -263,14 +294,33 @@ class _Decoder:
             )
             h = h + o_proj(out.reshape(n, 1, -1))
             x = norm2(h)
-            h = h + down(act(gate(x)) * up(x))  # transformers' LlamaMLP / Qwen2MLP / Qwen3MLP
+            gate, up = gate_up(x)
+            h = h + down(act(gate) * up)  # transformers' LlamaMLP / Qwen2MLP / Qwen3MLP
         self.length = end
         if self.mask is not None:
             self.mask[:, 0, 0, slot] = True
         return self.head(self.norm(h))[:, -1].to(copy=True, dtype=torch.float32)
 
 
-@torch.no_grad()
+def inference(fn: Callable[..., tuple[Any, ...]]) -> Callable[..., tuple[Any, ...]]:
+    """`fn` under `torch.inference_mode`, its tensor results cloned out of it.
+
+    Inference mode skips autograd's bookkeeping (version counters, view tracking), which is a
+    sizeable part of each small operation: the tiny model decodes 15% faster than under
+    `no_grad`, with the same numbers. Inference tensors cannot enter autograd later, hence
+    the clones: the training passes take these results as inputs.
+    """
+
+    @wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
+        with torch.inference_mode():
+            results = fn(*args, **kwargs)
+        return tuple(r.clone() if isinstance(r, torch.Tensor) else r for r in results)
+
+    return run
+
+
+@inference
 def sample(
     model: PreTrainedModel,
     prompt_ids: torch.Tensor,
@@ -321,10 +371,13 @@ def sample(
         x.repeat_interleave(g, 0) for x in (prompt_ids, prompt_mask, positions, logits)
     )
     n = n * g
-    pack = do_sample and _packing_pays(lm)  # greedy stays bit-exact with `generate`
+    # Sampling only (greedy stays bit-exact with `generate`): big models' weights packed for
+    # streaming, small models' projections fused against per-call overhead.
+    pack = do_sample and _packing_pays(lm)
+    fuse = do_sample and _weight_bytes(lm) <= PACK_BYTES
     if pack:  # the packed copy of the weights goes into memory given back, not on top of it
         _trim_heap()
-    decoder = _Decoder(lm, cache, prompt_mask, max_new_tokens, g, pack)
+    decoder = _Decoder(lm, cache, prompt_mask, max_new_tokens, g, pack, fuse)
     del cache
     ids = prompt_ids.new_full((n, p + max_new_tokens), pad_token_id)
     ids[:, :p] = prompt_ids

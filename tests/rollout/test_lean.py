@@ -48,7 +48,8 @@ def test_lean_greedy_tokens_equal_generate(kind, kv_heads, padded, copies):
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("pack", [False, True])
 def test_lean_sampling_logprobs_equal_a_forward_pass(temperature, pack, monkeypatch):
-    """Also with MKL-packed weights (used when sampling from models too big for the caches)."""
+    """With oneDNN-packed weights (models too big for the caches) and without: then this small
+    model's q/k/v and gate/up products are fused, biases included (Qwen2)."""
     if pack:
         monkeypatch.setattr(lean, "PACK_BYTES", 0)  # pack even this small model
     model = random_model("qwen2", 2)
