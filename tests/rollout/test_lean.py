@@ -54,7 +54,7 @@ def test_lean_sampling_logprobs_equal_a_forward_pass(temperature, pack, monkeypa
         monkeypatch.setattr(lean, "PACK_BYTES", 0)  # pack even this small model
     model = random_model("qwen2", 2)
     if lean._packing_pays(model) != pack:
-        pytest.skip("this torch build has no MKL packed linear")
+        pytest.skip("this torch build has no oneDNN packed linear")
     ids, mask = prompt_batch(padded=True)
     torch.manual_seed(3)
     tokens, logprobs = lean.sample(
