@@ -61,22 +61,12 @@ def plot_rewards(steps: dict[int, dict[str, float]], path: Path, name: str) -> P
     fig, ax = plt.subplots(figsize=(8, 4.5))
     x, mean = series(steps, "rewards/mean")
     if x:
-        ax.fill_between(
-            x,
-            series(steps, "rewards/min")[1],
-            series(steps, "rewards/max")[1],
-            alpha=0.15,
-            color="C0",
-            label="min-max of the batch",
-        )
-        ax.fill_between(
-            x,
-            series(steps, "rewards/q25")[1],
-            series(steps, "rewards/q75")[1],
-            alpha=0.3,
-            color="C0",
-            label="q25-q75",
-        )
+        for low, high, alpha, label in (
+            ("min", "max", 0.15, "min-max of the batch"),
+            ("q25", "q75", 0.3, "q25-q75"),
+        ):
+            band = series(steps, f"rewards/{low}")[1], series(steps, f"rewards/{high}")[1]
+            ax.fill_between(x, *band, alpha=alpha, color="C0", label=label)
         ax.plot(x, mean, color="C0", marker="." if len(x) < 50 else None, label="mean")
     else:
         _no_data(ax, "reward")

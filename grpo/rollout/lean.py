@@ -7,7 +7,8 @@ through the model's own forward once (prefill), then decodes with the model's ow
 (norms, projections, MLP, LM head; LoRA and 4-bit layers included) in a short loop: key/value
 buffers allocated once, rotary tables computed once, one boolean mask updated in place. LoRA
 adapters are merged into their layer's weight for the call (W + B A scaling, a transient copy):
-one product per token instead of three.
+one product per token instead of three; big models' weights are packed by oneDNN and small
+models' projections stacked, when sampling (`grpo.rollout.products`).
 
 Each operation mirrors transformers' sdpa code path, so greedy decoding returns the same tokens
 as `generate`, bit for bit (with trained LoRA adapters the merged products differ from peft's
@@ -20,7 +21,6 @@ attention, sliding windows, extra logits processors in the generation config) ar
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Callable
 from functools import partial, wraps
 from typing import Any
@@ -36,6 +36,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from grpo.rollout import products
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 # Generation-config fields that would add logits processors this loop does not apply.
 UNSUPPORTED_GENERATION_FIELDS = (
@@ -50,8 +52,6 @@ UNSUPPORTED_GENERATION_FIELDS = (
     "min_length",
 )
 
-# Models with more bytes of weights than this stream them from memory on every decoding step.
-PACK_BYTES = 2**26
 _DEFAULTS = GenerationConfig()
 # stop(ids so far, scores) -> (N,) bool, True where a row is done (a transformers StoppingCriteria).
 Stop = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -91,95 +91,6 @@ def sample_token(probs: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0].clamp_(max=probs.shape[1] - 1)
 
 
-def _weight_bytes(lm: PreTrainedModel) -> int:
-    return sum(p.numel() * p.element_size() for p in lm.parameters())
-
-
-def _packing_pays(lm: PreTrainedModel) -> bool:
-    """oneDNN's packed linear is available, on the CPU, and the weights are too big to stay in
-    the CPU caches."""
-    ops = getattr(torch.ops, "mkldnn", None)
-    return (
-        torch.backends.mkldnn.is_available()
-        and hasattr(ops, "_linear_pointwise")
-        and next(lm.parameters()).device.type == "cpu"
-        and _weight_bytes(lm) > PACK_BYTES
-    )
-
-
-class _PackedLinear:
-    """An fp32 linear product whose weight oneDNN has re-laid out once for `rows` rows.
-
-    Decoding multiplies a few rows by every weight matrix, once per token: the products are
-    bound by streaming the weights from memory, and MKL's sgemm streams them at about half the
-    rate oneDNN's blocked layout allows. Packing once per `sample` call makes SmolLM2's products
-    with 8 rows 2.5-4x faster (docs/performance.md) for a transient copy of the weights; results
-    differ from `F.linear` in the last bits.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int):
-        self.bias = bias
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-
-
-def _lora_merged(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """For a peft LoRA layer with active, unmerged adapters: its weight with the adapters
-    merged in, W + sum of B A scaling, and its bias; else None."""
-    base = getattr(module, "base_layer", None)
-    if type(base) is not nn.Linear or not hasattr(module, "get_delta_weight"):
-        return None
-    if module.disable_adapters or module.merged or not module.active_adapters:
-        return None
-    weight = base.weight
-    for adapter in module.active_adapters:
-        if adapter in module.lora_A:
-            weight = weight + module.get_delta_weight(adapter)
-    return weight, base.bias
-
-
-def _weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """A plain linear layer's (weight, bias), a LoRA layer's with its adapters merged (one
-    matrix product per token instead of three); None for anything else (4-bit, ...)."""
-    merged = _lora_merged(module)
-    if merged is not None:
-        return merged
-    return (module.weight, module.bias) if type(module) is nn.Linear else None
-
-
-def _projection(module: nn.Module, rows: int, pack: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The product with `module`'s weight (`_weight`), packed when `pack` (fp32); else
-    `module.forward`."""
-    weights = _weight(module)
-    if weights is None:
-        return module.forward
-    if pack and weights[0].dtype == torch.float32:
-        return _PackedLinear(*weights, rows).forward
-    return partial(F.linear, weight=weights[0], bias=weights[1])
-
-
-def _projections(
-    modules: tuple[nn.Module, ...], rows: int, pack: bool, fuse: bool
-) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
-    """One input through several projections (q, k, v; gate, up): their outputs.
-
-    With `fuse` and plain weights (`_weight`, biases on all or none), one product with the
-    weights stacked: a small model's products are all per-call overhead, so three calls cost
-    nearly three times one. The outputs differ from separate products in the last bits.
-    """
-    weights = [_weight(m) for m in modules]
-    biases = [None if w is None else w[1] is not None for w in weights]
-    if fuse and None not in weights and len(set(biases)) == 1:
-        stacked = torch.cat([w for w, _ in weights])
-        bias = torch.cat([b for _, b in weights]) if biases[0] else None
-        sizes = [w.shape[0] for w, _ in weights]
-        return lambda x: F.linear(x, stacked, bias).split(sizes, -1)
-    products = [_projection(m, rows, pack) for m in modules]
-    return lambda x: tuple(product(x) for product in products)
-
-
 def _rms_norm(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """`module.forward`, or for an fp32 Llama/Qwen RMSNorm one fused `F.rms_norm` call, which
     gives the same numbers (mean of squares, rsqrt, scale by the weight) in one op, not seven."""
@@ -197,7 +108,7 @@ class _Decoder:
     Modules are called through `.forward` (no hook dispatch); rotary embedding uses
     q * cos + roll(q) * sin', with sin' the sine with its first half negated, which is
     transformers' q * cos + rotate_half(q) * sin to the bit. With `pack`, plain fp32 linear
-    layers use `_PackedLinear`; with `fuse`, q/k/v and gate/up are one product each.
+    layers use `products.PackedLinear`; with `fuse`, q/k/v and gate/up are one product each.
     """
 
     def __init__(
@@ -213,7 +124,7 @@ class _Decoder:
         body = lm.model
         n, p = prompt_mask.shape
         self.embed, self.norm = body.embed_tokens, _rms_norm(body.norm)
-        self.head = _projection(lm.lm_head, n, pack)
+        self.head = products.projection(lm.lm_head, n, pack)
         self.layers = []
         for layer in body.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -221,15 +132,15 @@ class _Decoder:
                 (
                     _rms_norm(layer.input_layernorm),
                     attn,
-                    _projections((attn.q_proj, attn.k_proj, attn.v_proj), n, pack, fuse),
-                    _projection(attn.o_proj, n, pack),
+                    products.projections((attn.q_proj, attn.k_proj, attn.v_proj), n, pack, fuse),
+                    products.projection(attn.o_proj, n, pack),
                     *(  # Qwen3 normalises q and k per head
                         _rms_norm(attn.q_norm) if hasattr(attn, "q_norm") else None,
                         _rms_norm(attn.k_norm) if hasattr(attn, "k_norm") else None,
                     ),
                     _rms_norm(layer.post_attention_layernorm),
-                    _projections((mlp.gate_proj, mlp.up_proj), n, pack, fuse),
-                    _projection(mlp.down_proj, n, pack),
+                    products.projections((mlp.gate_proj, mlp.up_proj), n, pack, fuse),
+                    products.projection(mlp.down_proj, n, pack),
                     mlp.act_fn,
                 )
             )
@@ -373,10 +284,9 @@ def sample(
     n = n * g
     # Sampling only (greedy stays bit-exact with `generate`): big models' weights packed for
     # streaming, small models' projections fused against per-call overhead.
-    pack = do_sample and _packing_pays(lm)
-    fuse = do_sample and _weight_bytes(lm) <= PACK_BYTES
+    pack, fuse = products.modes(lm, do_sample)
     if pack:  # the packed copy of the weights goes into memory given back, not on top of it
-        _trim_heap()
+        products.trim_heap()
     decoder = _Decoder(lm, cache, prompt_mask, max_new_tokens, g, pack, fuse)
     del cache
     ids = prompt_ids.new_full((n, p + max_new_tokens), pad_token_id)
@@ -415,18 +325,5 @@ def sample(
         logits = decoder.step(tokens, position)
     del decoder
     if pack:
-        _trim_heap()
+        products.trim_heap()
     return ids[:, : p + steps], None if logprobs is None else logprobs[:, :steps]
-
-
-def _trim_heap() -> None:
-    """Give the heap's free pages back to the OS (glibc `malloc_trim`; a no-op elsewhere).
-
-    The allocator keeps freed memory (the last update's activations and gradients, the packed
-    weights) mapped; without this, the packed weights and the next update's tensors land on
-    top of it and the peak resident memory grows by their size.
-    """
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass

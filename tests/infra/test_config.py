@@ -25,11 +25,11 @@ from grpo.algorithm.rollout_correction import ROLLOUT_CORRECTIONS
 from grpo.infra.config import (
     RANGES,
     ConfigError,
-    TrainSchema,
     micro_batch_size,
     one_line,
     validate_config,
 )
+from grpo.infra.schema import TrainSchema
 from grpo.rollout.sampler import GroupedSampler
 from grpo.tasks.base import Task
 from grpo.tasks.rewards import Reward

@@ -10,7 +10,7 @@ from conftest import ARCHITECTURES, EOS, PAD, VOCAB, prompt_batch, random_model,
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from grpo.batch import Rollout
-from grpo.rollout import lean
+from grpo.rollout import lean, products
 from grpo.rollout.logprobs import token_logprobs
 
 
@@ -51,9 +51,9 @@ def test_lean_sampling_logprobs_equal_a_forward_pass(temperature, pack, monkeypa
     """With oneDNN-packed weights (models too big for the caches) and without: then this small
     model's q/k/v and gate/up products are fused, biases included (Qwen2)."""
     if pack:
-        monkeypatch.setattr(lean, "PACK_BYTES", 0)  # pack even this small model
+        monkeypatch.setattr(products, "PACK_BYTES", 0)  # pack even this small model
     model = random_model("qwen2", 2)
-    if lean._packing_pays(model) != pack:
+    if products.packing_pays(model) != pack:
         pytest.skip("this torch build has no oneDNN packed linear")
     ids, mask = prompt_batch(padded=True)
     torch.manual_seed(3)

@@ -1,0 +1,133 @@
+"""The lean decoder's matrix products with a layer's weight: LoRA adapters merged, packed by
+oneDNN for models that stream their weights, stacked for small ones.
+
+Decoding multiplies a few rows by every weight matrix once per token. For a model too big for
+the CPU caches (SmolLM2: 540 MB of fp32) the products are bound by reading the weights, and
+oneDNN's blocked layout reads them 2.3-4x faster than MKL's sgemm (docs/performance.md); for a
+small model every product is per-call overhead, so q/k/v and gate/up run as one product each.
+Both round differently from `F.linear`, so `modes` uses them for sampling only: greedy decoding
+stays bit-exact with `generate`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+# Models with more bytes of weights than this stream them from memory on every decoding step.
+PACK_BYTES = 2**26
+
+
+def modes(lm: PreTrainedModel, do_sample: bool) -> tuple[bool, bool]:
+    """(pack, fuse) for a `sample` call: pack big models' weights, fuse small models'
+    projections; neither for greedy decoding."""
+    return do_sample and packing_pays(lm), do_sample and weight_bytes(lm) <= PACK_BYTES
+
+
+def weight_bytes(lm: PreTrainedModel) -> int:
+    """Bytes of all the model's parameters."""
+    return sum(p.numel() * p.element_size() for p in lm.parameters())
+
+
+def packing_pays(lm: PreTrainedModel) -> bool:
+    """oneDNN's packed linear is available, on the CPU, and the weights are too big to stay in
+    the CPU caches."""
+    ops = getattr(torch.ops, "mkldnn", None)
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(ops, "_linear_pointwise")
+        and next(lm.parameters()).device.type == "cpu"
+        and weight_bytes(lm) > PACK_BYTES
+    )
+
+
+class PackedLinear:
+    """An fp32 linear product whose weight oneDNN has re-laid out once for `rows` rows.
+
+    Decoding multiplies a few rows by every weight matrix, once per token: the products are
+    bound by streaming the weights from memory, and MKL's sgemm streams them at about half the
+    rate oneDNN's blocked layout allows. Packing once per `sample` call makes SmolLM2's products
+    with 8 rows 2.5-4x faster (docs/performance.md) for a transient copy of the weights; results
+    differ from `F.linear` in the last bits.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int):
+        self.bias = bias
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def lora_merged(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """For a peft LoRA layer with active, unmerged adapters: its weight with the adapters
+    merged in, W + sum of B A scaling, and its bias; else None."""
+    base = getattr(module, "base_layer", None)
+    if type(base) is not nn.Linear or not hasattr(module, "get_delta_weight"):
+        return None
+    if module.disable_adapters or module.merged or not module.active_adapters:
+        return None
+    weight = base.weight
+    for adapter in module.active_adapters:
+        if adapter in module.lora_A:
+            weight = weight + module.get_delta_weight(adapter)
+    return weight, base.bias
+
+
+def plain_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """A plain linear layer's (weight, bias), a LoRA layer's with its adapters merged (one
+    matrix product per token instead of three); None for anything else (4-bit, ...)."""
+    merged = lora_merged(module)
+    if merged is not None:
+        return merged
+    return (module.weight, module.bias) if type(module) is nn.Linear else None
+
+
+def projection(module: nn.Module, rows: int, pack: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The product with `module`'s weight (`plain_weight`), packed when `pack` (fp32); else
+    `module.forward`."""
+    weights = plain_weight(module)
+    if weights is None:
+        return module.forward
+    if pack and weights[0].dtype == torch.float32:
+        return PackedLinear(*weights, rows).forward
+    return partial(F.linear, weight=weights[0], bias=weights[1])
+
+
+def projections(
+    modules: tuple[nn.Module, ...], rows: int, pack: bool, fuse: bool
+) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
+    """One input through several projections (q, k, v; gate, up): their outputs.
+
+    With `fuse` and plain weights (`plain_weight`, biases on all or none), one product with the
+    weights stacked: a small model's products are all per-call overhead, so three calls cost
+    nearly three times one. The outputs differ from separate products in the last bits.
+    """
+    weights = [plain_weight(m) for m in modules]
+    biases = [None if w is None else w[1] is not None for w in weights]
+    if fuse and None not in weights and len(set(biases)) == 1:
+        stacked = torch.cat([w for w, _ in weights])
+        bias = torch.cat([b for _, b in weights]) if biases[0] else None
+        sizes = [w.shape[0] for w, _ in weights]
+        return lambda x: F.linear(x, stacked, bias).split(sizes, -1)
+    products = [projection(m, rows, pack) for m in modules]
+    return lambda x: tuple(product(x) for product in products)
+
+
+def trim_heap() -> None:
+    """Give the heap's free pages back to the OS (glibc `malloc_trim`; a no-op elsewhere).
+
+    The allocator keeps freed memory (the last update's activations and gradients, the packed
+    weights) mapped; without this, the packed weights and the next update's tensors land on
+    top of it and the peak resident memory grows by their size.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
