@@ -238,10 +238,10 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             reference.maybe_update(step)
         scheduler.step()
         t3 = time.perf_counter()
-        if policy.engine is not None:  # the next generation samples from the updated policy
-            stats["weight_sync_s"] = policy.engine.sync(policy.model)
         # 6. Log, evaluate, checkpoint.
         metrics = step_metrics(stats, batch, g, scheduler, trainable, sampler, (t0, t1, t2, t3))
+        if policy.engine is not None:  # the next generation samples from the updated policy
+            metrics["time/weight_sync_s"] = policy.engine.sync(policy.model)
         if step == tr.max_steps or (cfg.eval.every and step % cfg.eval.every == 0):
             after = run_eval()
             metrics.update(after)

@@ -19,7 +19,6 @@ SmolLM2 step as a multiple of its FLOP floor, and how our step time grows with G
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -399,6 +398,7 @@ def run_generation_pieces(workload: Workload, threads: int) -> dict:
     """`rollout.generate` with each backend, and the two samplers, on one step's prompts."""
     import torch
 
+    from grpo.rollout import vllm_engine
     from grpo.rollout.generation import generate
     from grpo.rollout.lean import sample_token
 
@@ -407,11 +407,9 @@ def run_generation_pieces(workload: Workload, threads: int) -> dict:
     result = {}
     for backend in ("transformers", "lean", "vllm"):
         if backend == "vllm":
-            if importlib.util.find_spec("vllm") is None:
+            if not vllm_engine.available():
                 continue
-            from grpo.rollout.vllm_engine import VLLMEngine
-
-            policy.engine = VLLMEngine(policy.checkpoint, kv_cache_gib=0.1)
+            policy.engine = vllm_engine.VLLMEngine(policy.checkpoint, kv_cache_gib=0.1)
         result[backend] = _median_time(
             lambda b=backend: generate(
                 policy.model,
@@ -636,8 +634,9 @@ def main() -> None:
         return
     if args.avx2:
         DISPATCH_ENV.update(AVX2_ENV)
-    vllm = importlib.util.find_spec("vllm") is not None
-    everything = [n for n, w in WORKLOADS.items() if vllm or w.backend != "vllm"]
+    from grpo.rollout.vllm_engine import available
+
+    everything = [n for n, w in WORKLOADS.items() if available() or w.backend != "vllm"]
     names = ["tiny"] if args.quick else (args.workloads or ",".join(everything)).split(",")
     unknown = sorted(set(names) - set(WORKLOADS))
     if unknown:

@@ -161,7 +161,8 @@ def aggregate(records: list[dict[str, Any]], objective: str, over: str) -> list[
         row[over] = ",".join(sorted(m["overrides"].get(over, "") for m in members))
         before = [m["summary"].get("before", {}).get(objective) for m in members]
         after = [m["summary"].get(objective) for m in members]
-        reward = [_values(m["rows"], REWARD)[-1][1] for m in members if _values(m["rows"], REWARD)]
+        curves = [_values(m["rows"], REWARD) for m in members]
+        reward = [curve[-1][1] for curve in curves if curve]
         row[f"{objective} before"] = _mean_spread([v for v in before if v is not None])
         row[f"{objective} after"] = _mean_spread([v for v in after if v is not None])
         row[f"{REWARD} last step"] = _mean_spread(reward) if reward else None

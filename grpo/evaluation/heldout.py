@@ -158,11 +158,7 @@ class Evaluator:
                 top_p=self.top_p,
                 do_sample=sample,
                 stop_pattern=self.task.stop_pattern,
-                # The engine holds the policy's weights; another model (the comparison's
-                # original) is decoded by the lean decoder.
-                backend="lean"
-                if self.backend == "vllm" and policy.engine is None
-                else self.backend,
+                backend=self.backend_for(policy),
                 engine=policy.engine,
             )
             texts += rollout.texts

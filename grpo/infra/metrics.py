@@ -79,8 +79,6 @@ def step_metrics(
 ) -> dict[str, float]:
     """Every number logged for one step: the update's statistics (`train/*`), the rewards, the
     completions, learning rate, parameter norm, epoch and the time split."""
-    stats = dict(stats)
-    sync_s = stats.pop("weight_sync_s", None)  # the engine's weight sync, a time
     metrics = {f"train/{k}": v for k, v in stats.items()}
     metrics.update(reward_metrics(batch.rewards, batch.scores.parts, group_size))
     metrics.update(completion_metrics(batch.rollout))
@@ -88,8 +86,6 @@ def step_metrics(
     metrics["train/param_norm"] = parameter_norm(trainable)
     metrics["train/epoch"] = sampler.epoch
     metrics.update(timing_metrics(*times, int(batch.rollout.lengths.sum())))
-    if sync_s is not None:
-        metrics["time/weight_sync_s"] = sync_s
     return metrics
 
 

@@ -25,9 +25,11 @@ PACK_BYTES = 2**26
 
 
 def modes(lm: PreTrainedModel, do_sample: bool) -> tuple[bool, bool]:
-    """(pack, fuse) for a `sample` call: pack big models' weights, fuse small models'
-    projections; neither for greedy decoding."""
-    return do_sample and packing_pays(lm), do_sample and weight_bytes(lm) <= PACK_BYTES
+    """(pack, fuse) for a `sample` call: pack the weights of models too big for the CPU caches
+    (where oneDNN's packed linear runs), fuse small models' projections; neither for greedy
+    decoding."""
+    big = weight_bytes(lm) > PACK_BYTES
+    return do_sample and big and _onednn_packs(lm), do_sample and not big
 
 
 def weight_bytes(lm: PreTrainedModel) -> int:
@@ -35,15 +37,13 @@ def weight_bytes(lm: PreTrainedModel) -> int:
     return sum(p.numel() * p.element_size() for p in lm.parameters())
 
 
-def packing_pays(lm: PreTrainedModel) -> bool:
-    """oneDNN's packed linear is available, on the CPU, and the weights are too big to stay in
-    the CPU caches."""
+def _onednn_packs(lm: PreTrainedModel) -> bool:
+    """oneDNN's packed linear is available and the model is on the CPU."""
     ops = getattr(torch.ops, "mkldnn", None)
     return (
         torch.backends.mkldnn.is_available()
         and hasattr(ops, "_linear_pointwise")
         and next(lm.parameters()).device.type == "cpu"
-        and weight_bytes(lm) > PACK_BYTES
     )
 
 
