@@ -46,10 +46,6 @@ class Rollout:
         """(N,) completion lengths in tokens."""
         return self.completion_mask.sum(1)
 
-    def rows(self, index: Index) -> Rollout:
-        """The rollout restricted to rows `index` (a micro-batch)."""
-        return take(self, index)
-
 
 @dataclass
 class RewardOutput:
@@ -72,6 +68,7 @@ class ScoredRollout:
     rollout: Rollout
     scores: RewardOutput
     generate_s: float = field(default=0.0, metadata={"sum": True})  # seconds generating it
+    reward_s: float = field(default=0.0, metadata={"sum": True})  # seconds scoring it
 
     @property
     def rewards(self) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Named registries for the pieces researchers swap (verl's `register_adv_est` style).
 
 A registry maps a name to a function. Adding an entry is one decorated function; a YAML then
-picks it by name, and `grpo.infra.config` checks the name (and the settings the YAML passes
+picks it by name, and `grpo.run.config` checks the name (and the settings the YAML passes
 to it) against the registry before anything loads. Tests enumerate the registries, so a new
 entry is covered by the generic tests without editing them.
 """

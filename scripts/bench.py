@@ -94,15 +94,18 @@ SCALING = [(g, t) for g in (4, 8) for t in (32, 64)]  # (G, completion length) o
 def model_folder(workload: Workload) -> str:
     """The checkpoint folder both sides load (built once, cached)."""
     from grpo.model.loading import smollm2_checkpoint, tiny_checkpoint
+    from grpo.tasks.arithmetic import tokenizer_corpus
 
     cache = os.environ.get("GRPO_CACHE_DIR", "~/.cache/grpo")
-    return tiny_checkpoint(cache) if workload.model == "tiny" else smollm2_checkpoint(cache)
+    if workload.model == "tiny":
+        return tiny_checkpoint(cache, tokenizer_corpus())
+    return smollm2_checkpoint(cache)
 
 
 def step_prompts(workload: Workload, use_chat_template: bool, tokenizer) -> list[dict[str, str]]:
     """The problems of every step, in our trainer's order (data seed 0, sampler seed SEED)."""
-    from grpo.rollout.generation import render_prompts
     from grpo.rollout.sampler import GroupedSampler
+    from grpo.rollout.source import render_prompts
     from grpo.tasks.arithmetic import Arithmetic
 
     task = Arithmetic(num_train=NUM_TRAIN, num_test=0)
@@ -186,8 +189,9 @@ def our_overrides(
 
 
 def run_ours(workload: Workload, threads: int, extra: list[str]) -> dict:
-    """Our trainer through its CLI entry point (`time/score_s` holds the no-grad reference
-    pass, `time/update_s` the policy forward, backward and optimiser step)."""
+    """Our trainer through its CLI entry point (scoring is `time/reward_s` + `time/logprobs_s`,
+    the no-grad reference pass, + `time/advantages_s`; `time/update_s` the policy forward,
+    backward and optimiser step)."""
     import runpy
 
     with tempfile.TemporaryDirectory() as run_dir:
@@ -200,7 +204,9 @@ def run_ours(workload: Workload, threads: int, extra: list[str]) -> dict:
     return {
         "step_s": [m["time/step_s"] + s for m, s in zip(measured, sync, strict=True)],
         "generate_s": [m["time/generate_s"] for m in measured],
-        "score_ref_s": [m["time/score_s"] for m in measured],
+        "score_ref_s": [
+            m["time/reward_s"] + m["time/logprobs_s"] + m["time/advantages_s"] for m in measured
+        ],
         "update_s": [m["time/update_s"] for m in measured],
         "sync_s": sync,
         "mean_length": statistics.mean(m["completions/mean_length"] for m in measured),
@@ -369,17 +375,30 @@ def _policy_and_rollout(workload: Workload, threads: int):
     import torch
 
     from grpo.model.loading import load_policy
-    from grpo.rollout.generation import generate
+    from grpo.rollout.lean import LeanBackend
 
     torch.set_num_threads(threads)
     chat = workload.model != "tiny"
     policy = load_policy(model_folder(workload), tokenizer={"use_chat_template": chat})
     rows = step_prompts(workload, chat, policy.tokenizer)[workload.warmup :][: workload.prompts]
     prompts = [r["prompt"] for r in rows]
-    t = workload.new_tokens
     torch.manual_seed(SEED)
-    rollout = generate(policy.model, policy.tokenizer, prompts, workload.group, t, min_new_tokens=t)
+    rollout = _generate(LeanBackend, policy, prompts, workload)
     return policy, prompts, rollout
+
+
+def _generate(backend, policy, prompts: list[str], workload: Workload):
+    """The step's generation by `backend` (a class, or a built backend): G completions of
+    each prompt forced to full length."""
+    from grpo.rollout.settings import SamplingSettings
+    from grpo.rollout.source import tokenize_prompts
+
+    t = workload.new_tokens
+    settings = SamplingSettings(t, max_prompt_length=256, min_new_tokens=t)
+    if isinstance(backend, type):
+        backend = backend(policy, settings)
+    ids, mask = tokenize_prompts(policy.tokenizer, prompts, 256, policy.model.device)
+    return backend.generate(ids, mask, workload.group, settings)
 
 
 def _median_time(fn, repeats: int) -> tuple[float, float]:
@@ -399,29 +418,21 @@ def run_generation_pieces(workload: Workload, threads: int) -> dict:
     import torch
 
     from grpo.rollout import vllm_engine
-    from grpo.rollout.generation import generate
+    from grpo.rollout.backends import build_backend
     from grpo.rollout.lean import sample_token
+    from grpo.rollout.settings import SamplingSettings
 
     policy, prompts, _ = _policy_and_rollout(workload, threads)
-    t, repeats = workload.new_tokens, 5 if workload.model == "tiny" else 2
+    repeats = 5 if workload.model == "tiny" else 2
     result = {}
-    for backend in ("transformers", "lean", "vllm"):
-        if backend == "vllm":
-            if not vllm_engine.available():
-                continue
-            policy.engine = vllm_engine.VLLMEngine(policy.checkpoint, kv_cache_gib=0.1)
-        result[backend] = _median_time(
-            lambda b=backend: generate(
-                policy.model,
-                policy.tokenizer,
-                prompts,
-                workload.group,
-                t,
-                min_new_tokens=t,
-                backend=b,
-                engine=policy.engine,
-            ),
-            repeats,
+    for name in ("transformers", "lean", "vllm"):
+        if name == "vllm" and not vllm_engine.available():
+            continue
+        settings = SamplingSettings(workload.new_tokens, max_prompt_length=256)
+        options = {"kv_cache_gib": 0.1} if name == "vllm" else {}
+        backend = build_backend(name, policy, settings, options)
+        result[name] = _median_time(
+            lambda b=backend: _generate(b, policy, prompts, workload), repeats
         )
     probs = torch.softmax(torch.randn(workload.completions, policy.model.config.vocab_size), -1)
     result["multinomial"] = _median_time(lambda: torch.multinomial(probs, 1), 100)
@@ -431,14 +442,15 @@ def run_generation_pieces(workload: Workload, threads: int) -> dict:
 
 def run_logprobs_piece(workload: Workload, threads: int, chunk: int | None, micro: int) -> dict:
     """One policy forward + backward over a step's completions, `micro` at a time."""
-    from grpo.rollout.logprobs import token_logprobs
+    from grpo.actor.logprobs import token_logprobs
+    from grpo.batch import take
 
     policy, _, rollout = _policy_and_rollout(workload, threads)
     model = policy.model.train()
 
     def forward_backward():
         for start in range(0, workload.completions, micro):
-            micro_batch = rollout.rows(slice(start, start + micro))
+            micro_batch = take(rollout, slice(start, start + micro))
             logp, _ = token_logprobs(model, micro_batch, with_entropy=True, chunk_logits=chunk)
             logp.sum().backward()
         model.zero_grad(set_to_none=True)

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from grpo.evaluation.comparison import compare_models  # noqa: E402
 from grpo.model.loading import Policy  # noqa: E402
+from grpo.run.build import build_evaluator, build_source, sampling_settings  # noqa: E402
 
 
 def load_run_config(run_dir: Path, overrides: list[str]) -> DictConfig:
@@ -58,9 +59,10 @@ def main() -> None:
     torch.manual_seed(cfg.seed)
     task = instantiate(cfg.task)
     reward_fn = instantiate(cfg.reward)
-    evaluator = instantiate(cfg.eval.heldout, task=task, rollout=cfg.rollout)
     policy = load_trained(cfg, args.run_dir / "model", device)
-    compare_models(cfg, policy, evaluator, reward_fn, args.run_dir)
+    sampling = sampling_settings(cfg, task)
+    source = build_source(cfg, task, policy, reward_fn, sampling)
+    compare_models(cfg, build_evaluator(cfg, source, sampling), args.run_dir)
 
 
 if __name__ == "__main__":

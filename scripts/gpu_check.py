@@ -24,15 +24,17 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
+from grpo.actor.logprobs import token_logprobs  # noqa: E402
 from grpo.model.loading import load_policy, tiny_checkpoint  # noqa: E402
-from grpo.rollout.generation import generate  # noqa: E402
-from grpo.rollout.logprobs import token_logprobs  # noqa: E402
-from grpo.rollout.vllm_engine import VLLMEngine  # noqa: E402
+from grpo.rollout.backends import build_backend  # noqa: E402
+from grpo.rollout.settings import SamplingSettings  # noqa: E402
+from grpo.rollout.source import tokenize_prompts  # noqa: E402
+from grpo.tasks.arithmetic import tokenizer_corpus  # noqa: E402
 
 
 def build(folder: Path) -> str:
     """The random Qwen2.5-0.5B-shaped checkpoint, with the tiny tokenizer."""
-    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint("~/.cache/grpo"))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint("~/.cache/grpo", tokenizer_corpus()))
     config = Qwen2Config(
         vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096,
@@ -60,26 +62,23 @@ def timed(fn, repeats: int = 3) -> float:
 def measure(folder: str) -> None:
     """Generation by each backend, the engine's log-probs, and one weight sync."""
     policy = load_policy(folder, dtype="bfloat16", device="cuda")
-    policy.engine = VLLMEngine(
-        folder, dtype="bfloat16", max_model_len=512, gpu_memory_utilization=0.3
-    )
+    settings = SamplingSettings(128, max_prompt_length=384, min_new_tokens=128)
     prompts = [f"Question: what is {i} + {i + 1}?\nAnswer:" for i in range(8)]
-    common = {"num_return_sequences": 4, "max_new_tokens": 128, "min_new_tokens": 128}
-    for backend in ("lean", "transformers", "vllm"):
-        seconds = timed(
-            lambda b=backend: generate(
-                policy.model, policy.tokenizer, prompts, backend=b, engine=policy.engine, **common
-            )  # fmt: skip
-        )
-        print(f"generate 8 x 4 x 128 bf16, {backend}: {seconds:.2f} s", flush=True)
-    rollout = generate(policy.model, policy.tokenizer, prompts, backend="vllm",
-                       engine=policy.engine, **common)  # fmt: skip
+    ids, mask = tokenize_prompts(policy.tokenizer, prompts, 384, "cuda")
+    backends = {}
+    for name in ("lean", "transformers", "vllm"):
+        options = {"gpu_memory_utilization": 0.3} if name == "vllm" else {}
+        backends[name] = backend = build_backend(name, policy, settings, options)
+        seconds = timed(lambda b=backend: b.generate(ids, mask, 4, settings))
+        print(f"generate 8 x 4 x 128 bf16, {name}: {seconds:.2f} s", flush=True)
+    engine = backends["vllm"]
+    rollout = engine.generate(ids, mask, 4, settings)
     with torch.no_grad():
         train_logp, _ = token_logprobs(policy.model, rollout, 1.0)
     mask = rollout.completion_mask.bool()
     gap = (rollout.sampling_logprobs[mask] - train_logp[mask]).abs()
     print(f"engine vs training log-probs, bf16: mean {gap.mean():.4f}, max {gap.max():.4f}")
-    print(f"weight sync: {policy.engine.sync(policy.model):.2f} s", flush=True)
+    print(f"weight sync: {engine.sync(policy.model):.2f} s", flush=True)
 
 
 def main() -> None:

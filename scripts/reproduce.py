@@ -18,7 +18,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from grpo.infra.records import code_differences, code_state, compare_metrics
+from grpo.run.records import code_differences, code_state, compare_metrics
 
 # Overrides not carried over: a reproduction is a fresh run in its own folder, with the run's
 # recorded thread count.

@@ -26,7 +26,7 @@ from typing import Any
 import matplotlib
 import yaml
 
-from grpo.infra.records import read_metrics
+from grpo.run.records import read_metrics
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

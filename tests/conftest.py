@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,10 +25,14 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-import grpo.infra.config  # noqa: F401  (registers the config schema)
+import grpo.run.config  # noqa: F401  (registers the config schema)
+from grpo.actor.update import Actor, UpdateSettings
 from grpo.algorithm.loss import GRPOLoss
-from grpo.algorithm.update import no_grad_logprobs, policy_update
-from grpo.rollout.generation import generate, render_prompts
+from grpo.batch import Rollout
+from grpo.rollout import lean
+from grpo.rollout.backends import BACKENDS
+from grpo.rollout.settings import SamplingSettings
+from grpo.rollout.source import render_prompts, tokenize_prompts
 from grpo.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,6 +177,14 @@ def random_model(kind: str, kv_heads: int, eos: int = EOS, dtype: torch.dtype = 
     return model_cls(config).to(dtype).eval()
 
 
+def lean_sample(model, ids, mask, max_new_tokens: int, eos: int = EOS, n: int = 1, **sampling):
+    """`grpo.rollout.lean.sample` for a model without a tokenizer (EOS `eos`, padding PAD);
+    `sampling` are `SamplingSettings` fields."""
+    settings = SamplingSettings(max_new_tokens, ids.shape[1], **sampling)
+    special = SimpleNamespace(eos_token_id=eos, pad_token_id=PAD)
+    return lean.sample(model, special, ids, mask, n, settings)
+
+
 def prompt_batch(padded: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Six left-padded prompts (rows 0 and 2 padded when `padded`)."""
     torch.manual_seed(1)
@@ -211,6 +224,19 @@ ROWS = 8  # the `rollout` fixture's completions: 2 prompts x G = 4
 ADVANTAGES = torch.tensor([1.0, -1.0, 0.5, -0.5, -1.0, 1.0, -0.5, 0.5])
 
 
+def generate(
+    policy, prompts: list[str], n: int = 1, backend: str = "lean", engine=None, **sampling
+) -> Rollout:
+    """`n` completions of each prompt text with backend `backend` (or a built `engine`), the
+    way the rollout source tokenizes them; `sampling` are `SamplingSettings` fields
+    (max_new_tokens 64 and max_prompt_length 256 unless given)."""
+    settings = SamplingSettings(**{"max_new_tokens": 64, "max_prompt_length": 256, **sampling})
+    device = next(policy.model.parameters()).device
+    ids, mask = tokenize_prompts(policy.tokenizer, prompts, settings.max_prompt_length, device)
+    engine = engine or BACKENDS[backend](policy, settings)
+    return engine.generate(ids, mask, n, settings)
+
+
 @pytest.fixture(scope="module")
 def rollout():
     """8 completions (2 prompts x G = 4) of up to 6 tokens from the tiny policy."""
@@ -218,7 +244,26 @@ def rollout():
     task = tiny_task()
     prompts = render_prompts(policy.tokenizer, task, task.train[:2], False)
     torch.manual_seed(1)
-    return generate(policy.model, policy.tokenizer, prompts, 4, max_new_tokens=6)
+    return generate(policy, prompts, 4, max_new_tokens=6)
+
+
+def make_actor(policy, loss=None, reference=None, optimizer=None, **settings) -> Actor:
+    """An `Actor` on `policy` (AdamW lr 1e-2 unless given) with `UpdateSettings` fields
+    `settings` (temperature 1, micro-batches of 4, no clipping unless given)."""
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    optimizer = optimizer or torch.optim.AdamW(params, lr=1e-2)
+    defaults = {
+        "temperature": 1.0,
+        "micro_batch_size": 4,
+        "share_prompts": True,
+        "max_grad_norm": None,
+    }
+    merged = {**defaults, **settings}
+    merged.setdefault("inference_batch_size", merged["micro_batch_size"])
+    merged.setdefault("need_old", merged.get("epochs", 1) * merged.get("num_mini_batches", 1) > 1)
+    return Actor(
+        policy, reference, loss or GRPOLoss(kl={"coef": 0.0}), optimizer, UpdateSettings(**merged)
+    )
 
 
 def update(
@@ -232,34 +277,21 @@ def update(
     reference=None,
     micro_batch_size=4,
     inference_batch_size=None,
-    share_prompts=True,
-    epochs=1,
-    num_mini_batches=1,
-    **kwargs,
+    **settings,
 ):
-    """The trainer's steps 4 and 5 on `rollout`: no-grad log-probs, then the policy update."""
+    """The trainer's steps 4 and 5 on `rollout`: no-grad log-probs, then the policy update
+    (max_grad_norm 1 unless given)."""
     params = [p for p in policy.model.parameters() if p.requires_grad]
-    loss_fn = loss or GRPOLoss(kl={"coef": 0.0})
-    size = inference_batch_size or micro_batch_size
-    need_old = epochs * num_mini_batches > 1
-    scores = no_grad_logprobs(
-        policy, reference, rollout, loss_fn, 1.0, size, share_prompts, need_old
-    )
-    return policy_update(
+    actor = make_actor(
         policy,
-        rollout,
-        advantages,
-        scores,
-        loss_fn,
+        loss,
+        reference,
         optimizer(params, lr=lr),
-        micro_batch_size,
-        1.0,
-        1.0,
-        epochs=epochs,
-        num_mini_batches=num_mini_batches,
-        share_prompts=share_prompts,
-        **kwargs,
+        micro_batch_size=micro_batch_size,
+        inference_batch_size=inference_batch_size or micro_batch_size,
+        **{"max_grad_norm": 1.0, **settings},
     )
+    return actor.update(rollout, advantages, actor.score(rollout))
 
 
 def snapshot(policy) -> list[torch.Tensor]:

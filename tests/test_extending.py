@@ -149,7 +149,7 @@ from hydra.utils import instantiate
 import grpo
 from grpo.algorithm.advantages import ADVANTAGE_ESTIMATORS
 from grpo.algorithm.policy_losses import POLICY_LOSSES
-from grpo.infra.config import ConfigError, validate_config
+from grpo.run.config import ConfigError, validate_config
 
 CONF = Path("conf").resolve()
 request = json.loads(sys.argv[1])

@@ -7,17 +7,25 @@ import json
 
 import pytest
 import torch
-from conftest import compose_config, read_metrics, step_lines, tiny_policy, tiny_task
+from conftest import (
+    compose_config,
+    generate,
+    make_actor,
+    read_metrics,
+    step_lines,
+    tiny_policy,
+    tiny_task,
+)
 from hydra.utils import instantiate
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from grpo.actor.logprobs import token_logprobs
+from grpo.actor.reference import Reference
 from grpo.algorithm.advantages import estimate_advantages
-from grpo.algorithm.update import no_grad_logprobs, policy_update
-from grpo.model.reference import Reference
-from grpo.rollout.generation import generate, render_prompts
-from grpo.rollout.logprobs import token_logprobs
-from grpo.train import build_loss, train
+from grpo.rollout.source import render_prompts
+from grpo.run.build import build_loss
+from grpo.train import train
 
 
 def without_timing(metrics: list[dict]) -> list[dict]:
@@ -114,16 +122,17 @@ def test_an_update_changes_trainable_weights_only_and_never_the_reference(lora):
     policy = instantiate(cfg.model)
     task = tiny_task()
     prompts = render_prompts(policy.tokenizer, task, task.train[:2], False)
-    rollout = generate(policy.model, policy.tokenizer, prompts, 4, max_new_tokens=6)
+    rollout = generate(policy, prompts, 4, max_new_tokens=6)
     advantages = estimate_advantages({"name": "grpo"}, torch.arange(8.0) % 3, 4)
     reference = Reference(policy, 1.0)
     ref_before = reference(rollout)
     params = dict(policy.model.named_parameters())
     before = {name: p.detach().clone() for name, p in params.items()}
-    loss_fn = build_loss(cfg)
-    scores = no_grad_logprobs(policy, reference, rollout, loss_fn, 1.0, 8, True, False)
     optimizer = torch.optim.AdamW([p for p in params.values() if p.requires_grad], 1e-2)
-    policy_update(policy, rollout, advantages, scores, loss_fn, optimizer, 8, 1.0, 1.0)
+    actor = make_actor(
+        policy, build_loss(cfg), reference, optimizer, micro_batch_size=8, max_grad_norm=1.0
+    )
+    actor.update(rollout, advantages, actor.score(rollout))
     changed = {name for name, p in params.items() if not torch.equal(p, before[name])}
     trainable = {name for name, p in params.items() if p.requires_grad}
     assert changed and changed <= trainable

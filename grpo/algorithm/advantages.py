@@ -28,8 +28,6 @@ POSITIVE = Interval(0.0)  # (0, inf)
 
 def grouped(rewards: Tensor, group_size: int) -> Tensor:
     """Check the rewards and view them as [num_groups, group_size] (floating point)."""
-    if group_size < 2:
-        raise ValueError(f"group_size must be >= 2 for a group baseline, got {group_size}")
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
     if rewards.numel() % group_size != 0:
@@ -85,10 +83,10 @@ def estimate_advantages(
     parts: Mapping[str, Tensor] | None = None,
 ) -> Tensor:
     """The advantages of `settings['name']` (an entry of ADVANTAGE_ESTIMATORS) with the other
-    keys of `settings` as its settings: Tensor[N]."""
+    keys of `settings` as its settings: Tensor[N]. The name and settings were checked before
+    the run started (`grpo.run.config`)."""
     options = dict(settings)
     name = options.pop("name")
-    ADVANTAGE_ESTIMATORS.check(name, options, "algorithm.advantage.name")
     return ADVANTAGE_ESTIMATORS[name](rewards, group_size, dict(parts or {}), **options)
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from grpo.evaluation.heldout import Evaluator, score_completions
+from grpo.evaluation.heldout import Evaluator
 from grpo.model.loading import Policy
 from grpo.tasks.base import Row, Task
 
@@ -43,26 +42,7 @@ MEANINGFUL_BASELINE = 0.1
 
 def comparison_problems(prompts: list[Row], heldout: list[Row], num_heldout: int) -> list[Row]:
     """The fixed prompts followed by the first `num_heldout` held-out problems."""
-    for i, prompt in enumerate(prompts):
-        if not {"question", "answer"} <= set(prompt):
-            raise ValueError(
-                f"eval.comparison.prompts[{i}]: {dict(prompt)} needs a question and an answer"
-            )
-    if num_heldout < 0:
-        raise ValueError(f"eval.comparison.num_heldout must be >= 0, got {num_heldout}")
     return [dict(p) for p in prompts] + list(heldout[:num_heldout])
-
-
-def model_responses(
-    evaluator: Evaluator, policy: Policy, problems: list[Row], reward_fn: Callable, n: int
-) -> list[list[dict[str, Any]]]:
-    """`n` sampled responses per problem, each scored (reward, parts, correctness)."""
-    texts, lengths, prompts = evaluator.complete(policy, problems, n, sample=True)
-    rows = [p for p in problems for _ in range(n)]
-    scored = score_completions(
-        evaluator.task, rows, texts, prompts, reward_fn, lengths, evaluator.max_new_tokens
-    )
-    return [scored[i * n : (i + 1) * n] for i in range(len(problems))]
 
 
 def relative_change(before: float, after: float) -> float | None:
@@ -159,34 +139,36 @@ def format_table(result: dict[str, Any], width: int = 40) -> str:
 
 @contextmanager
 def original_model(policy: Policy, load_original: Callable[[], Policy]) -> Iterator[Policy]:
-    """The model before training: adapters off (LoRA), or `load_original()` (full fine-tune);
-    without the policy's generation engine, which holds the trained weights."""
+    """The model before training: the policy with its adapters off (LoRA), or
+    `load_original()` (full fine-tuning)."""
     if policy.uses_lora:
         with policy.model.disable_adapter():
-            yield replace(policy, engine=None)
+            yield policy
     else:
         yield load_original()
 
 
-def compare_models(
-    cfg: DictConfig, policy: Policy, evaluator: Evaluator, reward_fn: Callable, run_dir: Path
-) -> dict[str, Any]:
-    """Compare the trained `policy` with the original as `cfg.eval.comparison` says, with
-    `evaluator`'s settings and task; write and print it.
+def compare_models(cfg: DictConfig, evaluator: Evaluator, run_dir: Path) -> dict[str, Any]:
+    """Compare the trained policy of `evaluator`'s rollout source with the original as
+    `cfg.eval.comparison` says, with the evaluation's sampling; write and print it.
 
-    Both models sample from the same seed (`cfg.seed`). Returns the result; the JSON is written
-    to `run_dir/comparison.json`.
+    Both models sample from the same seed (`cfg.seed`) through the same backend, which is
+    handed the original's weights for its turn and the trained ones back after. Returns the
+    result; the JSON is written to `run_dir/comparison.json`.
     """
-    settings, task = cfg.eval.comparison, evaluator.task
+    settings, task, source = cfg.eval.comparison, evaluator.task, evaluator.source
     prompts = task.examples if settings.prompts is None else list(settings.prompts)
     problems = comparison_problems(prompts, task.test, settings.num_heldout)
     n = settings.num_responses_per_prompt or cfg.algorithm.num_responses_per_prompt
+    policy = source.policy
     device = str(policy.model.device)
     torch.manual_seed(cfg.seed)
-    trained = model_responses(evaluator, policy, problems, reward_fn, n)
+    trained = evaluator.complete(problems, n, evaluator.sampled)
     with original_model(policy, lambda: instantiate(cfg.model, device=device)) as original_policy:
+        source.backend.sync(original_policy.model)
         torch.manual_seed(cfg.seed)
-        original = model_responses(evaluator, original_policy, problems, reward_fn, n)
+        original = evaluator.complete(problems, n, evaluator.sampled)
+    source.backend.sync(policy.model)
     result = comparison_result(task, problems, original, trained)
     (Path(run_dir) / "comparison.json").write_text(json.dumps(result, indent=2))
     print("\n" + format_table(result))

@@ -20,38 +20,32 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from typing import Any
 
 import torch
 
-from grpo.model.loading import Policy
-from grpo.rollout.generation import generate, render_prompts
+from grpo import distributed
+from grpo.batch import ScoredRollout
+from grpo.rollout.settings import SamplingSettings
+from grpo.rollout.source import RolloutSource
 from grpo.tasks.base import Row, Task
 
 
-def score_completions(
-    task: Task,
-    rows: list[Row],
-    texts: list[str],
-    prompts: list[str],
-    reward_fn: Callable,
-    lengths: list[int],
-    max_new_tokens: int,
-) -> list[dict[str, Any]]:
-    """Per completion: its reward, reward parts, length, the task's checks and correctness."""
-    answers = [task.answer(row) for row in rows]
-    out = reward_fn(texts, answers, prompts, lengths, max_new_tokens)
+def completion_records(task: Task, scored: ScoredRollout) -> list[dict[str, Any]]:
+    """Per completion: its text, reward, reward parts, length, the task's checks and
+    correctness."""
+    scores, lengths = scored.scores, scored.rollout.lengths.tolist()
     return [
         {
             "completion": text,
-            "reward": out.total[i],
-            "parts": {k: v[i] for k, v in out.parts.items()},
+            "reward": scores.total[i],
+            "parts": {k: v[i] for k, v in scores.parts.items()},
             "length": lengths[i],
             "checks": task.check(text, row),
             "correct": task.correct(text, row),
         }
-        for i, (text, row) in enumerate(zip(texts, rows, strict=True))
+        for i, (text, row) in enumerate(zip(scored.rollout.texts, scored.rows, strict=True))
     ]
 
 
@@ -84,18 +78,20 @@ def sample_metrics(task: Task, samples: list[str], row: Row, k: int) -> dict[str
 
 
 class Evaluator:
-    """Evaluates a policy on held-out rows of `task`; built by Hydra from `eval.heldout`.
+    """Evaluates the source's policy on held-out rows; built by Hydra from `eval.heldout`.
 
-    Completions follow the task's stop rule and the rollout's `max_prompt_length` and
-    `backend`; `max_new_tokens` None is the rollout's budget. Greedy completions score the
-    checks; with `num_samples` n > 0, n more per problem are sampled at `temperature` / `top_p`
-    for pass@k and maj@k (k <= n).
+    Completions come from `source` (the training rollout's prompts, stop rule, backend and
+    reward) with `sampling`'s prompt length: greedy ones score the checks; with `num_samples`
+    n > 0, n more per problem are sampled at `temperature` / `top_p` for pass@k and maj@k
+    (k <= n). `max_new_tokens` None is the rollout's budget. With several processes each rank
+    completes every N-th problem and the records are gathered, so the metrics are one
+    process's.
     """
 
     def __init__(
         self,
-        task: Task,
-        rollout: Any,
+        source: RolloutSource,
+        sampling: SamplingSettings,
         max_new_tokens: int | None = None,
         batch_size: int = 32,
         num_samples: int = 0,
@@ -103,89 +99,46 @@ class Evaluator:
         temperature: float = 1.0,
         top_p: float = 1.0,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"eval.heldout.batch_size must be >= 1, got {batch_size}")
-        if num_samples < 0:
-            raise ValueError(f"eval.heldout.num_samples must be >= 0, got {num_samples}")
-        if num_samples and not 1 <= k <= num_samples:
-            raise ValueError(
-                f"eval.heldout.k={k}: pass@k and maj@k need 1 <= k <= num_samples={num_samples}"
-            )
-        self.task = task
-        self.max_new_tokens = max_new_tokens or rollout["max_new_tokens"]
-        self.max_prompt_length = rollout["max_prompt_length"]
-        self.backend = rollout["backend"]
-        self.batch_size = batch_size
-        self.num_samples = num_samples
-        self.k = k
-        self.temperature = temperature
-        self.top_p = top_p
-
-    def backend_for(self, policy: Policy) -> str:
-        """The rollout's backend; but the vLLM engine holds the policy's weights only, so
-        another model (the comparison's original) is decoded by the lean decoder."""
-        return "lean" if self.backend == "vllm" and policy.engine is None else self.backend
+        self.source, self.task = source, source.task
+        self.greedy = sampling.greedy(max_new_tokens)
+        self.sampled = sampling.sampled(temperature, top_p, max_new_tokens)
+        self.batch_size, self.num_samples, self.k = batch_size, num_samples, k
 
     @torch.no_grad()
     def complete(
-        self, policy: Policy, rows: list[Row], n: int = 1, sample: bool = False
-    ) -> tuple[list[str], list[int], list[str]]:
-        """`n` completions per row (greedy, or sampled at the evaluation temperature).
-
-        Rows are grouped by problem; each `generate` call holds about `batch_size` rows.
-        Returns the texts, their lengths in tokens, and the prompt of each.
-        """
-        policy.model.eval()
-        texts: list[str] = []
-        lengths: list[int] = []
-        prompts: list[str] = []
+        self, rows: list[Row], n: int, settings: SamplingSettings
+    ) -> list[list[dict[str, Any]]]:
+        """`n` completions per row, scored (`completion_records`), in calls of about
+        `batch_size` completions; one list of n records per row."""
+        records: list[dict[str, Any]] = []
         per_call = max(1, self.batch_size // n)
         for start in range(0, len(rows), per_call):
-            part = render_prompts(
-                policy.tokenizer,
-                self.task,
-                rows[start : start + per_call],
-                policy.use_chat_template,
-            )
-            rollout = generate(
-                policy.model,
-                policy.tokenizer,
-                part,
-                n,
-                max_new_tokens=self.max_new_tokens,
-                max_prompt_length=self.max_prompt_length,
-                temperature=self.temperature,
-                top_p=self.top_p,
-                do_sample=sample,
-                stop_pattern=self.task.stop_pattern,
-                backend=self.backend_for(policy),
-                engine=policy.engine,
-            )
-            texts += rollout.texts
-            lengths += rollout.lengths.tolist()
-            prompts += [p for p in part for _ in range(n)]
-        return texts, lengths, prompts
+            scored = self.source(rows[start : start + per_call], n, settings)
+            records += completion_records(self.task, scored)
+        return [records[i * n : (i + 1) * n] for i in range(len(rows))]
 
-    def __call__(
-        self, policy: Policy, rows: list[Row], reward_fn: Callable
-    ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        """Evaluate on `rows`; return `eval/*` metrics and one record per problem."""
-        texts, lengths, prompts = self.complete(policy, rows)
-        scored = score_completions(
-            self.task, rows, texts, prompts, reward_fn, lengths, self.max_new_tokens
-        )
+    def __call__(self, rows: list[Row]) -> dict[str, float]:
+        """`eval/*` metrics on `rows`, split over the ranks (see the class docstring)."""
+        mine = rows[distributed.rank() :: distributed.world_size()]
+        records = self.records(mine) if mine else []
+        if distributed.world_size() > 1:
+            records = [record for part in distributed.all_gather(records) for record in part]
+        return self.metrics(records)
+
+    def records(self, rows: list[Row]) -> list[dict[str, Any]]:
+        """One record per problem: its greedy completion scored, and with `num_samples` its
+        samples' pass@k and maj@k."""
+        greedy = self.complete(rows, 1, self.greedy)
         records = [
-            {"question": row["question"], "answer": self.task.answer(row), **record}
-            for row, record in zip(rows, scored, strict=True)
+            {"question": row["question"], "answer": self.task.answer(row), **done[0]}
+            for row, done in zip(rows, greedy, strict=True)
         ]
         if self.num_samples:
-            n = self.num_samples
-            samples, _, _ = self.complete(policy, rows, n, sample=True)
-            for i, record in enumerate(records):
-                record.update(
-                    sample_metrics(self.task, samples[i * n : (i + 1) * n], rows[i], self.k)
-                )
-        return self.metrics(records), records
+            samples = self.complete(rows, self.num_samples, self.sampled)
+            for record, row, done in zip(records, rows, samples, strict=True):
+                texts = [r["completion"] for r in done]
+                record.update(sample_metrics(self.task, texts, row, self.k))
+        return records
 
     def metrics(self, records: list[dict[str, Any]]) -> dict[str, float]:
         """Means over problems of the per-problem records, under `eval/*` names."""

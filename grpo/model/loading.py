@@ -14,7 +14,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,8 @@ from transformers import (
 )
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Architectures of the Llama layout, which the lean decoder and the chunked LM head know.
+LLAMA_LIKE = ("llama", "qwen2", "qwen3")
 
 
 @dataclass
@@ -41,7 +43,11 @@ class Policy:
     use_chat_template: bool
     uses_lora: bool
     checkpoint: str = ""  # the folder or hub id it was loaded from
-    engine: Any = None  # a generation engine fed its weights (rollout.backend=vllm), or None
+
+
+def causal_lm(model: PreTrainedModel) -> PreTrainedModel:
+    """The transformers model, under its peft wrapper if there is one."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _cached_build(folder: Path, build: Callable[[Path], None]) -> str:
@@ -84,22 +90,18 @@ def smollm2_checkpoint(cache_dir: str) -> str:
     return _cached_build(Path(cache_dir).expanduser() / "smollm2-135m-instruct", build)
 
 
-def _tiny_tokenizer_corpus() -> list[str]:
-    from grpo.tasks.arithmetic import Arithmetic
-
-    task = Arithmetic(num_train=2000, num_test=0, seed=0)
-    return [task.prompt(row) + " " + row["answer"] for row in task.train]
-
-
 def tiny_checkpoint(
     cache_dir: str,
+    tokenizer_corpus: Sequence[str],
     hidden_size: int = 64,
     num_layers: int = 2,
     num_heads: int = 4,
     vocab_size: int = 384,
     seed: int = 0,
 ) -> str:
-    """A random-init Llama model and a small BPE tokenizer, built once into a cached folder."""
+    """A random-init Llama model and a small BPE tokenizer trained on `tokenizer_corpus`
+    (`grpo.tasks.arithmetic.tokenizer_corpus` in `model=tiny`), built once into a cached
+    folder."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -117,7 +119,7 @@ def tiny_checkpoint(
             special_tokens=specials,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         )
-        bpe.train_from_iterator(_tiny_tokenizer_corpus(), trainer)
+        bpe.train_from_iterator(tokenizer_corpus, trainer)
         tokenizer = PreTrainedTokenizerFast(
             tokenizer_object=bpe,
             unk_token="<unk>",
@@ -205,9 +207,7 @@ def load_policy(
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
     lora = dict(lora or {})
-    uses_lora = bool(lora.pop("enabled", False))
-    if load_in_4bit and not uses_lora:
-        raise ValueError("model.load_in_4bit=true needs model.lora.enabled=true (QLoRA)")
+    uses_lora = bool(lora.pop("enabled", False))  # 4-bit implies LoRA (checked in config.py)
     if uses_lora:
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 

@@ -36,9 +36,12 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from grpo.model.loading import LLAMA_LIKE, causal_lm
 from grpo.rollout import products
+from grpo.rollout.base import StopOnPattern
+from grpo.rollout.hf_generate import TransformersBackend
+from grpo.rollout.settings import SamplingSettings
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 # Generation-config fields that would add logits processors this loop does not apply.
 UNSUPPORTED_GENERATION_FIELDS = (
     "repetition_penalty",
@@ -57,18 +60,13 @@ _DEFAULTS = GenerationConfig()
 Stop = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
-def causal_lm(model: PreTrainedModel) -> PreTrainedModel:
-    """The transformers model, under its peft wrapper if there is one."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def supports(model: PreTrainedModel) -> bool:
     """True when `sample` mirrors `generate` exactly for this model."""
     lm = causal_lm(model)
     config = lm.config
     rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
     return (
-        config.model_type in SUPPORTED_MODEL_TYPES
+        config.model_type in LLAMA_LIKE
         and config._attn_implementation == "sdpa"
         and all(t == "full_attention" for t in getattr(config, "layer_types", None) or [])
         and rope not in ("dynamic", "longrope")
@@ -234,35 +232,31 @@ def inference(fn: Callable[..., tuple[Any, ...]]) -> Callable[..., tuple[Any, ..
 @inference
 def sample(
     model: PreTrainedModel,
+    tokenizer: Any,
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
-    max_new_tokens: int,
-    eos_token_id: int,
-    pad_token_id: int,
-    min_new_tokens: int = 0,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    do_sample: bool = True,
+    n: int,
+    settings: SamplingSettings,
     stop: Stop | None = None,
-    with_logprobs: bool = False,
-    num_return_sequences: int = 1,
-    top_k: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Decode up to `max_new_tokens` tokens, `num_return_sequences` times per prompt.
+    """Decode up to `settings.max_new_tokens` tokens, `n` times per prompt.
 
     `prompt_ids` (B, P) are left-padded distinct prompts; each is prefilled once and its
-    key/value cache copied to its rows (N = B * num_return_sequences, grouped by prompt).
-    Returns the sequences (N, P + steps), prompt included and finished rows padded with
-    `pad_token_id` as `generate` returns them, and, with `with_logprobs`, the log-probability
-    (N, steps) of each new token under the model at `temperature` (log_softmax(logits /
+    key/value cache copied to its rows (N = B * n, grouped by prompt); `tokenizer` gives the
+    EOS and padding ids. Returns the sequences (N, P + steps), prompt included and finished rows
+    padded as `generate` returns them, and, with `settings.keep_logprobs`, the log-probability
+    (N, steps) of each new token under the model at the temperature (log_softmax(logits /
     temperature), before min_new_tokens and top_p shape the sampling distribution; 0 on
     padding). Sampling follows `generate`'s order: EOS banned before `min_new_tokens`, then
     temperature, then top-k (0: off), then top-p.
     """
+    s, g = settings, n
+    max_new_tokens, temperature, do_sample = s.max_new_tokens, s.temperature, s.do_sample
+    eos_token_id, pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     lm = causal_lm(model)
-    n, p = prompt_ids.shape
-    top_k_filter = TopKLogitsWarper(top_k) if do_sample and top_k > 0 else None
-    top_p_filter = TopPLogitsWarper(top_p) if do_sample and top_p < 1.0 else None
+    p = prompt_ids.shape[1]
+    top_k_filter = TopKLogitsWarper(s.top_k) if do_sample and s.top_k > 0 else None
+    top_p_filter = TopPLogitsWarper(s.top_p) if do_sample and s.top_p < 1.0 else None
     positions = (prompt_mask.long().cumsum(-1) - 1).masked_fill(prompt_mask == 0, 0)
     cache = DynamicCache(config=lm.config)
     logits = (
@@ -277,11 +271,10 @@ def sample(
         .logits[:, -1]
         .to(copy=True, dtype=torch.float32)
     )
-    g = num_return_sequences
     prompt_ids, prompt_mask, positions, logits = (
         x.repeat_interleave(g, 0) for x in (prompt_ids, prompt_mask, positions, logits)
     )
-    n = n * g
+    n = prompt_ids.shape[0]
     # Sampling only (greedy stays bit-exact with `generate`): big models' weights packed for
     # streaming, small models' projections fused against per-call overhead.
     pack, fuse = products.modes(lm, do_sample)
@@ -291,13 +284,13 @@ def sample(
     del cache
     ids = prompt_ids.new_full((n, p + max_new_tokens), pad_token_id)
     ids[:, :p] = prompt_ids
-    logprobs = torch.zeros(n, max_new_tokens, device=prompt_ids.device) if with_logprobs else None
+    logprobs = torch.zeros(n, max_new_tokens, device=prompt_ids.device) if s.keep_logprobs else None
     unfinished = torch.ones(n, dtype=torch.bool, device=prompt_ids.device)
     position = positions[:, -1]
     steps = 0
     while True:
         scores = logits
-        if steps < min_new_tokens:
+        if steps < s.min_new_tokens:
             scores = logits.clone()
             scores[:, eos_token_id] = -torch.inf
         if do_sample:
@@ -327,3 +320,20 @@ def sample(
     if pack:
         products.trim_heap()
     return ids[:, : p + steps], None if logprobs is None else logprobs[:, :steps]
+
+
+class LeanBackend(TransformersBackend):
+    """The `lean` backend: `sample` for the models it mirrors, transformers' `generate` for the
+    others (`supports`)."""
+
+    def _decode(
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        n: int,
+        settings: SamplingSettings,
+        stop: StopOnPattern | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not supports(self.model):
+            return super()._decode(prompt_ids, prompt_mask, n, settings, stop)
+        return sample(self.model, self.tokenizer, prompt_ids, prompt_mask, n, settings, stop)

@@ -42,20 +42,8 @@ class GroupedSampler:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        if group_size < 2:
-            raise ValueError(
-                f"algorithm.num_responses_per_prompt must be >= 2 (got {group_size}): "
-                "GRPO's baseline is the mean over a group"
-            )
-        if batch_size < 1:
-            raise ValueError(f"trainer.batch_size must be >= 1 (got {batch_size})")
         if num_prompts < 1:
             raise ValueError("the training split is empty")
-        if batch_size % world_size:
-            raise ValueError(
-                f"trainer.batch_size={batch_size} must be a multiple of the {world_size} "
-                "processes: each takes an equal share of whole groups"
-            )
         self.num_prompts = num_prompts
         self.batch_size = batch_size
         self.group_size = group_size

@@ -1,8 +1,9 @@
 """Generation with vLLM's offline engine inside the training process (TRL calls it "colocate").
 
-`VLLMEngine` holds one `vllm.LLM` built from the policy's checkpoint and fed the policy's weights
+`VLLMBackend` holds one `vllm.LLM` built from the policy's checkpoint and fed the policy's weights
 after every optimiser step (`sync`): the whole state dict in the checkpoint's names, LoRA adapters
-merged into the weights they adapt (W + B A scaling, computed without touching the policy), the
+merged into the weights they adapt (W + B A scaling, computed without touching the policy; none
+while the adapters are disabled, as for the comparison's original model), the
 tied LM head given explicitly, through the worker's `reload_weights` (on CPU vLLM repacks its
 linear layers, so `model.load_weights` cannot write into them). Prefix caching is off, so no
 cache outlives a weight change.
@@ -33,13 +34,16 @@ import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from grpo.batch import Rollout
-from grpo.rollout import lean
+from grpo.model.loading import Policy, causal_lm
+from grpo.rollout.base import Backend
+from grpo.rollout.settings import SamplingSettings
 
 INSTALL_HINT = "rollout.backend=vllm needs vLLM: run `make install-vllm`"
 
@@ -50,11 +54,13 @@ def available() -> bool:
 
 
 def hf_weights(model: PreTrainedModel) -> Iterator[tuple[str, torch.Tensor]]:
-    """The policy's weights as the checkpoint names them, LoRA adapters merged (W + delta)."""
-    lm = lean.causal_lm(model)
+    """The policy's weights as the checkpoint names them, active LoRA adapters merged
+    (W + delta; disabled adapters add nothing)."""
+    lm = causal_lm(model)
     deltas = {}
     for name, module in lm.named_modules():
-        if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
+        lora = hasattr(module, "get_delta_weight") and hasattr(module, "base_layer")
+        if lora and not module.disable_adapters:
             for adapter in module.active_adapters:
                 delta = module.get_delta_weight(adapter).detach()
                 deltas[f"{name}.weight"] = deltas.get(f"{name}.weight", 0) + delta
@@ -117,21 +123,21 @@ def _regex_stop_processor():
     return RegexStop
 
 
-class VLLMEngine:
-    """vLLM's offline engine on the policy's checkpoint; see the module docstring."""
+class VLLMBackend(Backend):
+    """The `vllm` backend: vLLM's offline engine on the policy's checkpoint, fed the policy's
+    weights (see the module docstring); `rollout.vllm` gives its keyword settings."""
 
     def __init__(
         self,
-        checkpoint: str,
-        dtype: str = "float32",
-        max_model_len: int = 512,
+        policy: Policy,
+        settings: SamplingSettings,
+        *,
         kv_cache_gib: float = 0.25,
         gpu_memory_utilization: float = 0.3,
         enforce_eager: bool = True,
         sleep: bool = False,
     ) -> None:
-        if not available():
-            raise ImportError(INSTALL_HINT)
+        super().__init__(policy, settings)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process
         os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
         from vllm import LLM
@@ -145,9 +151,9 @@ class VLLMEngine:
         os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override the size above
         with _undone_side_effects():
             self.llm = LLM(
-                model=checkpoint,
-                dtype=dtype,
-                max_model_len=max_model_len,
+                model=policy.checkpoint,
+                dtype=str(policy.model.dtype).removeprefix("torch."),
+                max_model_len=settings.max_prompt_length + settings.max_new_tokens,
                 enforce_eager=enforce_eager,
                 enable_prefix_caching=False,
                 logprobs_mode="processed_logprobs",
@@ -160,7 +166,7 @@ class VLLMEngine:
             self.llm.sleep(level=1)
 
     def sync(self, model: PreTrainedModel) -> float:
-        """Load the policy's current weights into the engine; returns the seconds it took."""
+        """Load `model`'s current weights into the engine; returns the seconds it took."""
         start = time.perf_counter()
         if self.sleeps:
             self.llm.wake_up()
@@ -175,21 +181,12 @@ class VLLMEngine:
     @torch.no_grad()
     def generate(
         self,
-        tokenizer: PreTrainedTokenizerBase,
         prompt_ids: torch.Tensor,
         prompt_mask: torch.Tensor,
         n: int,
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        top_k: int,
-        do_sample: bool,
-        stop_pattern: str | None,
-        min_new_tokens: int,
-    ) -> tuple[list[list[int]], list[list[float]], list[bool]]:
-        """n completions of each (left-padded) prompt: their token ids, the engine's log-prob
-        of each, and whether they ran into max_new_tokens; rows grouped by prompt."""
-        from vllm import SamplingParams, TokensPrompt
+        settings: SamplingSettings,
+    ) -> Rollout:
+        from vllm import TokensPrompt
 
         if self.sleeps:
             self.llm.wake_up()
@@ -197,40 +194,47 @@ class VLLMEngine:
         for ids, mask in zip(prompt_ids.tolist(), prompt_mask.tolist(), strict=True):
             kept = [t for t, m in zip(ids, mask, strict=True) if m]
             requests.append(TokensPrompt(prompt_token_ids=kept))
-            params.append(
-                SamplingParams(
-                    n=n,
-                    temperature=temperature if do_sample else 0.0,
-                    top_p=top_p if do_sample else 1.0,
-                    top_k=top_k if do_sample and top_k > 0 else -1,
-                    max_tokens=max_new_tokens,
-                    min_tokens=min_new_tokens,
-                    logprobs=0,
-                    seed=int(torch.randint(2**31 - 1, ())),
-                    extra_args={"stop_regex": stop_pattern} if stop_pattern else None,
-                    detokenize=False,
-                )
-            )
+            params.append(_sampling_params(n, settings))
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         if self.sleeps:
             self.llm.sleep(level=1)
         tokens, logprobs, truncated = [], [], []
-        regex = re.compile(stop_pattern) if stop_pattern else None
+        regex = re.compile(settings.stop_pattern) if settings.stop_pattern else None
+        eos = self.tokenizer.eos_token_id
         for output in outputs:
             for sample in output.outputs:
                 ids = list(sample.token_ids)
                 logp = [step[t].logprob for step, t in zip(sample.logprobs, ids, strict=True)]
                 forced = (
                     regex is not None
-                    and ids[-1:] == [tokenizer.eos_token_id]
-                    and regex.search(tokenizer.decode(ids[:-1], skip_special_tokens=True))
+                    and ids[-1:] == [eos]
+                    and regex.search(self.tokenizer.decode(ids[:-1], skip_special_tokens=True))
                 )
                 if forced:  # the EOS the stop pattern forced was not sampled
                     ids, logp = ids[:-1], logp[:-1]
                 tokens.append(ids)
                 logprobs.append(logp)
                 truncated.append(sample.finish_reason == "length" and not forced)
-        return tokens, logprobs, truncated
+        return to_rollout(self.tokenizer, prompt_ids, prompt_mask, n, (tokens, logprobs, truncated))
+
+
+def _sampling_params(n: int, settings: SamplingSettings) -> Any:
+    """vLLM's `SamplingParams` for `n` completions of one prompt, seeded from torch's generator."""
+    from vllm import SamplingParams
+
+    s = settings
+    return SamplingParams(
+        n=n,
+        temperature=s.temperature if s.do_sample else 0.0,
+        top_p=s.top_p if s.do_sample else 1.0,
+        top_k=s.top_k if s.do_sample and s.top_k > 0 else -1,
+        max_tokens=s.max_new_tokens,
+        min_tokens=s.min_new_tokens,
+        logprobs=0,
+        seed=int(torch.randint(2**31 - 1, ())),
+        extra_args={"stop_regex": s.stop_pattern} if s.stop_pattern else None,
+        detokenize=False,
+    )
 
 
 def to_rollout(
@@ -238,11 +242,11 @@ def to_rollout(
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
     n: int,
-    tokens: list[list[int]],
-    logprobs: list[list[float]],
-    truncated: list[bool],
+    sampled: tuple[list[list[int]], list[list[float]], list[bool]],
 ) -> Rollout:
-    """The engine's completions as a `Rollout` (completions right-padded, prompts repeated)."""
+    """The engine's completions (token ids, their log-probs, truncation) as a `Rollout`
+    (completions right-padded, prompts repeated)."""
+    tokens, logprobs, truncated = sampled
     width = max(1, max(len(t) for t in tokens))
     pad = tokenizer.pad_token_id
     ids = torch.full((len(tokens), width), pad, dtype=torch.long)

@@ -91,3 +91,10 @@ class Arithmetic(GSM8KFormat):
         seen = {r["question"] for r in test}
         train = draw(num_train, operations, max_operand, max_factor, seed, seen)
         super().__init__(Splits(train, test), **format_settings)
+
+
+def tokenizer_corpus() -> list[str]:
+    """Text to train a small tokenizer on (the tiny test model's): 2000 problems with their
+    answers."""
+    task = Arithmetic(num_train=2000, num_test=0, seed=0)
+    return [task.prompt(row) + " " + row["answer"] for row in task.train]

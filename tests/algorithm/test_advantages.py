@@ -55,15 +55,15 @@ def test_bad_rewards_name_the_row_and_group(name):
         estimate(name, rewards, 4, parts)
     with pytest.raises(ValueError, match="multiple of group_size"):
         estimate(name, rewards[:7], 4, {k: v[:7] for k, v in parts.items()})
-    with pytest.raises(ValueError, match="group_size"):
-        estimate(name, rewards, 1, parts)
 
 
 def test_an_unknown_estimator_or_setting_lists_the_registered_ones():
+    """The check the config runs once before loading (grpo.run.config)."""
+    key = "algorithm.advantage.name"
     with pytest.raises(ValueError, match="registered: .*grpo"):
-        estimate_advantages({"name": "gae"}, torch.zeros(4), 2)
+        ADVANTAGE_ESTIMATORS.check("gae", {}, key)
     with pytest.raises(ValueError, match="not a setting of advantage estimator 'no_std'"):
-        estimate_advantages({"name": "no_std", "eps": 1.0}, torch.zeros(4), 2)
+        ADVANTAGE_ESTIMATORS.check("no_std", {"eps": 1.0}, key)
 
 
 def test_grpo_matches_hand_computation():

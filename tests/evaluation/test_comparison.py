@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, cli_env, tiny_task
+from conftest import REPO, cli_env, compose_config, tiny_task
 
 from grpo.evaluation.comparison import (
     comparison_problems,
@@ -16,6 +16,7 @@ from grpo.evaluation.comparison import (
     format_table,
     relative_change,
 )
+from grpo.run.config import ConfigError, validate_config
 
 SCRIPT = REPO / "scripts" / "compare_models.py"
 SEED_QUESTIONS = [
@@ -60,9 +61,10 @@ def test_stats_follow_from_the_scores():
     assert "+0.300 (+150.0%)" in table and "q2" in table
 
 
-def test_prompts_without_an_answer_are_refused():
-    with pytest.raises(ValueError, match=r"eval.comparison.prompts\[1\]: .* needs a question"):
-        comparison_problems([{"question": "a", "answer": "#### 1"}, {"question": "b"}], [], 0)
+def test_prompts_without_an_answer_are_refused_before_loading():
+    cfg = compose_config("eval.comparison.prompts=[{question: a, answer: '#### 1'}, {question: b}]")
+    with pytest.raises(ConfigError, match=r"eval.comparison.prompts\[1\]=.* needs a question"):
+        validate_config(cfg)
 
 
 @pytest.mark.parametrize(

@@ -6,12 +6,11 @@ import itertools
 
 import pytest
 from conftest import compose_config, tiny_policy, tiny_task
-from hydra.utils import instantiate
 
-from grpo.evaluation.heldout import Evaluator, majority_vote, pass_at_k, sample_metrics
+from grpo.evaluation.heldout import majority_vote, pass_at_k, sample_metrics
+from grpo.run.build import build_evaluator, build_source, sampling_settings
+from grpo.run.config import ConfigError, validate_config
 from grpo.tasks.rewards import HybridReward
-
-ROLLOUT = {"max_new_tokens": 4, "max_prompt_length": 256, "backend": "lean"}
 
 # Fixed samples for three problems whose answer is 7; True marks the correct ones (lenient).
 SAMPLES = [
@@ -32,10 +31,18 @@ def direct_pass_at_k(correct: list[bool], k: int) -> float:
     return sum(any(s) for s in subsets) / len(subsets)
 
 
+def tiny_evaluator(task, *overrides: str):
+    """The held-out evaluator of `model=tiny` on `task`, as the trainer builds it."""
+    cfg = compose_config("model=tiny", *overrides)
+    sampling = sampling_settings(cfg, task)
+    source = build_source(cfg, task, tiny_policy(), HybridReward(), sampling)
+    return build_evaluator(cfg, source, sampling)
+
+
 @pytest.mark.parametrize("k", range(1, 7))
 def test_pass_at_k_equals_direct_count_over_subsets(k):
     task = tiny_task()
-    evaluator = Evaluator(task, ROLLOUT, num_samples=6, k=k)
+    evaluator = tiny_evaluator(task, "eval.heldout.num_samples=6", f"eval.heldout.k={k}")
     records = [sample_metrics(task, texts, {"answer": answer}, k) for texts, answer in SAMPLES]
     for record, correct in zip(records, CORRECT, strict=True):
         assert record["samples_correct"] == correct
@@ -66,23 +73,25 @@ def test_maj_at_k_votes_over_the_first_k_samples():
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "key"),
-    [({"num_samples": 2, "k": 3}, "eval.heldout.k"), ({"num_samples": -1}, "num_samples")],
+    ("overrides", "key"),
+    [
+        (["eval.heldout.num_samples=2", "eval.heldout.k=3"], "eval.heldout.k"),
+        (["eval.heldout.num_samples=-1"], "eval.heldout.num_samples"),
+    ],
 )
-def test_evaluator_rejects_bad_settings(kwargs, key):
-    with pytest.raises(ValueError, match=key):
-        Evaluator(tiny_task(), ROLLOUT, **kwargs)
+def test_bad_evaluation_settings_are_refused_before_loading(overrides, key):
+    with pytest.raises(ConfigError, match=key):
+        validate_config(compose_config("model=tiny", *overrides))
 
 
 def test_evaluator_on_tiny_model_batches_and_scores_every_problem():
-    policy = tiny_policy()
     task = tiny_task(num_test=5)
-    cfg = compose_config("model=tiny", "rollout.max_new_tokens=6")
-    evaluator = instantiate(
-        cfg.eval.heldout, task=task, rollout=cfg.rollout, batch_size=4, num_samples=3, k=2
-    )
-    assert evaluator.max_new_tokens == 6  # null: the rollout's budget
-    metrics, records = evaluator(policy, task.test, HybridReward())
+    settings = ["eval.heldout.batch_size=4", "eval.heldout.num_samples=3", "eval.heldout.k=2"]
+    evaluator = tiny_evaluator(task, "rollout.max_new_tokens=6", *settings)
+    assert evaluator.greedy.max_new_tokens == 6  # null: the rollout's budget
+    assert not evaluator.greedy.do_sample and evaluator.sampled.do_sample
+    records = evaluator.records(task.test)
+    metrics = evaluator(task.test)
     assert len(records) == 5
     for key in ("avg_reward", "avg_response_length", "avg_math_score", "pass@2", "maj@2"):
         assert f"eval/{key}" in metrics

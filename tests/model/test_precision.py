@@ -14,18 +14,17 @@ from conftest import (
     ARCHITECTURES,
     EOS,
     PAD,
+    lean_sample,
+    make_actor,
     prompt_batch,
     random_model,
     step_lines,
 )
 
-from grpo.algorithm.loss import GRPOLoss
-from grpo.algorithm.update import no_grad_logprobs, policy_update
+from grpo.actor.logprobs import token_logprobs
 from grpo.batch import Rollout
-from grpo.infra.records import compare_metrics
 from grpo.model.loading import Float32Head, Policy
-from grpo.rollout import lean
-from grpo.rollout.logprobs import token_logprobs
+from grpo.run.records import compare_metrics
 
 BF16 = torch.bfloat16
 
@@ -33,7 +32,7 @@ BF16 = torch.bfloat16
 def bf16_rollout(model, new_tokens: int = 10) -> Rollout:
     ids, mask = prompt_batch(padded=True)
     torch.manual_seed(3)
-    tokens, _ = lean.sample(model, ids, mask, new_tokens, EOS, PAD, temperature=1.0)
+    tokens, _ = lean_sample(model, ids, mask, new_tokens, temperature=1.0)
     completion = tokens[:, ids.shape[1] :]
     width = completion.shape[1]
     sampled = (torch.arange(width)[None] < width).long().expand_as(completion).clone()
@@ -48,7 +47,7 @@ def test_bf16_lean_greedy_tokens_equal_generate(kind):
         input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
         pad_token_id=PAD, eos_token_id=EOS,
     )  # fmt: skip
-    tokens, _ = lean.sample(model, ids, mask, 12, EOS, PAD, do_sample=False)
+    tokens, _ = lean_sample(model, ids, mask, 12, do_sample=False)
     assert torch.equal(tokens, expected)
 
 
@@ -62,12 +61,12 @@ def test_bf16_logprobs_and_an_update(kind):
         exact, _ = token_logprobs(random_model(kind, kv_heads=2).eval(), rollout, 1.0)
     assert (logp - exact).abs().mean() < 0.1
     policy = Policy(model, None, False, False)
-    loss = GRPOLoss(kl={"coef": 0.0})
-    scores = no_grad_logprobs(policy, None, rollout, loss, 1.0, 6, True, False)
-    before = [p.detach().clone() for p in model.parameters()]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    actor = make_actor(policy, optimizer=optimizer, micro_batch_size=3, inference_batch_size=6)
+    scores = actor.score(rollout)
+    before = [p.detach().clone() for p in model.parameters()]
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, 1.0, -1.0])
-    stats = policy_update(policy, rollout, advantages, scores, loss, optimizer, 3, None, 1.0)
+    stats = actor.update(rollout, advantages, scores)
     assert torch.isfinite(torch.tensor(stats["total_loss"])) and stats["grad_norm"] > 0
     assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
     assert all(p.dtype == BF16 for p in model.parameters())

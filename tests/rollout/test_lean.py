@@ -6,12 +6,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, EOS, PAD, VOCAB, prompt_batch, random_model, tiny_policy
+from conftest import (
+    ARCHITECTURES,
+    EOS,
+    PAD,
+    VOCAB,
+    lean_sample,
+    prompt_batch,
+    random_model,
+    tiny_policy,
+)
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from grpo.actor.logprobs import token_logprobs
 from grpo.batch import Rollout
 from grpo.rollout import lean, products
-from grpo.rollout.logprobs import token_logprobs
 
 
 def hf_greedy(model, ids, mask, eos: int, new_tokens: int = 16, min_new_tokens: int = 2):
@@ -38,9 +47,7 @@ def test_lean_greedy_tokens_equal_generate(kind, kv_heads, padded, copies):
     assert lean.supports(model)
     rows, row_mask = ids.repeat_interleave(copies, 0), mask.repeat_interleave(copies, 0)
     expected = hf_greedy(model, rows, row_mask, eos)
-    tokens, _ = lean.sample(
-        model, ids, mask, 16, eos, PAD, 2, do_sample=False, num_return_sequences=copies
-    )
+    tokens, _ = lean_sample(model, ids, mask, 16, eos, copies, min_new_tokens=2, do_sample=False)
     assert torch.equal(tokens, expected)
     assert (tokens[:, ids.shape[1] :] == PAD).any(), "some rows should have finished early"
 
@@ -57,8 +64,8 @@ def test_lean_sampling_logprobs_equal_a_forward_pass(temperature, pack, monkeypa
         pytest.skip("this torch build has no oneDNN packed linear")
     ids, mask = prompt_batch(padded=True)
     torch.manual_seed(3)
-    tokens, logprobs = lean.sample(
-        model, ids, mask, 12, EOS, PAD, temperature=temperature, with_logprobs=True
+    tokens, logprobs = lean_sample(
+        model, ids, mask, 12, temperature=temperature, keep_logprobs=True
     )
     completion = tokens[:, ids.shape[1] :]
     is_eos = (completion == EOS).long()
@@ -100,9 +107,8 @@ def test_lora_adapters_are_merged_for_the_call_and_sample_the_policy():
     ids, mask = prompt_batch(padded=True)
     ids = ids.remainder(policy.tokenizer.vocab_size)
     torch.manual_seed(4)
-    tokens, logprobs = lean.sample(
-        policy.model, ids, mask, 10, policy.tokenizer.eos_token_id, PAD, with_logprobs=True
-    )
+    eos = policy.tokenizer.eos_token_id
+    tokens, logprobs = lean_sample(policy.model, ids, mask, 10, eos, keep_logprobs=True)
     completion = tokens[:, ids.shape[1] :]
     is_eos = (completion == policy.tokenizer.eos_token_id).long()
     sampled = ((is_eos.cumsum(1) - is_eos) == 0).long()

@@ -10,13 +10,15 @@ import os
 
 import pytest
 import torch
-from conftest import TINY, compose_config, step_lines
+from conftest import TINY, compose_config, generate, step_lines
 from hydra.utils import instantiate
 
+from grpo.actor.logprobs import token_logprobs
 from grpo.model.loading import smollm2_checkpoint
 from grpo.rollout import vllm_engine
-from grpo.rollout.generation import generate, render_prompts
-from grpo.rollout.logprobs import token_logprobs
+from grpo.rollout.backends import build_backend
+from grpo.rollout.settings import SamplingSettings
+from grpo.rollout.source import render_prompts
 from grpo.train import train
 
 WIDE_HEADS = "model.checkpoint.num_heads=2"  # head_dim 32
@@ -30,18 +32,27 @@ def vllm_installed():
         pytest.skip("vLLM is not installed: `make install-vllm`")
 
 
+def engine_for(policy, max_model_len: int = 128, kv_cache_gib: float = 0.02):
+    """A vLLM backend on `policy`, holding its weights, for prompts and completions of up to
+    `max_model_len` tokens."""
+    settings = SamplingSettings(
+        max_new_tokens=max_model_len // 2, max_prompt_length=max_model_len // 2
+    )
+    return build_backend("vllm", policy, settings, {"kv_cache_gib": kv_cache_gib})
+
+
 def tiny(lora: bool = False):
+    """The tiny policy (2 heads of 32) and its own vLLM engine (vLLM keeps one engine's state
+    per process: an engine made by another test is gone)."""
     cfg = compose_config("model=tiny", WIDE_HEADS, f"model.lora.enabled={lora}")
     torch.manual_seed(0)
     policy = instantiate(cfg.model)
-    policy.engine = vllm_engine.VLLMEngine(policy.checkpoint, max_model_len=128, kv_cache_gib=0.02)
-    return policy
+    return policy, engine_for(policy)
 
 
 @pytest.fixture
 def policy():
-    """The tiny policy with its own engine (vLLM keeps one engine's state per process: an
-    engine made by another test is gone)."""
+    """The tiny policy with its own engine."""
     return tiny()
 
 
@@ -50,18 +61,16 @@ def prompts(policy, n: int = 2, chat: bool = False) -> list[str]:
     return render_prompts(policy.tokenizer, task, task.train[:n], chat)
 
 
-def both(policy, texts, **settings):
+def both(policy, engine, texts, **settings):
     """The same generation by the lean decoder and by vLLM."""
     common = {"max_new_tokens": 24, "do_sample": False, **settings}
-    lean = generate(policy.model, policy.tokenizer, texts, backend="lean", **common)
-    vllm = generate(
-        policy.model, policy.tokenizer, texts, backend="vllm", engine=policy.engine, **common
-    )
-    return lean, vllm
+    lean = generate(policy, texts, backend="lean", **common)
+    return lean, generate(policy, texts, engine=engine, **common)
 
 
 def test_greedy_tokens_equal_the_lean_decoders_on_the_tiny_model(policy):
-    lean, vllm = both(policy, prompts(policy, 4))
+    policy, engine = policy
+    lean, vllm = both(policy, engine, prompts(policy, 4))
     for field in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "truncated"):
         assert torch.equal(getattr(lean, field), getattr(vllm, field)), field
     assert lean.texts == vllm.texts
@@ -73,8 +82,8 @@ def test_greedy_tokens_on_smollm2_equal_or_part_at_a_near_tie():
     cache = os.environ.get("GRPO_CACHE_DIR", "~/.cache/grpo")
     cfg = compose_config("model=smollm2_135m", "model.lora.enabled=false")
     policy = instantiate(cfg.model, checkpoint=smollm2_checkpoint(cache))
-    policy.engine = vllm_engine.VLLMEngine(policy.checkpoint, max_model_len=512, kv_cache_gib=0.1)
-    lean, vllm = both(policy, prompts(policy, 2, chat=True), max_new_tokens=32)
+    engine = engine_for(policy, max_model_len=512, kv_cache_gib=0.1)
+    lean, vllm = both(policy, engine, prompts(policy, 2, chat=True), max_new_tokens=32)
     for row in range(lean.completion_ids.shape[0]):
         a, b = lean.completion_ids[row], vllm.completion_ids[row]
         width = min(len(a), len(b))
@@ -91,16 +100,10 @@ def test_greedy_tokens_on_smollm2_equal_or_part_at_a_near_tie():
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_sampling_logprobs_equal_the_training_forward_pass(policy, temperature):
+    policy, engine = policy
     torch.manual_seed(3)
     rollout = generate(
-        policy.model,
-        policy.tokenizer,
-        prompts(policy),
-        4,
-        max_new_tokens=16,
-        temperature=temperature,
-        backend="vllm",
-        engine=policy.engine,
+        policy, prompts(policy), 4, engine=engine, max_new_tokens=16, temperature=temperature
     )
     assert rollout.sampling_logprobs is not None
     with torch.no_grad():
@@ -110,30 +113,22 @@ def test_sampling_logprobs_equal_the_training_forward_pass(policy, temperature):
 
 
 def test_seeded_sampling_reproduces(policy):
+    policy, engine = policy
     runs = []
     for _ in range(2):
         torch.manual_seed(5)
         runs.append(
-            generate(
-                policy.model,
-                policy.tokenizer,
-                prompts(policy),
-                4,
-                16,
-                backend="vllm",
-                engine=policy.engine,
-            ).completion_ids  # fmt: skip
+            generate(policy, prompts(policy), 4, engine=engine, max_new_tokens=16).completion_ids
         )
     assert torch.equal(*runs)
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora-merged"])
 def test_after_a_sync_the_engine_samples_from_the_updated_weights(lora):
-    policy = tiny(lora)
+    policy, engine = tiny(lora)
     texts = prompts(policy)
     torch.manual_seed(1)
-    rollout = generate(policy.model, policy.tokenizer, texts, 2, 12, backend="vllm",
-                       engine=policy.engine)  # fmt: skip
+    rollout = generate(policy, texts, 2, engine=engine, max_new_tokens=12)
     mask = rollout.completion_mask.bool()
     before = rollout.sampling_logprobs[mask]
     with torch.no_grad():  # a large, real change of the weights the engine must follow
@@ -143,13 +138,13 @@ def test_after_a_sync_the_engine_samples_from_the_updated_weights(lora):
         policy.model.eval()
         new, _ = token_logprobs(policy.model, rollout, 1.0)
     assert (new[mask] - before).abs().max() > 0.05
-    assert policy.engine.sync(policy.model) >= 0
+    assert engine.sync(policy.model) >= 0
     # The engine scores the same tokens again: teacher forcing through its prompt log-probs.
-    seen = engine_logprobs(policy, rollout)
+    seen = engine_logprobs(engine, rollout)
     torch.testing.assert_close(seen, new[mask], atol=1e-4, rtol=0)
 
 
-def engine_logprobs(policy, rollout) -> torch.Tensor:
+def engine_logprobs(engine, rollout) -> torch.Tensor:
     """The engine's log-prob of each completion token, given the prompt and the tokens before."""
     from vllm import SamplingParams, TokensPrompt
 
@@ -158,7 +153,7 @@ def engine_logprobs(policy, rollout) -> torch.Tensor:
     for row in range(rollout.completion_ids.shape[0]):
         prompt = rollout.prompt_ids[row][rollout.prompt_mask[row].bool()].tolist()
         completion = rollout.completion_ids[row][rollout.completion_mask[row].bool()].tolist()
-        out = policy.engine.llm.generate(
+        out = engine.llm.generate(
             [TokensPrompt(prompt_token_ids=prompt + completion)], params, use_tqdm=False
         )[0]
         scored = out.prompt_logprobs[len(prompt) :]
@@ -169,10 +164,10 @@ def engine_logprobs(policy, rollout) -> torch.Tensor:
 def test_the_stop_pattern_ends_a_completion_where_the_text_matches(policy):
     """The tiny model rarely writes `#### N`: a pattern it matches, the first digit, shows the
     rule; the EOS the rule forces is not part of the completion."""
+    policy, engine = policy
     texts = prompts(policy)
     torch.manual_seed(2)
-    rollout = generate(policy.model, policy.tokenizer, texts, 4, 24, stop_pattern=r"\d",
-                       backend="vllm", engine=policy.engine)  # fmt: skip
+    rollout = generate(policy, texts, 4, engine=engine, max_new_tokens=24, stop_pattern=r"\d")
     stopped = 0
     for row, text in enumerate(rollout.texts):
         ids = rollout.completion_ids[row][rollout.completion_mask[row].bool()]

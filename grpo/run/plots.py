@@ -1,4 +1,4 @@
-"""PNG plots of a run from its `metrics.jsonl`: `python -m grpo.infra.plots RUN_DIR` remakes them.
+"""PNG plots of a run from its `metrics.jsonl`: `python -m grpo.run.plots RUN_DIR` remakes them.
 
 Four figures in `RUN_DIR/plots/`, each readable on its own:
 - `rewards.png`: training reward mean per step, with the batch's min-max and q25-q75 bands;

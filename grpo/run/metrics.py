@@ -75,26 +75,24 @@ def step_metrics(
     scheduler: Any,
     trainable: list[torch.Tensor],
     sampler: Any,
-    times: tuple[float, float, float, float],
+    seconds: dict[str, float],
 ) -> dict[str, float]:
     """Every number logged for one step: the update's statistics (`train/*`), the rewards, the
-    completions, learning rate, parameter norm, epoch and the time split."""
+    completions, learning rate, parameter norm, epoch and the time split (`timing_metrics`)."""
     metrics = {f"train/{k}": v for k, v in stats.items()}
     metrics.update(reward_metrics(batch.rewards, batch.scores.parts, group_size))
     metrics.update(completion_metrics(batch.rollout))
     metrics["train/learning_rate"] = scheduler.get_last_lr()[0]
     metrics["train/param_norm"] = parameter_norm(trainable)
     metrics["train/epoch"] = sampler.epoch
-    metrics.update(timing_metrics(*times, int(batch.rollout.lengths.sum())))
+    metrics.update(timing_metrics(seconds, int(batch.rollout.lengths.sum())))
     return metrics
 
 
-def timing_metrics(t0: float, t1: float, t2: float, t3: float, tokens: int) -> dict[str, float]:
-    """Seconds spent generating (t0-t1), scoring (t1-t2) and updating (t2-t3); tokens/s."""
-    return {
-        "time/generate_s": t1 - t0,
-        "time/score_s": t2 - t1,
-        "time/update_s": t3 - t2,
-        "time/step_s": t3 - t0,
-        "time/tokens_per_s": tokens / (t3 - t0),
-    }
+def timing_metrics(seconds: dict[str, float], tokens: int) -> dict[str, float]:
+    """`time/<phase>_s` for each phase of the step (generate, reward, logprobs, advantages,
+    update, step: the whole, which also holds the gathering and filtering between them), and
+    `time/tokens_per_s`: completion tokens over the step's seconds."""
+    metrics = {f"time/{phase}_s": value for phase, value in seconds.items()}
+    metrics["time/tokens_per_s"] = tokens / seconds["step"]
+    return metrics

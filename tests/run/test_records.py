@@ -12,7 +12,7 @@ import pytest
 import yaml
 from conftest import REPO, TINY, cli_env, run_train
 
-from grpo.infra.records import code_differences, compare_metrics
+from grpo.run.records import code_differences, compare_metrics
 
 RUN = (*TINY, "trainer.max_steps=3", "eval.comparison.at_end=false", "logging.plots=false")
 

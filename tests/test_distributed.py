@@ -23,20 +23,18 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import REPO, TINY, cli_env, compose_config, read_metrics
+from conftest import REPO, TINY, cli_env, compose_config, generate, make_actor, read_metrics
 from hydra.utils import instantiate
 
-from grpo.algorithm.dynamic_sampling import sample_groups
+from grpo import distributed
+from grpo.actor.reference import Reference
 from grpo.algorithm.loss import GRPOLoss
-from grpo.algorithm.update import no_grad_logprobs, policy_update
-from grpo.batch import RewardOutput, Rollout, ScoredRollout
-from grpo.infra import distributed
-from grpo.infra.checkpoint import list_checkpoints
-from grpo.infra.config import ConfigError, validate_config
-from grpo.infra.records import compare_metrics
-from grpo.model.reference import Reference
-from grpo.rollout.generation import generate
+from grpo.batch import RewardOutput, Rollout, ScoredRollout, take
+from grpo.rollout.dynamic_sampling import sample_groups
 from grpo.rollout.sampler import GroupedSampler
+from grpo.run.checkpoint import list_checkpoints
+from grpo.run.config import ConfigError, validate_config
+from grpo.run.records import compare_metrics
 
 AGGREGATIONS = ("seq_mean_token_mean", "token_mean")  # DeepSeekMath's default; token-level
 QUESTIONS = [
@@ -94,7 +92,7 @@ def fixed_batch():
     torch.manual_seed(0)
     policy = instantiate(cfg.model)
     torch.manual_seed(1)
-    rollout = generate(policy.model, policy.tokenizer, QUESTIONS, G, max_new_tokens=8)
+    rollout = generate(policy, QUESTIONS, G, max_new_tokens=8)
     t = rollout.completion_ids.shape[1]
     lengths = torch.tensor(LENGTHS).clamp(max=t)
     mask = torch.arange(t)[None, :] < lengths[:, None]
@@ -110,22 +108,14 @@ def one_update(strategy: str) -> dict[str, dict]:
         reference = Reference(policy, 1.0)
         distributed.prepare(policy.model, strategy)
         n = rollout.completion_ids.shape[0] // distributed.world_size()
-        mine = rollout.rows(slice(distributed.rank() * n, (distributed.rank() + 1) * n))
+        mine = take(rollout, slice(distributed.rank() * n, (distributed.rank() + 1) * n))
         params = [p for p in policy.model.parameters() if p.requires_grad]
         loss = GRPOLoss(kl={"coef": 0.5}, aggregation=aggregation)
-        scores = no_grad_logprobs(policy, reference, mine, loss, 1.0, 2, True, need_old=False)
-        stats = policy_update(
-            policy,
-            mine,
-            distributed.my_rows(ADVANTAGES),
-            scores,
-            loss,
-            torch.optim.SGD(params, lr=1.0),
-            micro_batch_size=2,
-            max_grad_norm=None,
-            temperature=1.0,
-            mask_truncated=True,
+        optimizer = torch.optim.SGD(params, lr=1.0)
+        actor = make_actor(
+            policy, loss, reference, optimizer, micro_batch_size=2, mask_truncated=True
         )
+        stats = actor.update(mine, distributed.my_rows(ADVANTAGES), actor.score(mine))
         with distributed.gathered(policy.model):
             weights = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
         results[aggregation] = {"weights": weights, "stats": stats}

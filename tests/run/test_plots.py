@@ -10,7 +10,7 @@ from pathlib import Path
 import matplotlib.image
 import numpy as np
 
-from grpo.infra.plots import make_plots, read_steps
+from grpo.run.plots import make_plots, read_steps
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -13,19 +13,27 @@ import copy
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, PAD, QUESTIONS, VOCAB, prompt_batch, random_model, tiny_policy
+from conftest import (
+    ARCHITECTURES,
+    PAD,
+    QUESTIONS,
+    VOCAB,
+    generate,
+    prompt_batch,
+    random_model,
+    tiny_policy,
+)
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from grpo.batch import Rollout
-from grpo.rollout.generation import generate
-from grpo.rollout.logprobs import SharedPrompts, batch_logprobs, micro_batches, token_logprobs
+from grpo.actor.logprobs import SharedPrompts, batch_logprobs, micro_batches, token_logprobs
+from grpo.batch import Rollout, take
 
 
 def varied_rollout(policy) -> Rollout:
     """Prompts of different lengths, completions of lengths 1..12 (right-padded)."""
     questions = [*QUESTIONS, "Cleo had 12 cards and gave away 5. How many are left?", "Hi"]
     torch.manual_seed(2)
-    full = generate(policy.model, policy.tokenizer, questions, 2, max_new_tokens=12)
+    full = generate(policy, questions, 2, max_new_tokens=12)
     lengths = torch.tensor([12, 3, 7, 1, 12, 5, 9, 2])
     mask = (torch.arange(12)[None] < lengths[:, None]).long()
     ids = full.completion_ids.masked_fill(mask == 0, policy.tokenizer.pad_token_id)
@@ -73,7 +81,7 @@ def test_chunked_logprobs_equal_the_full_logits(chunk_logits, temperature):
     model = policy.model.train()
     rollout = varied_rollout(policy)
     for rows in (slice(0, 8), slice(3, 4), slice(1, 3)):
-        micro = rollout.rows(rows)
+        micro = take(rollout, rows)
         got = value_and_grads(
             model,
             lambda m=micro: token_logprobs(

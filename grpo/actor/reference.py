@@ -20,11 +20,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from grpo import distributed
+from grpo.actor.logprobs import batch_logprobs
 from grpo.batch import Rollout
-from grpo.infra import distributed
-from grpo.infra.config import ConfigError
 from grpo.model.loading import Policy
-from grpo.rollout.logprobs import batch_logprobs
 
 
 class Reference:
@@ -39,6 +38,9 @@ class Reference:
     between uses and are memory-mapped for each forward pass (`weights`), so the policy update,
     the step's memory peak, runs with one model copy less in memory; each step reads the weights
     back from the OS page cache (or the disk, if the kernel evicted them).
+
+    The settings are checked before anything loads (`grpo.run.config`): with LoRA, `every` is 0
+    and `offload` false.
     """
 
     def __init__(
@@ -49,21 +51,6 @@ class Reference:
         mix: float = 1.0,
         offload: bool = False,
     ) -> None:
-        if every < 0:
-            raise ConfigError(f"algorithm.reference_update.every={every!r}: must be >= 0")
-        if not 0 < mix <= 1:
-            raise ConfigError(f"algorithm.reference_update.mix={mix!r}: must be in (0, 1]")
-        if every and policy.uses_lora:
-            raise ConfigError(
-                f"algorithm.reference_update.every={every!r}: reference updates need full "
-                "fine-tuning (with LoRA the reference is the base model with the adapters off); "
-                "set model.lora.enabled=false or algorithm.reference_update.every=0"
-            )
-        if offload and policy.uses_lora:
-            raise ConfigError(
-                "trainer.offload_reference=true: with LoRA the reference is the base model with "
-                "the adapters off, there is no copy to offload; set it to false"
-            )
         self.policy, self.temperature = policy, temperature
         self.every, self.mix = every, mix
         self._file: _WeightFile | None = None

@@ -19,7 +19,9 @@ from conftest import REPO, TINY, cli_env, run_train, tiny_policy
 from omegaconf import OmegaConf
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from grpo.infra.checkpoint import (
+from grpo.actor.reference import Reference
+from grpo.rollout.sampler import GroupedSampler
+from grpo.run.checkpoint import (
     META,
     STATE,
     WEIGHTS,
@@ -30,9 +32,7 @@ from grpo.infra.checkpoint import (
     pass_run_id,
     rewind,
 )
-from grpo.infra.config import ConfigError
-from grpo.model.reference import Reference
-from grpo.rollout.sampler import GroupedSampler
+from grpo.run.config import ConfigError
 
 
 def make_parts(seed: int, width: int = 8):
@@ -142,7 +142,7 @@ def test_the_run_id_goes_to_a_logger_that_can_resume_it(capsys):
     OmegaConf.set_struct(cfg, True)
     pass_run_id(cfg, "wandb-run-7")
     assert cfg.logging.resume_id == "wandb-run-7"
-    plain = OmegaConf.create({"logging": {"_target_": "grpo.infra.loggers.RunLogger"}})
+    plain = OmegaConf.create({"logging": {"_target_": "grpo.run.loggers.RunLogger"}})
     pass_run_id(plain, "wandb-run-7")
     assert "resume_id" not in plain.logging
     assert "cannot resume logger run wandb-run-7" in capsys.readouterr().err
@@ -227,9 +227,9 @@ KILLED_SAVE = """
 import sys
 from types import SimpleNamespace
 import torch
-from grpo.infra.checkpoint import Checkpointer
+from grpo.run.checkpoint import Checkpointer
 from grpo.rollout.sampler import GroupedSampler
-from grpo.model.reference import Reference
+from grpo.actor.reference import Reference
 
 model = torch.nn.Linear(4096, 4096)
 optimizer = torch.optim.AdamW(model.parameters())

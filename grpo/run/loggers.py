@@ -1,7 +1,7 @@
 """Run logging. Every logger has the same three calls:
 
 - `log(step, metrics)`: numbers for one step;
-- `log_samples(step, records)`: the step's completions (`grpo.infra.metrics.sample_records`);
+- `log_samples(step, records)`: the step's completions (`grpo.run.metrics.sample_records`);
 - `finish(summary)`: end of run.
 
 `RunLogger` (`logging=console`) writes `metrics.jsonl` (one JSON object per call), sample
@@ -19,7 +19,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from grpo.infra.plots import make_plots
+from grpo.run.plots import make_plots
 
 
 class RunLogger:
@@ -84,7 +84,7 @@ class WandbLogger(RunLogger):
     The run gets the resolved config; the same numbers as metrics.jsonl at the same steps; a
     `samples` table when samples are due; a `rewards/histogram` every step; the summary at the
     end. No credentials are passed or stored: online mode uses the user's own `wandb login`.
-    `resume_id` (set by grpo.infra.checkpoint when a run resumes) continues that wandb run.
+    `resume_id` (set by grpo.run.checkpoint when a run resumes) continues that wandb run.
     """
 
     def __init__(
@@ -144,3 +144,21 @@ class WandbLogger(RunLogger):
         super().finish(summary)
         self.run.summary.update(summary)
         self.run.finish()
+
+
+class NullLogger:
+    """The logger of ranks other than 0: takes every call, writes nothing."""
+
+    run_id = None
+
+    def __init__(self, **_: Any) -> None:
+        pass
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def log_samples(self, step: int, records: list[dict[str, Any]]) -> None:
+        pass
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        pass

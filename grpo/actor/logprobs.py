@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
-from grpo.batch import Rollout
-from grpo.infra import distributed
-from grpo.rollout import lean
+from grpo import distributed
+from grpo.batch import Rollout, take
+from grpo.model.loading import LLAMA_LIKE, causal_lm
 
 
 def token_logprobs(
@@ -70,7 +70,7 @@ def can_share_prompts(model: PreTrainedModel) -> bool:
     """True when `SharedPrompts` can run `model`: Llama/Qwen with the chunked head, a KV cache
     in its forward pass (gradient checkpointing turns the cache off in training), and not
     FSDP-sharded (its ranks must run the same forward and backward passes, untested here)."""
-    checkpointing = model.training and lean.causal_lm(model).is_gradient_checkpointing
+    checkpointing = model.training and causal_lm(model).is_gradient_checkpointing
     return _chunked_head(model) and not checkpointing and not distributed.sharded(model)
 
 
@@ -95,7 +95,7 @@ class SharedPrompts:
         chunk_logits: int = 2**24,
     ) -> None:
         self.model, self.temperature = model, temperature
-        self.rollout, self.offset = rollout.rows(rows), rows.start or 0
+        self.rollout, self.offset = take(rollout, rows), rows.start or 0
         self.chunk_logits = chunk_logits
         self.share = share and can_share_prompts(model)
         self._graph: list[torch.Tensor] = []  # the prompt pass's outputs, with their graph
@@ -109,7 +109,7 @@ class SharedPrompts:
         start = int(mask.any(0).long().argmax())  # drop columns that are padding in every row
         self.prompt_mask = mask[:, start:]
         self.prompt_length = self.prompt_mask.sum(1)
-        self._config = lean.causal_lm(self.model).config  # of the completions' caches
+        self._config = causal_lm(self.model).config  # of the completions' caches
         out = self.model(
             input_ids=ids[:, start:],
             attention_mask=self.prompt_mask,
@@ -131,7 +131,7 @@ class SharedPrompts:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`token_logprobs` of rollout rows `rows`, reading their prompts' keys/values."""
         rows = slice(rows.start - self.offset, rows.stop - self.offset)
-        micro = self.rollout.rows(rows)
+        micro = take(self.rollout, rows)
         if not self.share:
             return token_logprobs(
                 self.model,
@@ -245,10 +245,10 @@ def _padded(
 def _chunked_head(model: PreTrainedModel) -> bool:
     """True for models whose LM head `_ChunkedLogProbs` can run (Llama/Qwen, a Linear whose
     weight is whole: an FSDP-sharded head runs inside the model's forward instead)."""
-    lm = lean.causal_lm(model)
+    lm = causal_lm(model)
     head = lm.get_output_embeddings()
     return (
-        lm.config.model_type in lean.SUPPORTED_MODEL_TYPES
+        lm.config.model_type in LLAMA_LIKE
         and isinstance(head, nn.Linear)
         and not distributed.sharded(head.weight)
     )
@@ -279,7 +279,7 @@ def _head_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (and entropies) (N, T) of tokens `ids` from the hidden states that predict
     them, through the model's chunked LM head at the positions of `mask` only."""
-    head = lean.causal_lm(model).get_output_embeddings()
+    head = causal_lm(model).get_output_embeddings()
     valid = mask.bool()
     rows = max(1, chunk_logits // head.out_features) if chunk_logits else int(valid.sum())
     states, weight = hidden[valid], head.weight

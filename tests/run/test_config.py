@@ -22,18 +22,19 @@ from grpo.algorithm.kl import KL_ESTIMATORS
 from grpo.algorithm.loss import AGGREGATIONS, GRPOLoss
 from grpo.algorithm.policy_losses import POLICY_LOSSES
 from grpo.algorithm.rollout_correction import ROLLOUT_CORRECTIONS
-from grpo.infra.config import (
+from grpo.rollout.sampler import GroupedSampler
+from grpo.run.build import build_loss
+from grpo.run.config import (
     RANGES,
     ConfigError,
     micro_batch_size,
     one_line,
     validate_config,
 )
-from grpo.infra.schema import TrainSchema
-from grpo.rollout.sampler import GroupedSampler
+from grpo.run.schema import TrainSchema
 from grpo.tasks.base import Task
 from grpo.tasks.rewards import Reward
-from grpo.train import build_loss, train
+from grpo.train import train
 
 # A checkpoint that does not exist: a run that got as far as loading the model would fail there.
 NO_MODEL = ("model=tiny", "model.checkpoint=/no/such/model")

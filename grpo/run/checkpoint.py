@@ -47,9 +47,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from grpo.infra import distributed
-from grpo.infra.config import ConfigError
-from grpo.infra.records import record_run
+from grpo import distributed
+from grpo.run.config import ConfigError
+from grpo.run.records import record_run
 
 CHECKPOINTS = "checkpoints"
 STEP_DIR = re.compile(r"^step_(\d+)$")

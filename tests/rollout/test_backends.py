@@ -1,43 +1,41 @@
-"""Generation: the backends give the same greedy rollout, rendering prompts, top-k; the
-lean decoder against transformers' `generate` is in test_lean.py."""
+"""Generation backends: every registered one builds from the registry with one signature; the
+in-process ones give the same greedy rollout; top-k; rendering prompts. The lean decoder
+against transformers' `generate` is in test_lean.py, vLLM in test_vllm_engine.py."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
-from conftest import tiny_policy, tiny_task
+from conftest import generate, tiny_policy, tiny_task
 
-from grpo.rollout.generation import generate, render_prompts
+from grpo.rollout.backends import BACKENDS
+from grpo.rollout.base import Backend
+from grpo.rollout.source import render_prompts
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_every_backend_is_a_backend_with_the_one_signature(name):
+    backend = BACKENDS[name]
+    assert issubclass(backend, Backend)
+    params = list(inspect.signature(backend.generate).parameters)
+    assert params == ["self", "prompt_ids", "prompt_mask", "n", "settings"]
+    assert list(inspect.signature(backend).parameters)[:2] == ["policy", "settings"]
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_generate_backends_give_the_same_greedy_rollout(lora):
+def test_in_process_backends_give_the_same_greedy_rollout(lora):
     policy = tiny_policy(lora)
     task = tiny_task()
     prompts = render_prompts(policy.tokenizer, task, task.train[:2], False)
-    rollouts = [
-        generate(
-            policy.model,
-            policy.tokenizer,
-            prompts,
-            2,
-            max_new_tokens=20,
-            do_sample=False,
-            stop_pattern=r"\d",
-            backend=backend,
-        )
-        for backend in ("lean", "transformers")
-    ]
-    lean, reference = rollouts
+    greedy = {"max_new_tokens": 20, "do_sample": False, "stop_pattern": r"\d"}
+    lean, reference = (
+        generate(policy, prompts, 2, name, **greedy) for name in ("lean", "transformers")
+    )
     for field in ("prompt_ids", "completion_ids", "completion_mask", "truncated"):
         assert torch.equal(getattr(lean, field), getattr(reference, field)), field
     assert lean.texts == reference.texts
-
-
-def test_unknown_backend_names_the_key():
-    policy = tiny_policy()
-    with pytest.raises(ValueError, match="rollout.backend"):
-        generate(policy.model, policy.tokenizer, ["x"], backend="tgi")
 
 
 @pytest.mark.parametrize("backend", ["lean", "transformers"])
@@ -48,7 +46,7 @@ def test_top_k_of_one_samples_the_greedy_tokens(backend):
 
     def run(**sampling):
         torch.manual_seed(0)
-        return generate(policy.model, policy.tokenizer, prompts, 2, 12, backend=backend, **sampling)
+        return generate(policy, prompts, 2, backend, max_new_tokens=12, **sampling)
 
     greedy, top1 = run(do_sample=False), run(temperature=1.3, top_k=1)
     assert torch.equal(greedy.completion_ids, top1.completion_ids)

@@ -1,7 +1,7 @@
 """The config's checks: every value is checked before any model loads.
 
 Two layers, the Hydra way:
-- `grpo.infra.schema` (imported here, so that Hydra finds it): types and choices, checked
+- `grpo.run.schema` (imported here, so that Hydra finds it): types and choices, checked
   while Hydra composes the config.
 - `validate_config` runs first in `train()`: ranges, cross-field rules, and the names that
   registries hold (policy losses, advantage estimators, KL estimators, aggregations), with
@@ -13,15 +13,23 @@ code 2 (`one_line`, used by `grpo.train`).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.errors import ConfigCompositionException, InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from grpo.infra.schema import Backend, Strategy
+from grpo.algorithm.advantages import ADVANTAGE_ESTIMATORS
+from grpo.algorithm.kl import KL_ESTIMATORS
+from grpo.algorithm.loss import AGGREGATIONS
+from grpo.algorithm.policy_losses import POLICY_LOSSES
+from grpo.algorithm.rollout_correction import ROLLOUT_CORRECTIONS
+from grpo.distributed import launched_world_size
+from grpo.rollout import vllm_engine
+from grpo.rollout.backends import BACKENDS
+from grpo.run.schema import Strategy
 
 
 class ConfigError(ValueError):
@@ -32,11 +40,6 @@ class ConfigError(ValueError):
 def _require(ok: bool, key: str, why: str, value: object) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r}: {why}")
-
-
-def launched_world_size() -> int:
-    """The number of processes the launcher started (torchrun/accelerate set WORLD_SIZE)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def rows_per_rank(cfg: DictConfig) -> int:
@@ -91,13 +94,8 @@ RANGES: list[tuple[str, str, Any]] = [
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Reject values that would fail later (after minutes of model loading) or silently."""
-    from grpo.algorithm.advantages import ADVANTAGE_ESTIMATORS
-    from grpo.algorithm.kl import KL_ESTIMATORS
-    from grpo.algorithm.loss import AGGREGATIONS
-    from grpo.algorithm.policy_losses import POLICY_LOSSES
-    from grpo.algorithm.rollout_correction import ROLLOUT_CORRECTIONS
-
+    """Reject values that would fail later (after minutes of model loading) or silently: the
+    one place each rule is checked (the constructors trust their inputs)."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"{missing[0]}: no value given (??? in the config)")
@@ -124,6 +122,13 @@ def validate_config(cfg: DictConfig) -> None:
         alg.kl.in_reward,
     )
     _registry_check(AGGREGATIONS, alg.loss.aggregation, {}, "algorithm.loss.aggregation")
+    _registry_check(BACKENDS, ro.backend, {}, "rollout.backend")
+    _require(
+        tr.device != "cuda" or torch.cuda.is_available(),
+        "trainer.device",
+        "no CUDA device is available (auto picks one when there is)",
+        tr.device,
+    )
 
     world = launched_world_size()
     _require(
@@ -166,7 +171,7 @@ def validate_config(cfg: DictConfig) -> None:
         "4-bit base weights train only LoRA adapters (QLoRA): needs model.lora.enabled=true",
         model.load_in_4bit,
     )
-    if alg.kl.coef > 0 and lora:  # grpo.model.reference: the base with the adapters off
+    if alg.kl.coef > 0 and lora:  # grpo.actor.reference: the base with the adapters off
         why = "with LoRA the reference is the base model with the adapters off: nothing to offload"
         _require(not tr.offload_reference, "trainer.offload_reference", why, tr.offload_reference)
         why = (
@@ -175,9 +180,7 @@ def validate_config(cfg: DictConfig) -> None:
         )
         every = alg.reference_update.every
         _require(every == 0, "algorithm.reference_update.every", why, every)
-    if ro.backend == Backend.vllm:
-        from grpo.rollout import vllm_engine
-
+    if ro.backend == "vllm":
         _require(vllm_engine.available(), "rollout.backend", vllm_engine.INSTALL_HINT, "vllm")
         why = "the engine serves one process for now: run vLLM without torchrun"
         _require(world == 1, "rollout.backend", why, "vllm")
@@ -186,6 +189,12 @@ def validate_config(cfg: DictConfig) -> None:
     if tr.strategy == Strategy.fsdp and world > 1:
         why = "FSDP shards whole weights only in fp32 or bf16 without 4-bit quantization"
         _require(not model.load_in_4bit, "trainer.strategy", why, tr.strategy)
+    for i, prompt in enumerate(cfg.eval.comparison.prompts or []):
+        key, why = (
+            f"eval.comparison.prompts[{i}]",
+            "each fixed problem needs a question and an answer",
+        )
+        _require({"question", "answer"} <= set(prompt), key, why, prompt)
     resume = tr.resume
     _require(
         resume in (None, "auto") or Path(str(resume)).expanduser().exists(),

@@ -1,8 +1,9 @@
 """The config's schema: dataclasses stored in Hydra's ConfigStore (`conf/train.yaml` lists
 `schema` first), so that types, and the choices of enumerated keys, are checked while Hydra
-composes the config: `trainer.batch_size=foo` or `rollout.backend=vlm` never reach the code.
+composes the config: `trainer.batch_size=foo` or `trainer.strategy=dp` never reach the code.
 The values and their comments live in the YAML files under `conf/`; ranges, cross-field rules
-and registry names are checked by `grpo.infra.config.validate_config`.
+and registry names (the generation backend's too) are checked by
+`grpo.run.config.validate_config`.
 """
 
 from __future__ import annotations
@@ -13,12 +14,6 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
-
-
-class Backend(StrEnum):
-    lean = "lean"  # grpo.rollout.lean: Llama/Qwen2/Qwen3, else transformers
-    transformers = "transformers"  # transformers' generate
-    vllm = "vllm"  # vLLM's offline engine in the training process (make install-vllm)
 
 
 class Device(StrEnum):
@@ -130,7 +125,7 @@ class VLLMSchema:
 
 @dataclass
 class RolloutSchema:
-    backend: Backend = MISSING
+    backend: str = MISSING  # a name of grpo.rollout.backends.BACKENDS (checked in config.py)
     temperature: float = MISSING
     top_p: float = MISSING
     top_k: int = MISSING
@@ -205,7 +200,7 @@ class TrainSchema:
     algorithm: AlgorithmSchema = field(default_factory=AlgorithmSchema)
     rollout: RolloutSchema = field(default_factory=RolloutSchema)
     trainer: TrainerSchema = field(default_factory=TrainerSchema)
-    logging: Any = MISSING  # each logger class has its own settings (grpo.infra.loggers)
+    logging: Any = MISSING  # each logger class has its own settings (grpo.run.loggers)
     eval: EvalSchema = field(default_factory=EvalSchema)
     paths: PathsSchema = field(default_factory=PathsSchema)
 

@@ -6,16 +6,17 @@ ranks, and sets RANK, WORLD_SIZE, LOCAL_RANK; one process without them runs as b
 of whole groups of every batch (`grpo.rollout.sampler`), generates, scores and trains on them,
 so that N ranks make the update one process makes on the whole batch:
 - the loss normalisers (completions, tokens) are summed over ranks
-  (`grpo.algorithm.update.normalisers`): each rank's loss is its part of the global batch's
+  (`grpo.actor.update.normalisers`): each rank's loss is its part of the global batch's
   loss, and the ranks' gradients are summed (`sum_gradients`; FSDP's reduce-scatter sums too),
   which gives the global loss's gradient;
 - advantages and the logged numbers come from the global batch, gathered on every rank
-  (`gather_batch`); evaluation is split over ranks and its records gathered (`evaluate`);
+  (`gather_batch`); evaluation is split over ranks and its records gathered
+  (`grpo.evaluation.heldout`);
 - rank 0 alone writes the run folder (logs, checkpoints, model); the other ranks log nothing.
 
 `trainer.strategy`: `ddp` replicates the model on every rank and all-reduces the gradients
 once per optimiser step, after the micro-batches (DDP's algorithm; torch's wrapper is not used
-because `grpo.rollout.logprobs.token_logprobs` calls the backbone and LM head directly, which the
+because `grpo.actor.logprobs.token_logprobs` calls the backbone and LM head directly, which the
 wrapper would not see). `fsdp` shards each decoder layer's parameters, gradients and optimizer
 state over ranks (FSDP2 `fully_shard`) during the update, and gathers the whole weights for
 generation,
@@ -35,7 +36,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import fields, is_dataclass, replace
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -44,10 +45,6 @@ from torch.distributed.tensor import DTensor
 
 from grpo.batch import ScoredRollout, concat, take
 
-if TYPE_CHECKING:
-    from grpo.model.loading import Policy
-
-STRATEGIES = ("ddp", "fsdp")
 T = TypeVar("T")
 
 
@@ -194,11 +191,11 @@ def _to(value: Any, device: torch.device | str) -> Any:
 
 def gather_batch(batch: ScoredRollout) -> ScoredRollout:
     """The global batch: every rank's groups in rank order, the sampler's order (CPU tensors),
-    with this rank's own generation time. One process: `batch` itself."""
+    with this rank's own generation and scoring times. One process: `batch` itself."""
     if world_size() == 1:
         return batch
     whole = concat(all_gather(_to(batch, "cpu")))
-    whole.generate_s = batch.generate_s
+    whole.generate_s, whole.reward_s = batch.generate_s, batch.reward_s
     return whole
 
 
@@ -216,29 +213,12 @@ def my_rows(values: torch.Tensor) -> torch.Tensor:
     return values.chunk(world_size())[rank()]
 
 
-def evaluate(
-    evaluator: Any, policy: Policy, rows: list[dict[str, str]], reward_fn: Callable
-) -> dict[str, float]:
-    """`evaluator`'s metrics on `rows`, each rank scoring every N-th row, all records gathered.
-
-    `evaluator(policy, rows, reward_fn)` returns (metrics, records), `evaluator.metrics(records)`
-    the means over records (grpo.evaluation.heldout.Evaluator): the same numbers as one process's.
-    """
-    if world_size() == 1:
-        return evaluator(policy, rows, reward_fn)[0]
-    mine = rows[rank() :: world_size()]
-    records = evaluator(policy, mine, reward_fn)[1] if mine else []
-    return evaluator.metrics([rec for part in all_gather(records) for rec in part])
-
-
 def prepare(model: torch.nn.Module, strategy: str) -> None:
     """Make `model` data-parallel in place: rank 0's trainable weights on every rank (a seeded
     LoRA init differs by rank), and with `fsdp` its decoder layers sharded, and the rest of the
     model too (embeddings, final norm, LM head) when it trains (full fine-tuning). One process:
     no-op.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"trainer.strategy={strategy!r}: expected one of {STRATEGIES}")
     if world_size() == 1:
         return
     with torch.no_grad():
@@ -312,21 +292,3 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     if not sharded(model):
         return None
     return {k: v.full_tensor() if sharded(v) else v for k, v in model.state_dict().items()}
-
-
-class NullLogger:
-    """The logger of ranks other than 0: takes every call, writes nothing."""
-
-    run_id = None
-
-    def __init__(self, **_: Any) -> None:
-        pass
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        pass
-
-    def log_samples(self, step: int, records: list[dict[str, Any]]) -> None:
-        pass
-
-    def finish(self, summary: dict[str, Any]) -> None:
-        pass

@@ -30,7 +30,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from grpo.infra.config import ConfigError
+from grpo.run.config import ConfigError
 
 CODE_ROOT = Path(__file__).resolve().parents[1]
 # Keys that may change when a run is resumed: how long it runs and how it saves, not what it does.

@@ -8,7 +8,7 @@ discarded. If the cap is reached first, the batch is topped up with dropped grou
 advantages, as plain GRPO would train on them), so its size never changes.
 
 With several processes every round is collective: each rank generates its share of the round's
-prompts, the shares are gathered (`grpo.infra.distributed.gather_batch`), and every rank makes
+prompts, the shares are gathered (`grpo.distributed.gather_batch`), and every rank makes
 the same choice on the whole round, so the ranks draw the same prompts in the same rounds as
 one process would. The result is the global batch; each rank then trains on its part.
 """
@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from grpo import distributed
 from grpo.algorithm.advantages import group_reward_spread
 from grpo.batch import ScoredRollout, concat, take
-from grpo.infra import distributed
 
 
 def _groups(batch: ScoredRollout, groups: list[int], group_size: int) -> ScoredRollout:
@@ -48,11 +48,12 @@ def sample_groups(
     kept: list[ScoredRollout] = []
     dropped: list[ScoredRollout] = []
     num_kept = num_dropped = rounds = 0
-    generate_s = 0.0
+    generate_s = reward_s = 0.0
     while num_kept < num_groups and rounds <= max_extra_rounds:
         batch = distributed.gather_batch(draw())  # the same round on every rank
         rounds += 1
         generate_s += batch.generate_s
+        reward_s += batch.reward_s
         has_spread = group_reward_spread(batch.rewards, group_size) > 0
         informative = has_spread.nonzero().flatten().tolist()[: num_groups - num_kept]
         flat = (~has_spread).nonzero().flatten().tolist()
@@ -64,7 +65,7 @@ def sample_groups(
     if filled > 0:
         kept.append(_groups(concat(dropped), list(range(filled)), group_size))
     result = concat(kept)
-    result.generate_s = generate_s
+    result.generate_s, result.reward_s = generate_s, reward_s  # the dropped groups' time too
     stats = {
         "sampling_rounds": float(rounds),
         "sampling_dropped_groups": float(num_dropped - filled),

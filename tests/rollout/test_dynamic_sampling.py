@@ -6,11 +6,13 @@ import pytest
 import torch
 from conftest import tiny_policy, tiny_task
 
+from grpo.actor.logprobs import token_logprobs
 from grpo.algorithm.advantages import group_reward_spread
-from grpo.algorithm.dynamic_sampling import sample_groups
 from grpo.batch import RewardOutput, Rollout, ScoredRollout, concat
-from grpo.rollout.generation import generate, render_prompts
-from grpo.rollout.logprobs import token_logprobs
+from grpo.rollout.dynamic_sampling import sample_groups
+from grpo.rollout.lean import LeanBackend
+from grpo.rollout.settings import SamplingSettings
+from grpo.rollout.source import RolloutSource
 from grpo.tasks.rewards import CorrectnessReward
 
 G = 2
@@ -110,13 +112,11 @@ def tiny():
 
 
 def real_batch(policy, questions: list[str], max_new_tokens: int) -> ScoredRollout:
-    task = tiny_task()
-    rows = [{"question": q, "answer": "#### 7"} for q in questions]
-    prompts = render_prompts(policy.tokenizer, task, rows, False)
-    rollout = generate(policy.model, policy.tokenizer, prompts, G, max_new_tokens=max_new_tokens)
-    rows = [row for row in rows for _ in range(G)]
-    scores = CorrectnessReward()(rollout.texts, [r["answer"] for r in rows])
-    return ScoredRollout(rows, rollout, scores)
+    """G completions of each question from the rollout source, scored."""
+    settings = SamplingSettings(max_new_tokens, max_prompt_length=256)
+    backend = LeanBackend(policy, settings)
+    source = RolloutSource(tiny_task(), policy, backend, CorrectnessReward())
+    return source([{"question": q, "answer": "#### 7"} for q in questions], G, settings)
 
 
 def test_concat_keeps_every_rows_log_probs(tiny):

@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import ADVANTAGES, ROWS, snapshot, step_lines, tiny_policy, update
 
+from grpo.actor.logprobs import token_logprobs
+from grpo.actor.reference import Reference
+from grpo.actor.update import loss_mask, normalisers, top_entropy_tokens
 from grpo.algorithm.loss import GRPOLoss
-from grpo.algorithm.update import loss_mask, normalisers, top_entropy_tokens
-from grpo.model.reference import Reference
-from grpo.rollout.logprobs import token_logprobs
 
 
 def count_forwards(model) -> list[int]:

@@ -7,10 +7,9 @@ import pytest
 import torch
 from conftest import snapshot, tiny_policy, update
 
+from grpo.actor.logprobs import token_logprobs
+from grpo.actor.reference import Reference
 from grpo.algorithm.loss import GRPOLoss
-from grpo.infra.config import ConfigError
-from grpo.model.reference import Reference
-from grpo.rollout.logprobs import token_logprobs
 
 
 def test_reference_mix_and_reset(rollout):
@@ -35,19 +34,6 @@ def test_reference_mix_and_reset(rollout):
     torch.testing.assert_close(reset(rollout), want)  # the prompts' pass shared
 
 
-@pytest.mark.parametrize(
-    ("lora", "kwargs", "message"),
-    [
-        (True, {"every": 5}, "every=5: reference updates need full fine-tuning"),
-        (False, {"every": -1}, "every=-1"),
-        (False, {"every": 1, "mix": 0.0}, "mix=0.0"),
-    ],
-)
-def test_bad_reference_update_names_the_key(lora, kwargs, message):
-    with pytest.raises(ConfigError, match=f"algorithm.reference_update.{message}"):
-        Reference(tiny_policy(lora), 1.0, **kwargs)
-
-
 @pytest.mark.parametrize("every", [0, 1])
 def test_offloaded_reference_gives_the_same_update(rollout, every):
     """The offloaded reference's weights are the same numbers, read back from its file: the
@@ -67,8 +53,3 @@ def test_offloaded_reference_gives_the_same_update(rollout, every):
     assert stats == offloaded
     for a, b in zip(params + ref, offloaded_params + offloaded_ref, strict=True):
         assert torch.equal(a, b)
-
-
-def test_offloading_a_lora_reference_names_the_key():
-    with pytest.raises(ConfigError, match="trainer.offload_reference=true"):
-        Reference(tiny_policy(lora=True), 1.0, offload=True)

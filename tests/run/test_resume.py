@@ -14,9 +14,9 @@ from conftest import CONF_DIR, REPO, TINY, cli_env, run_train
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from grpo.infra.checkpoint import list_checkpoints
-from grpo.infra.config import ConfigError
-from grpo.infra.records import check_same_config, compare_metrics, read_metrics
+from grpo.run.checkpoint import list_checkpoints
+from grpo.run.config import ConfigError
+from grpo.run.records import check_same_config, compare_metrics, read_metrics
 
 # Long enough to be killed mid-run; periodic evaluation and samples use the RNG between steps.
 RUN = (

@@ -1,0 +1,78 @@
+"""The config turned into the run's objects, in one place for the trainer and the scripts:
+the loss, the rollout source (backend chosen and built here), the evaluator, the update's
+settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from grpo.actor.update import UpdateSettings
+from grpo.algorithm.loss import GRPOLoss
+from grpo.evaluation.heldout import Evaluator
+from grpo.model.loading import Policy
+from grpo.rollout.backends import build_backend
+from grpo.rollout.settings import SamplingSettings
+from grpo.rollout.source import RolloutSource
+from grpo.run.config import micro_batch_size
+from grpo.tasks.base import Task
+from grpo.tasks.rewards import Reward
+
+
+def build_loss(cfg: DictConfig) -> GRPOLoss:
+    """`algorithm.loss` with its policy loss, KL and rollout correction, and the generation
+    budget (Dr. GRPO's constant)."""
+    alg = cfg.algorithm
+    return instantiate(
+        alg.loss,
+        policy_loss=alg.policy_loss,
+        kl=alg.kl,
+        rollout_correction=alg.rollout_correction,
+        max_completion_length=cfg.rollout.max_new_tokens,
+    )
+
+
+def sampling_settings(cfg: DictConfig, task: Task) -> SamplingSettings:
+    """The training rollout's sampling; the backend's log-probs are kept when a rollout
+    correction reads them."""
+    keep = cfg.algorithm.rollout_correction.name != "none"
+    return SamplingSettings.from_config(cfg.rollout, task.stop_pattern, keep)
+
+
+def build_source(
+    cfg: DictConfig, task: Task, policy: Policy, reward: Reward, sampling: SamplingSettings
+) -> RolloutSource:
+    """The rollout source on `policy` with the configured backend (`rollout.backend`, its
+    settings under `rollout.<backend>`), which holds the policy's current weights."""
+    name = cfg.rollout.backend
+    options: dict[str, Any] = {}
+    if name in cfg.rollout:
+        options = OmegaConf.to_container(cfg.rollout[name], resolve=True)
+    return RolloutSource(task, policy, build_backend(name, policy, sampling, options), reward)
+
+
+def build_evaluator(
+    cfg: DictConfig, source: RolloutSource, sampling: SamplingSettings
+) -> Evaluator:
+    """The held-out evaluator (`eval.heldout`) on `source` (passed after instantiation: Hydra
+    would turn the settings dataclass into a config node)."""
+    return instantiate(cfg.eval.heldout, _partial_=True)(source=source, sampling=sampling)
+
+
+def update_settings(cfg: DictConfig) -> UpdateSettings:
+    """The actor's settings from `trainer.*`, `algorithm.*` and the sampling temperature."""
+    alg, tr = cfg.algorithm, cfg.trainer
+    size = micro_batch_size(cfg)
+    return UpdateSettings(
+        temperature=cfg.rollout.temperature,
+        micro_batch_size=size,
+        inference_batch_size=tr.inference_batch_size or size,
+        share_prompts=tr.share_prompts,
+        max_grad_norm=tr.max_grad_norm,
+        epochs=alg.update_epochs,
+        num_mini_batches=alg.num_mini_batches,
+        mask_truncated=alg.mask_truncated,
+        need_old=alg.update_epochs * alg.num_mini_batches > 1 or alg.kl.in_reward,
+    )
