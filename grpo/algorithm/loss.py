@@ -17,7 +17,10 @@ only logged.
 
 Token selection, both off by default: `top_entropy_quantile` rho < 1 gives policy gradient only
 to the rho fraction of valid tokens with the highest entropy in the batch (Wang et al. 2025,
-arXiv 2506.01939; the caller passes that `selected` mask); `off_policy_mask_threshold` delta
+arXiv 2506.01939; the caller passes that `selected` mask). The policy loss is given the selected
+tokens as its mask, so a sequence-level loss (gspo, gspo_token, gmpo) forms its ratio from them
+alone and no policy gradient reaches the others; the KL and entropy terms stay on every valid
+token. `off_policy_mask_threshold` delta
 drops completions with A < 0 whose mean log-ratio log(pi_old / pi) exceeds delta (DeepSeek-V3.2
 off-policy sequence masking, arXiv 2512.02556; TRL `off_policy_mask_threshold`).
 
@@ -262,15 +265,19 @@ class GRPOLoss(nn.Module):
         )
         if old_logprobs is None:
             old_logprobs = logprobs.detach()
-        policy = self.policy_loss(logprobs, old_logprobs, advantages.unsqueeze(-1), mask)
+        selected = selected.bool() if selected is not None and self.selects_tokens else None
+        # The policy loss sees only the tokens that get policy gradient: a sequence-level loss
+        # forms its ratio from the selected tokens (docs/algorithms.md, token selection).
+        policy_mask = mask if selected is None else mask & selected
+        policy = self.policy_loss(logprobs, old_logprobs, advantages.unsqueeze(-1), policy_mask)
         policy_loss = policy.loss
         gradient = None  # tokens whose policy loss counts (None: all)
         if self.off_policy_mask_threshold is not None:
             gradient = off_policy_mask(
                 logprobs, old_logprobs, advantages, mask, self.off_policy_mask_threshold
             ).expand_as(mask)
-        if selected is not None and self.selects_tokens:
-            gradient = selected.bool() if gradient is None else gradient & selected.bool()
+        if selected is not None:
+            gradient = selected if gradient is None else gradient & selected
         weights = None
         if sampling_logprobs is not None:
             weights = self.correction(old_logprobs, sampling_logprobs, mask)
