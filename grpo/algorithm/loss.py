@@ -36,9 +36,9 @@ B (num_sequences) and sum_i |o_i| (num_tokens) may be the totals over the whole 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -123,6 +123,17 @@ def off_policy_mask(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Te
     policy, so only the drift of the optimiser steps counts."""
     drift = _masked_sum((old_logp - logp).detach(), mask, dim=-1) / mask.sum(-1).clamp(min=1)
     return ~((advantages.reshape(-1) < 0) & (drift > delta)).unsqueeze(-1)
+
+
+class LossTerms(NamedTuple):
+    """The per-token terms of one forward pass, [B, T] (None: not computed), for its stats."""
+
+    policy: Tensor  # the policy loss after the rollout correction and the token masks
+    clipped: dict[str, Tensor]  # where the policy loss's bounds bind (PolicyLoss.clipped)
+    gradient: Tensor | None  # tokens whose policy loss counts (None: all)
+    weights: Tensor | None  # the rollout correction's weights (None: no engine log-probs)
+    kl: Tensor | None  # the KL estimate (None: no reference log-probs)
+    entropy: Tensor | None  # the token entropy (None: not given)
 
 
 class GRPOLoss(nn.Module):
@@ -292,29 +303,47 @@ class GRPOLoss(nn.Module):
         if entropy is not None:
             per_token = per_token - self.entropy_coef * entropy
         loss = aggregate(per_token)
-
+        terms = LossTerms(policy_loss, policy.clipped, gradient, weights, kl, entropy)
         with torch.no_grad():
-            stats = {"total_loss": loss.item(), "policy_loss": aggregate(policy_loss).item()}
-            ratio = torch.exp(logprobs - old_logprobs)
-            stats["ratio_mean"], stats["ratio_std"] = _mean_std(ratio[mask])
-            stats["advantages_mean"], stats["advantages_std"] = _mean_std(advantages)
-            region = torch.zeros_like(mask)  # where a clip_* bound binds (TRL's clip region)
-            for name, where in policy.clipped.items():
-                where = where.expand_as(mask)
-                stats[f"{name}_fraction"] = where[mask].double().mean().item()
-                if name.startswith("clip_"):
-                    region |= where
-            stats["clip_fraction"] = region[mask].double().mean().item()
-            if gradient is not None:
-                stats["masked_fraction"] = (~gradient[mask]).double().mean().item()
-            if sampling_logprobs is not None:
-                stats.update(mismatch_stats(old_logprobs, sampling_logprobs, mask))
-                changed = (weights != 1).expand_as(mask)[mask]
-                stats["rollout_corrected_fraction"] = changed.double().mean().item()
-            if kl is not None:
-                stats["kl_penalty"] = aggregate(self.kl_coef * kl).item()
-                stats["kl_mean"], stats["kl_std"] = _mean_std(kl[mask])
-            if entropy is not None:
-                stats["entropy_bonus"] = aggregate(self.entropy_coef * entropy).item()
-                stats["entropy_mean"] = entropy[mask].mean().item()
+            stats = self._statistics(
+                loss, terms, aggregate, logprobs, old_logprobs, advantages, mask, sampling_logprobs
+            )
         return loss, stats
+
+    def _statistics(
+        self,
+        loss: Tensor,
+        terms: LossTerms,
+        aggregate: Callable[[Tensor], Tensor],
+        logprobs: Tensor,
+        old_logprobs: Tensor,
+        advantages: Tensor,
+        mask: Tensor,
+        sampling_logprobs: Tensor | None,
+    ) -> dict[str, float]:
+        """The loss's statistics as python floats (no gradient): loss-valued ones aggregated as
+        the loss is, token-valued ones over the valid tokens."""
+        stats = {"total_loss": loss.item(), "policy_loss": aggregate(terms.policy).item()}
+        ratio = torch.exp(logprobs - old_logprobs)
+        stats["ratio_mean"], stats["ratio_std"] = _mean_std(ratio[mask])
+        stats["advantages_mean"], stats["advantages_std"] = _mean_std(advantages)
+        region = torch.zeros_like(mask)  # where a clip_* bound binds (TRL's clip region)
+        for name, where in terms.clipped.items():
+            where = where.expand_as(mask)
+            stats[f"{name}_fraction"] = where[mask].double().mean().item()
+            if name.startswith("clip_"):
+                region |= where
+        stats["clip_fraction"] = region[mask].double().mean().item()
+        if terms.gradient is not None:
+            stats["masked_fraction"] = (~terms.gradient[mask]).double().mean().item()
+        if sampling_logprobs is not None:
+            stats.update(mismatch_stats(old_logprobs, sampling_logprobs, mask))
+            changed = (terms.weights != 1).expand_as(mask)[mask]
+            stats["rollout_corrected_fraction"] = changed.double().mean().item()
+        if terms.kl is not None:
+            stats["kl_penalty"] = aggregate(self.kl_coef * terms.kl).item()
+            stats["kl_mean"], stats["kl_std"] = _mean_std(terms.kl[mask])
+        if terms.entropy is not None:
+            stats["entropy_bonus"] = aggregate(self.entropy_coef * terms.entropy).item()
+            stats["entropy_mean"] = terms.entropy[mask].mean().item()
+        return stats
