@@ -105,10 +105,6 @@ def seq_mean_token_sum_norm(
     return per_sequence.sum() / (values.shape[0] if num_sequences is None else num_sequences)
 
 
-def _positive_or_none(value: float | None) -> bool:
-    return value is None or value > 0
-
-
 def _mean_std(values: Tensor) -> tuple[float, float]:
     """Mean and population std (defined for a single element) of a 1-D tensor."""
     return values.mean().item(), values.std(correction=0).item()
@@ -143,7 +139,8 @@ class GRPOLoss(nn.Module):
     policy_loss: {name: an entry of POLICY_LOSSES, **its settings}; kl: {coef (beta >= 0),
     estimator (an entry of KL_ESTIMATORS), in_reward (then the loss has no KL term)};
     max_completion_length: the constant of seq_mean_token_sum_norm (Dr. GRPO's generation
-    budget).
+    budget). The settings are trusted: `grpo.infra.config.validate_config` checks their names,
+    ranges and registry entries before any model loads.
     """
 
     def __init__(
@@ -160,32 +157,11 @@ class GRPOLoss(nn.Module):
         super().__init__()
         settings = dict(policy_loss or {"name": "clip"})
         self.policy_loss_name = settings.pop("name")
-        POLICY_LOSSES.check(self.policy_loss_name, settings, "algorithm.policy_loss.name")
         self.policy_loss = partial(POLICY_LOSSES[self.policy_loss_name], **settings)
         correction = dict(rollout_correction or {"name": "none"})
         self.correction_name = correction.pop("name")
-        ROLLOUT_CORRECTIONS.check(
-            self.correction_name, correction, "algorithm.rollout_correction.name"
-        )
         self.correction = partial(ROLLOUT_CORRECTIONS[self.correction_name], **correction)
         kl = {"coef": 0.04, "estimator": "k3", "in_reward": False, **(kl or {})}
-        KL_ESTIMATORS.check(kl["estimator"], {}, "algorithm.kl.estimator")
-        AGGREGATIONS.check(aggregation, {}, "algorithm.loss.aggregation")
-        for name, value, ok, rule in (
-            ("kl.coef", kl["coef"], kl["coef"] >= 0, ">= 0"),
-            ("entropy_coef", entropy_coef, entropy_coef >= 0, ">= 0"),
-            ("top_entropy_quantile", top_entropy_quantile, 0 < top_entropy_quantile <= 1, "(0, 1]"),
-            (
-                "max_completion_length",
-                max_completion_length,
-                _positive_or_none(max_completion_length),
-                "> 0",
-            ),
-        ):
-            if not ok:
-                raise ValueError(f"{name}={value!r}: must be {rule}")
-        if aggregation == "seq_mean_token_sum_norm" and max_completion_length is None:
-            raise ValueError("max_completion_length is required by seq_mean_token_sum_norm")
         self.kl_coef = 0.0 if kl["in_reward"] else float(kl["coef"])
         self.kl_estimator = KL_ESTIMATORS[kl["estimator"]]
         self.aggregation = aggregation
