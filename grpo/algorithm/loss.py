@@ -17,7 +17,10 @@ only logged.
 
 Token selection, both off by default: `top_entropy_quantile` rho < 1 gives policy gradient only
 to the rho fraction of valid tokens with the highest entropy in the batch (Wang et al. 2025,
-arXiv 2506.01939; the caller passes that `selected` mask); `off_policy_mask_threshold` delta
+arXiv 2506.01939; the caller passes that `selected` mask). The policy loss is given the selected
+tokens as its mask, so a sequence-level loss (gspo, gspo_token, gmpo) forms its ratio from them
+alone and no policy gradient reaches the others; the KL and entropy terms stay on every valid
+token. `off_policy_mask_threshold` delta
 drops completions with A < 0 whose mean log-ratio log(pi_old / pi) exceeds delta (DeepSeek-V3.2
 off-policy sequence masking, arXiv 2512.02556; TRL `off_policy_mask_threshold`).
 
@@ -33,9 +36,9 @@ B (num_sequences) and sum_i |o_i| (num_tokens) may be the totals over the whole 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -102,10 +105,6 @@ def seq_mean_token_sum_norm(
     return per_sequence.sum() / (values.shape[0] if num_sequences is None else num_sequences)
 
 
-def _positive_or_none(value: float | None) -> bool:
-    return value is None or value > 0
-
-
 def _mean_std(values: Tensor) -> tuple[float, float]:
     """Mean and population std (defined for a single element) of a 1-D tensor."""
     return values.mean().item(), values.std(correction=0).item()
@@ -122,6 +121,17 @@ def off_policy_mask(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Te
     return ~((advantages.reshape(-1) < 0) & (drift > delta)).unsqueeze(-1)
 
 
+class LossTerms(NamedTuple):
+    """The per-token terms of one forward pass, [B, T] (None: not computed), for its stats."""
+
+    policy: Tensor  # the policy loss after the rollout correction and the token masks
+    clipped: dict[str, Tensor]  # where the policy loss's bounds bind (PolicyLoss.clipped)
+    gradient: Tensor | None  # tokens whose policy loss counts (None: all)
+    weights: Tensor | None  # the rollout correction's weights (None: no engine log-probs)
+    kl: Tensor | None  # the KL estimate (None: no reference log-probs)
+    entropy: Tensor | None  # the token entropy (None: not given)
+
+
 class GRPOLoss(nn.Module):
     """The loss of one (micro-)batch; built by Hydra from `algorithm.loss` (`_target_`) with
     the `algorithm.policy_loss` and `algorithm.kl` settings and the generation budget.
@@ -129,7 +139,8 @@ class GRPOLoss(nn.Module):
     policy_loss: {name: an entry of POLICY_LOSSES, **its settings}; kl: {coef (beta >= 0),
     estimator (an entry of KL_ESTIMATORS), in_reward (then the loss has no KL term)};
     max_completion_length: the constant of seq_mean_token_sum_norm (Dr. GRPO's generation
-    budget).
+    budget). The settings are trusted: `grpo.infra.config.validate_config` checks their names,
+    ranges and registry entries before any model loads.
     """
 
     def __init__(
@@ -146,32 +157,11 @@ class GRPOLoss(nn.Module):
         super().__init__()
         settings = dict(policy_loss or {"name": "clip"})
         self.policy_loss_name = settings.pop("name")
-        POLICY_LOSSES.check(self.policy_loss_name, settings, "algorithm.policy_loss.name")
         self.policy_loss = partial(POLICY_LOSSES[self.policy_loss_name], **settings)
         correction = dict(rollout_correction or {"name": "none"})
         self.correction_name = correction.pop("name")
-        ROLLOUT_CORRECTIONS.check(
-            self.correction_name, correction, "algorithm.rollout_correction.name"
-        )
         self.correction = partial(ROLLOUT_CORRECTIONS[self.correction_name], **correction)
         kl = {"coef": 0.04, "estimator": "k3", "in_reward": False, **(kl or {})}
-        KL_ESTIMATORS.check(kl["estimator"], {}, "algorithm.kl.estimator")
-        AGGREGATIONS.check(aggregation, {}, "algorithm.loss.aggregation")
-        for name, value, ok, rule in (
-            ("kl.coef", kl["coef"], kl["coef"] >= 0, ">= 0"),
-            ("entropy_coef", entropy_coef, entropy_coef >= 0, ">= 0"),
-            ("top_entropy_quantile", top_entropy_quantile, 0 < top_entropy_quantile <= 1, "(0, 1]"),
-            (
-                "max_completion_length",
-                max_completion_length,
-                _positive_or_none(max_completion_length),
-                "> 0",
-            ),
-        ):
-            if not ok:
-                raise ValueError(f"{name}={value!r}: must be {rule}")
-        if aggregation == "seq_mean_token_sum_norm" and max_completion_length is None:
-            raise ValueError("max_completion_length is required by seq_mean_token_sum_norm")
         self.kl_coef = 0.0 if kl["in_reward"] else float(kl["coef"])
         self.kl_estimator = KL_ESTIMATORS[kl["estimator"]]
         self.aggregation = aggregation
@@ -262,15 +252,19 @@ class GRPOLoss(nn.Module):
         )
         if old_logprobs is None:
             old_logprobs = logprobs.detach()
-        policy = self.policy_loss(logprobs, old_logprobs, advantages.unsqueeze(-1), mask)
+        selected = selected.bool() if selected is not None and self.selects_tokens else None
+        # The policy loss sees only the tokens that get policy gradient: a sequence-level loss
+        # forms its ratio from the selected tokens (docs/algorithms.md, token selection).
+        policy_mask = mask if selected is None else mask & selected
+        policy = self.policy_loss(logprobs, old_logprobs, advantages.unsqueeze(-1), policy_mask)
         policy_loss = policy.loss
         gradient = None  # tokens whose policy loss counts (None: all)
         if self.off_policy_mask_threshold is not None:
             gradient = off_policy_mask(
                 logprobs, old_logprobs, advantages, mask, self.off_policy_mask_threshold
             ).expand_as(mask)
-        if selected is not None and self.selects_tokens:
-            gradient = selected.bool() if gradient is None else gradient & selected.bool()
+        if selected is not None:
+            gradient = selected if gradient is None else gradient & selected
         weights = None
         if sampling_logprobs is not None:
             weights = self.correction(old_logprobs, sampling_logprobs, mask)
@@ -285,29 +279,47 @@ class GRPOLoss(nn.Module):
         if entropy is not None:
             per_token = per_token - self.entropy_coef * entropy
         loss = aggregate(per_token)
-
+        terms = LossTerms(policy_loss, policy.clipped, gradient, weights, kl, entropy)
         with torch.no_grad():
-            stats = {"total_loss": loss.item(), "policy_loss": aggregate(policy_loss).item()}
-            ratio = torch.exp(logprobs - old_logprobs)
-            stats["ratio_mean"], stats["ratio_std"] = _mean_std(ratio[mask])
-            stats["advantages_mean"], stats["advantages_std"] = _mean_std(advantages)
-            region = torch.zeros_like(mask)  # where a clip_* bound binds (TRL's clip region)
-            for name, where in policy.clipped.items():
-                where = where.expand_as(mask)
-                stats[f"{name}_fraction"] = where[mask].double().mean().item()
-                if name.startswith("clip_"):
-                    region |= where
-            stats["clip_fraction"] = region[mask].double().mean().item()
-            if gradient is not None:
-                stats["masked_fraction"] = (~gradient[mask]).double().mean().item()
-            if sampling_logprobs is not None:
-                stats.update(mismatch_stats(old_logprobs, sampling_logprobs, mask))
-                changed = (weights != 1).expand_as(mask)[mask]
-                stats["rollout_corrected_fraction"] = changed.double().mean().item()
-            if kl is not None:
-                stats["kl_penalty"] = aggregate(self.kl_coef * kl).item()
-                stats["kl_mean"], stats["kl_std"] = _mean_std(kl[mask])
-            if entropy is not None:
-                stats["entropy_bonus"] = aggregate(self.entropy_coef * entropy).item()
-                stats["entropy_mean"] = entropy[mask].mean().item()
+            stats = self._statistics(
+                loss, terms, aggregate, logprobs, old_logprobs, advantages, mask, sampling_logprobs
+            )
         return loss, stats
+
+    def _statistics(
+        self,
+        loss: Tensor,
+        terms: LossTerms,
+        aggregate: Callable[[Tensor], Tensor],
+        logprobs: Tensor,
+        old_logprobs: Tensor,
+        advantages: Tensor,
+        mask: Tensor,
+        sampling_logprobs: Tensor | None,
+    ) -> dict[str, float]:
+        """The loss's statistics as python floats (no gradient): loss-valued ones aggregated as
+        the loss is, token-valued ones over the valid tokens."""
+        stats = {"total_loss": loss.item(), "policy_loss": aggregate(terms.policy).item()}
+        ratio = torch.exp(logprobs - old_logprobs)
+        stats["ratio_mean"], stats["ratio_std"] = _mean_std(ratio[mask])
+        stats["advantages_mean"], stats["advantages_std"] = _mean_std(advantages)
+        region = torch.zeros_like(mask)  # where a clip_* bound binds (TRL's clip region)
+        for name, where in terms.clipped.items():
+            where = where.expand_as(mask)
+            stats[f"{name}_fraction"] = where[mask].double().mean().item()
+            if name.startswith("clip_"):
+                region |= where
+        stats["clip_fraction"] = region[mask].double().mean().item()
+        if terms.gradient is not None:
+            stats["masked_fraction"] = (~terms.gradient[mask]).double().mean().item()
+        if sampling_logprobs is not None:
+            stats.update(mismatch_stats(old_logprobs, sampling_logprobs, mask))
+            changed = (terms.weights != 1).expand_as(mask)[mask]
+            stats["rollout_corrected_fraction"] = changed.double().mean().item()
+        if terms.kl is not None:
+            stats["kl_penalty"] = aggregate(self.kl_coef * terms.kl).item()
+            stats["kl_mean"], stats["kl_std"] = _mean_std(terms.kl[mask])
+        if terms.entropy is not None:
+            stats["entropy_bonus"] = aggregate(self.entropy_coef * terms.entropy).item()
+            stats["entropy_mean"] = terms.entropy[mask].mean().item()
+        return stats

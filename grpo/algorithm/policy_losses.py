@@ -7,13 +7,16 @@ Every entry of `POLICY_LOSSES` is called as
 with `logp` the current policy's log-probs of the sampled tokens [B, T] (with gradient),
 `old_logp` the sampling policy's [B, T] (no gradient; equal to `logp.detach()` on-policy),
 `advantages` [B, 1] (a sequence's advantage broadcast over its tokens) or [B, T], and `mask`
-the valid tokens [B, T] (bool). It returns the loss to minimise at each token, before the
-aggregation (`grpo.algorithm.loss.AGGREGATIONS`) reduces it, and the masks of tokens where a
-bound binds, logged as fractions ([B, T], or [B, 1] for a whole completion; masks named clip_*
-mark tokens left without gradient and add up to clip_fraction). The settings are the entry's
-keyword-only parameters, given by `conf/algorithm/policy_loss/<name>.yaml`. Sequence-level
-entries (`gspo`, `gmpo`) put their completion's loss on each of its valid tokens and need
-[B, 1] advantages. docs/algorithms.md tabulates every entry.
+the tokens whose loss counts [B, T] (bool): the valid tokens, or with top-entropy selection
+(`algorithm.loss.top_entropy_quantile` < 1) the selected ones among them. It returns the loss
+to minimise at each token, before the aggregation (`grpo.algorithm.loss.AGGREGATIONS`) reduces
+it, and the masks of tokens where a bound binds, logged as fractions ([B, T], or [B, 1] for a
+whole completion; masks named clip_* mark tokens left without gradient and add up to
+clip_fraction). The settings are the entry's keyword-only parameters, given by
+`conf/algorithm/policy_loss/<name>.yaml`. Sequence-level entries (`gspo`, `gspo_token`,
+`gmpo`) form their completion's ratio from the tokens of `mask` alone and put its loss on each
+of them, so no policy gradient reaches a token outside `mask`; `gspo` and `gmpo` need [B, 1]
+advantages. docs/algorithms.md tabulates every entry.
 
 With one optimiser step per generated batch (mu = 1, one mini-batch) old_logp equals logp in
 value: every ratio is 1 and no clip binds; the clip matters only from the second step on.
@@ -126,8 +129,8 @@ def per_sequence(advantages: Tensor, name: str) -> Tensor:
 
 
 def mean_log_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
-    """(1 / |o_i|) sum over the completion's valid tokens of log(pi / pi_old): [B, 1]; 0 for a
-    completion without valid tokens. Padding never enters (not even NaN or inf)."""
+    """The mean over the completion's tokens in `mask` of log(pi / pi_old): [B, 1]; 0 for a
+    completion without any. Other tokens never enter (not even NaN or inf)."""
     log_ratio = torch.where(mask, logp - old_logp, 0.0)
     return log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
 
@@ -149,11 +152,12 @@ def gspo(
         s_i = (pi(o_i) / pi_old(o_i))^(1 / |o_i|) = exp(mean_t (logp - old_logp))
         loss_i = -min(s_i A_i, clip(s_i, 1 - eps_low, 1 + eps_high) A_i)
 
-    broadcast to the completion's valid tokens, so that the default `seq_mean_token_mean`
-    aggregation gives the paper's 1/G sum_i loss_i. eps_low = `clip_ratio`, eps_high =
-    `clip_ratio_high` (null: `clip_ratio`); defaults 3e-4 and 4e-4 are the paper's (section 5.1),
-    two orders below the token clip's because s_i is a per-token geometric mean. The masks are
-    per completion [B, 1]: where the clip binds the whole completion has no gradient.
+    broadcast to the completion's tokens in `mask` (the mean is over them too), so that the
+    default `seq_mean_token_mean` aggregation gives the paper's 1/G sum_i loss_i. eps_low =
+    `clip_ratio`, eps_high = `clip_ratio_high` (null: `clip_ratio`); defaults 3e-4 and 4e-4 are
+    the paper's (section 5.1), two orders below the token clip's because s_i is a per-token
+    geometric mean. The masks are per completion [B, 1]: where the clip binds the whole
+    completion has no gradient.
     """
     high = clip_ratio if clip_ratio_high is None else clip_ratio_high
     advantages = per_sequence(advantages, "gspo")
@@ -257,12 +261,13 @@ def gmpo(
         d'_t = min(d_t, c_t) if A > 0 else max(d_t, c_t)
         loss_i = -A_i exp(mean_t d'_t)
 
-    broadcast to the completion's valid tokens (with seq_mean_token_mean: 1/G sum_i loss_i, the
-    paper's). eps_low = `clip_log_ratio`, eps_high = `clip_log_ratio_high` (null: the same), in
-    log space: the ratio range is (e^-eps_low, e^eps_high), the paper's (e^-0.4, e^0.4) by
-    default. The paper writes the clip as min(w^sgn(A), clip(w^sgn(A), e1, e2))^sgn(A); with its
-    symmetric range that is the above, as in its authors' code, verl's `geo_mean` and TRL's
-    GMPO (with unequal bounds those keep (-eps_low, eps_high) for both signs; so do we).
+    the mean over the completion's tokens in `mask`, the loss broadcast to them (with
+    seq_mean_token_mean: 1/G sum_i loss_i, the paper's). eps_low = `clip_log_ratio`, eps_high =
+    `clip_log_ratio_high` (null: the same), in log space: the ratio range is (e^-eps_low,
+    e^eps_high), the paper's (e^-0.4, e^0.4) by default. The paper writes the clip as
+    min(w^sgn(A), clip(w^sgn(A), e1, e2))^sgn(A); with its symmetric range that is the above, as
+    in its authors' code, verl's `geo_mean` and TRL's GMPO (with unequal bounds those keep
+    (-eps_low, eps_high) for both signs; so do we).
     Unlike GSPO the clip is per token, before the mean: a token past the bound in the direction
     of A has no gradient (masks clip_low / clip_high, per token), the others keep theirs.
     """

@@ -4,18 +4,24 @@ An inference engine (vLLM, or a 4-bit or bf16 decoder) computes the sampling dis
 other kernels or precision than the training forward pass, so even at mu = 1 the update is
 slightly off-policy: the tokens came from pi_engine, the loss assumes pi_old (Yao et al. 2025,
 "Your efficient RL framework secretly brings you off-policy RL training"). Each entry of
-`ROLLOUT_CORRECTIONS` turns the token ratio
+`ROLLOUT_CORRECTIONS` turns the importance ratios of a completion's valid tokens,
 
-    w_t = pi_old(y_t) / pi_engine(y_t) = exp(old_logp - engine_logp)
+    w_t = pi_old(y_t) / pi_engine(y_t) = exp(old_logp - engine_logp)      per token
+    W_i = prod_t w_t = exp(sum_t (old_logp - engine_logp))               per completion
 
-into per-token weights on the policy loss (detached, [B, T]; 0 drops a token):
+into weights on the policy loss of each token (detached, [B, T]; 0 drops a token). Bounds are
+inclusive, as in TRL (`vllm_importance_sampling_mode`), verl (`rollout_corr_helper.py`) and
+IcePop's M(k) = k on [alpha, beta]:
 
     none               1
-    token_truncate     min(w_t, cap)                          TIS (Yao et al.; TRL, verl)
-    token_mask         1 where low <= w_t <= high, else 0     MIS / IcePop (arXiv 2510.18855)
-    sequence_truncate  min(prod_t w_t, cap) on every token    TRL `sequence_truncate`
-    sequence_mask      1 where low <= prod_t w_t <= high      TRL `sequence_mask`, verl seq MIS
+    token_truncate     min(w_t, cap)                TIS (Yao et al.); TRL token_truncate
+    token_mask         w_t 1[low <= w_t <= high]    MIS, IcePop (arXiv 2510.18855); TRL token_mask
+    token_reject       1[low <= w_t <= high]        rejection alone: kept tokens unweighted
+    sequence_truncate  min(W_i, cap)                TRL sequence_truncate; verl Seq-TIS
+    sequence_mask      W_i 1[low <= W_i <= high]    TRL sequence_mask; verl Seq-MIS
+    sequence_reject    1[low <= W_i <= high]        rejection alone, whole completions
 
+The sequence_* entries put their completion's weight on each of its tokens.
 `algorithm/rollout_correction=<name>` picks one; `GRPOLoss` also logs the mismatch itself
 (mean |old_logp - engine_logp| and the k3 estimate of KL(pi_engine || pi_old)) and the fraction
 of tokens the weights change.
@@ -53,6 +59,11 @@ def token_truncate(
     return _log_ratio(old_logp, engine_logp, mask).exp().clamp(max=cap)
 
 
+def _inside(w: Tensor, low: float, high: float) -> Tensor:
+    """1[low <= w <= high] as bool, both bounds inclusive."""
+    return (w >= low) & (w <= high)
+
+
 @ROLLOUT_CORRECTIONS.register("token_mask")
 def token_mask(
     old_logp: Tensor,
@@ -62,14 +73,30 @@ def token_mask(
     low: Annotated[float, POSITIVE] = 0.5,
     high: Annotated[float, POSITIVE] = 2.0,
 ) -> Tensor:
-    """Masked importance sampling per token: drop tokens whose w_t leaves [low, high] (IcePop's
-    [0.5, 2])."""
+    """Masked importance sampling per token, w_t 1[low <= w_t <= high]: tokens inside the
+    range keep their importance weight, the others are dropped (IcePop, arXiv 2510.18855:
+    M(k) = k on [alpha, beta], 0 outside; TRL `token_mask`)."""
     w = _log_ratio(old_logp, engine_logp, mask).exp()
-    return ((w >= low) & (w <= high)).to(old_logp.dtype)
+    return torch.where(_inside(w, low, high), w, 0.0)
+
+
+@ROLLOUT_CORRECTIONS.register("token_reject")
+def token_reject(
+    old_logp: Tensor,
+    engine_logp: Tensor,
+    mask: Tensor,
+    *,
+    low: Annotated[float, POSITIVE] = 0.5,
+    high: Annotated[float, POSITIVE] = 2.0,
+) -> Tensor:
+    """Rejection per token, 1[low <= w_t <= high]: drops the tokens whose w_t leaves the range
+    and leaves the others unweighted (`token_mask` without its weight)."""
+    w = _log_ratio(old_logp, engine_logp, mask).exp()
+    return _inside(w, low, high).to(old_logp.dtype)
 
 
 def _sequence_ratio(old_logp: Tensor, engine_logp: Tensor, mask: Tensor) -> Tensor:
-    """prod_t w_t of each completion, [B, 1]."""
+    """W_i = prod_t w_t of each completion over its valid tokens, [B, 1]."""
     return _log_ratio(old_logp, engine_logp, mask).sum(-1, keepdim=True).exp()
 
 
@@ -77,7 +104,8 @@ def _sequence_ratio(old_logp: Tensor, engine_logp: Tensor, mask: Tensor) -> Tens
 def sequence_truncate(
     old_logp: Tensor, engine_logp: Tensor, mask: Tensor, *, cap: Annotated[float, POSITIVE] = 2.0
 ) -> Tensor:
-    """One truncated weight per completion, min(prod_t w_t, cap), on each of its tokens."""
+    """Truncated importance sampling per completion, min(W_i, cap) on each of its tokens (TRL
+    `sequence_truncate`; verl's Seq-TIS)."""
     w = _sequence_ratio(old_logp, engine_logp, mask).clamp(max=cap)
     return w.expand_as(old_logp)
 
@@ -91,9 +119,26 @@ def sequence_mask(
     low: Annotated[float, POSITIVE] = 0.5,
     high: Annotated[float, POSITIVE] = 2.0,
 ) -> Tensor:
-    """Drop whole completions whose prod_t w_t leaves [low, high]."""
+    """Masked importance sampling per completion, W_i 1[low <= W_i <= high] on each of its
+    tokens (TRL `sequence_mask`; verl's Seq-MIS, whose truncation at the same upper bound then
+    changes nothing)."""
     w = _sequence_ratio(old_logp, engine_logp, mask)
-    return ((w >= low) & (w <= high)).to(old_logp.dtype).expand_as(old_logp)
+    return torch.where(_inside(w, low, high), w, 0.0).expand_as(old_logp)
+
+
+@ROLLOUT_CORRECTIONS.register("sequence_reject")
+def sequence_reject(
+    old_logp: Tensor,
+    engine_logp: Tensor,
+    mask: Tensor,
+    *,
+    low: Annotated[float, POSITIVE] = 0.5,
+    high: Annotated[float, POSITIVE] = 2.0,
+) -> Tensor:
+    """Rejection per completion, 1[low <= W_i <= high] on each of its tokens: drops whole
+    completions whose W_i leaves the range, the others unweighted."""
+    w = _sequence_ratio(old_logp, engine_logp, mask)
+    return _inside(w, low, high).to(old_logp.dtype).expand_as(old_logp)
 
 
 def mismatch_stats(old_logp: Tensor, engine_logp: Tensor, mask: Tensor) -> dict[str, float]:

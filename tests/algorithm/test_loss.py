@@ -5,8 +5,10 @@ import math
 
 import pytest
 import torch
+from conftest import compose_config
 
 from grpo.algorithm.loss import AGGREGATIONS, GRPOLoss
+from grpo.infra.config import ConfigError, validate_config
 
 MAX_LEN = 7
 
@@ -186,36 +188,33 @@ def test_dr_grpo_gradient_is_independent_of_length():
     assert short == -1.0 / (2 * 2) and long == -1.0 / (2 * 8)  # 1/length: short tokens weigh 4x
 
 
+# GRPOLoss trusts its settings: grpo.infra.config.validate_config refuses bad ones before any
+# model loads, naming the key. Ranges, registry names and the KL/entropy/selection settings are
+# covered by tests/infra/test_config.py; these are the entries' own settings the loss takes.
 @pytest.mark.parametrize(
-    ("kwargs", "field"),
+    ("overrides", "message"),
     [
+        (["algorithm.policy_loss.clip_ratio=0.0"], "clip_ratio=0.0: must be in (0, 1)"),
+        (["algorithm.policy_loss.clip_ratio=1.0"], "clip_ratio=1.0: must be in (0, 1)"),
+        (["algorithm.policy_loss.clip_ratio_high=0.0"], "clip_ratio_high=0.0: must be in (0, inf)"),
+        (["algorithm.policy_loss.dual_clip=1.0"], "dual_clip=1.0: must be in (1, inf)"),
+        (["+algorithm.policy_loss.eps=0.1"], "eps: not a setting of policy loss 'clip'"),
         (
-            {"policy_loss": {"name": "clip", "clip_ratio": 0.0}},
-            r"clip_ratio=0.0: must be in \(0, 1\)",
+            ["algorithm/rollout_correction=token_mask", "algorithm.rollout_correction.low=0.0"],
+            "algorithm.rollout_correction.low=0.0: must be in (0, inf)",
         ),
-        ({"policy_loss": {"name": "clip", "clip_ratio": 1.0}}, "clip_ratio=1.0"),
-        ({"policy_loss": {"name": "clip", "clip_ratio_high": 0.0}}, "clip_ratio_high"),
-        ({"policy_loss": {"name": "clip", "dual_clip": 1.0}}, "dual_clip"),
-        ({"policy_loss": {"name": "ppo"}}, r"name='ppo': unknown policy loss; registered: .*clip"),
-        ({"policy_loss": {"name": "clip", "eps": 0.1}}, "eps: not a setting of policy loss"),
-        ({"kl": {"coef": -0.1}}, "^kl.coef"),
-        (
-            {"kl": {"estimator": "k4"}},
-            "estimator='k4': unknown KL estimator; registered: k1, k2, k3",
-        ),
-        ({"entropy_coef": -0.1}, "^entropy_coef"),
-        ({"top_entropy_quantile": 0.0}, "^top_entropy_quantile"),
-        (
-            {"aggregation": "sum"},
-            "aggregation='sum': unknown aggregation; registered: seq_mean_token_mean",
-        ),
-        ({"aggregation": "seq_mean_token_sum_norm"}, "^max_completion_length"),
-        ({"max_completion_length": 0}, "^max_completion_length"),
     ],
 )
-def test_invalid_settings_name_the_field(kwargs, field):
-    with pytest.raises(ValueError, match=field):
-        GRPOLoss(**kwargs)
+def test_the_config_check_refuses_the_settings_the_loss_trusts(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        validate_config(compose_config(*overrides))
+    key = overrides[-1].lstrip("+").split("=")[0]
+    assert str(error.value).startswith(key) and message in str(error.value)
+
+
+def test_seq_mean_token_sum_norm_needs_the_generation_budget():
+    with pytest.raises(ValueError, match="max_completion_length"):
+        GRPOLoss(aggregation="seq_mean_token_sum_norm")(**random_batch(seed=7))
 
 
 def test_invalid_inputs_name_the_argument():

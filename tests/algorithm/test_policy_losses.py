@@ -554,3 +554,116 @@ def test_gmpo_equals_gspo_where_neither_clips():
     assert out["gmpo"][2] == out["gspo"][2] == 0
     torch.testing.assert_close(out["gmpo"][0], out["gspo"][0], rtol=1e-13, atol=0)
     torch.testing.assert_close(out["gmpo"][1], out["gspo"][1], rtol=1e-12, atol=1e-15)
+
+
+# ------------------------------------------------------- top-entropy token selection
+# With `algorithm.loss.top_entropy_quantile` < 1 the caller passes the selected tokens; GRPOLoss
+# gives them to the policy loss as its mask. Sequence-level entries form their ratio from the
+# selected tokens alone: no policy gradient reaches the others (docs/algorithms.md).
+
+
+def selection(x, seed: int = 0) -> torch.Tensor:
+    """About half of the valid tokens, with rows 1 and 3 both partly selected and row 4 valid
+    but without any selected token."""
+    gen = torch.Generator().manual_seed(seed)
+    selected = x["mask"] & (torch.rand(x["mask"].shape, generator=gen) < 0.5)
+    selected[1, :2] = torch.tensor([True, False])
+    selected[3, :2] = torch.tensor([False, True])
+    selected[4] = False
+    return selected
+
+
+def selected_loss(name, logp, old, x, selected, aggregation="seq_mean_token_mean", **settings):
+    fn = GRPOLoss(
+        {"name": name, **settings},
+        kl={"coef": 0.0},
+        aggregation=aggregation,
+        top_entropy_quantile=0.5,
+    )
+    return fn(logp, old, None, x["advantages"], x["mask"], selected=selected)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_on_policy_selection_gives_the_plain_policy_gradient_on_selected_tokens(name):
+    """At ratio 1 every entry gives each selected token -A_i / (B |o_i|), as without selection,
+    and every other token exactly 0."""
+    x = ragged(0)
+    selected = selection(x)
+    logp = torch.where(x["mask"], x["logp"], 0.0).requires_grad_()
+    loss, _ = selected_loss(name, logp, None, x, selected)
+    loss.backward()
+    lengths = x["mask"].sum(1, keepdim=True).clamp(min=1)
+    expected = torch.where(selected, -x["advantages"][:, None] / (len(lengths) * lengths), 0.0)
+    torch.testing.assert_close(logp.grad, expected, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("aggregation", ["seq_mean_token_mean", "token_mean"])
+@pytest.mark.parametrize("name", LOSSES)
+def test_no_policy_gradient_reaches_unselected_tokens(name, aggregation):
+    """Off-policy, for every entry: the gradient w.r.t. an unselected token's log-prob is exactly
+    0 and the loss does not depend on it at all; selected tokens get gradient."""
+    x = ragged(3)
+    selected = selection(x)
+    logp = x["logp"].clone().requires_grad_()
+    loss, _ = selected_loss(name, logp, x["old"], x, selected, aggregation)
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert (grad[~selected] == 0).all()
+    assert (grad[selected] != 0).sum() >= 2
+    moved = torch.where(selected, x["logp"], x["logp"] + 0.7)  # only the unselected tokens move
+    again, _ = selected_loss(name, moved, x["old"], x, selected, aggregation)
+    assert again.item() == loss.item()
+
+
+def selected_rows(x, selected) -> tuple[Rows, Rows, list[float], list[int]]:
+    """The selected tokens of each row as python floats: logp, old, the advantages, and the
+    number of valid tokens of each row (|o_i|, the aggregation's normaliser)."""
+    logp, old = [], []
+    for i in range(len(selected)):
+        picked = selected[i].nonzero().flatten().tolist()
+        logp.append([x["logp"][i, t].item() for t in picked])
+        old.append([x["old"][i, t].item() for t in picked])
+    return logp, old, x["advantages"].tolist(), x["mask"].sum(1).tolist()
+
+
+@pytest.mark.parametrize("aggregation", ["seq_mean_token_mean", "token_mean"])
+@pytest.mark.parametrize(
+    ("name", "settings", "reference"),
+    [
+        ("gspo", {"clip_ratio": 0.2, "clip_ratio_high": 0.28}, gspo_reference(0.2, 0.28)),
+        ("gspo_token", {"clip_ratio": 0.2, "clip_ratio_high": 0.28}, gspo_reference(0.2, 0.28)),
+        ("gspo", {}, gspo_reference(3e-4, 4e-4)),
+        ("gmpo", {}, gmpo_reference(0.4, 0.4)),
+        ("gmpo", {"clip_log_ratio": 0.3, "clip_log_ratio_high": 0.5}, gmpo_reference(0.3, 0.5)),
+    ],
+    ids=["gspo-wide", "gspo_token-wide", "gspo", "gmpo", "gmpo-unequal"],
+)
+def test_sequence_losses_form_their_ratio_from_the_selected_tokens(
+    name, settings, reference, aggregation
+):
+    """The value is the paper's formula over each completion's selected tokens S_i (s_i, or
+    GMPO's mean, over S_i alone), its loss on each of them, aggregated over the valid tokens as
+    any per-token loss: (1/B) sum_i (1/|o_i|) sum_{t in S_i} loss_i, or / sum_i |o_i|. The
+    gradient w.r.t. the selected log-probs is that formula's (finite differences)."""
+    x = ragged(57)
+    selected = selection(x, seed=3)
+    logp_rows, old_rows, advantages, lengths = selected_rows(x, selected)
+
+    def total(rows: Rows) -> float:
+        per_token = reference(rows, old_rows, advantages)
+        if aggregation == "seq_mean_token_mean":
+            per_row = [sum(r) / n for r, n in zip(per_token, lengths, strict=True) if n]
+            return sum(per_row) / len(lengths)
+        return sum(sum(r) for r in per_token) / sum(lengths)
+
+    logp = x["logp"].clone().requires_grad_()
+    loss, stats = selected_loss(name, logp, x["old"], x, selected, aggregation, **settings)
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert loss.item() == pytest.approx(total(logp_rows), rel=1e-12, abs=1e-14)
+    expected = finite_difference(total, logp_rows)
+    for i, row in enumerate(expected):
+        picked = selected[i].nonzero().flatten().tolist()
+        got = [grad[i, t].item() for t in picked]
+        assert got == pytest.approx(row, rel=1e-7, abs=1e-7), (name, i)
+    assert (grad[~selected] == 0).all()
+    assert stats["masked_fraction"] > 0
+    assert stats["clip_low_fraction"] > 0 and stats["clip_high_fraction"] > 0
