@@ -139,7 +139,7 @@ class GRPOLoss(nn.Module):
     policy_loss: {name: an entry of POLICY_LOSSES, **its settings}; kl: {coef (beta >= 0),
     estimator (an entry of KL_ESTIMATORS), in_reward (then the loss has no KL term)};
     max_completion_length: the constant of seq_mean_token_sum_norm (Dr. GRPO's generation
-    budget). The settings are trusted: `grpo.infra.config.validate_config` checks their names,
+    budget). The settings are trusted: `grpo.run.config.validate_config` checks their names,
     ranges and registry entries before any model loads.
     """
 

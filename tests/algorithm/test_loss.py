@@ -8,7 +8,7 @@ import torch
 from conftest import compose_config
 
 from grpo.algorithm.loss import AGGREGATIONS, GRPOLoss
-from grpo.infra.config import ConfigError, validate_config
+from grpo.run.config import ConfigError, validate_config
 
 MAX_LEN = 7
 
@@ -188,9 +188,9 @@ def test_dr_grpo_gradient_is_independent_of_length():
     assert short == -1.0 / (2 * 2) and long == -1.0 / (2 * 8)  # 1/length: short tokens weigh 4x
 
 
-# GRPOLoss trusts its settings: grpo.infra.config.validate_config refuses bad ones before any
+# GRPOLoss trusts its settings: grpo.run.config.validate_config refuses bad ones before any
 # model loads, naming the key. Ranges, registry names and the KL/entropy/selection settings are
-# covered by tests/infra/test_config.py; these are the entries' own settings the loss takes.
+# covered by tests/run/test_config.py; these are the entries' own settings the loss takes.
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
