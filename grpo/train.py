@@ -51,7 +51,7 @@ from grpo.run.build import (
     update_settings,
 )
 from grpo.run.checkpoint import Checkpointer, start_run
-from grpo.run.config import one_line, validate_config
+from grpo.run.config import ConfigError, one_line, validate_config
 from grpo.run.loggers import NullLogger
 from grpo.run.metrics import sample_records, step_metrics
 from grpo.run.records import job_threads
@@ -64,10 +64,12 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(device: str) -> str:
-    """`trainer.device`: auto is CUDA when there is one (the config check refused cuda without
-    one)."""
+    """`trainer.device` on this machine: auto is CUDA when there is one; cuda without one is a
+    config error (before any model loads)."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device='cuda': no CUDA device is available on this machine")
     return device
 
 

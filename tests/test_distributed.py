@@ -203,6 +203,20 @@ def dynamic_batch(max_extra_rounds: int) -> dict:
     return {"steps": steps, "positions": distributed.all_gather(sampler.state_dict())}
 
 
+@pytest.mark.parametrize(
+    ("override", "line"),
+    [
+        ("algorithm.update_epochs=0", "error: algorithm.update_epochs=0: must be >= 1"),
+        ("rollout.backend=vllm", "error: rollout.backend='vllm': "),
+    ],
+)
+def test_a_config_error_under_torchrun_reaches_the_user(tmp_path, override, line):
+    """Whichever rank fails first (torchrun then stops the others), its line is printed."""
+    proc = train_on(2, override, f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    assert proc.returncode != 0
+    assert line in proc.stderr, proc.stderr[-2000:]
+
+
 def test_dynamic_sampling_rounds_are_collective(tmp_path):
     """2 ranks draw the same prompts in the same rounds as one process, and end each step at
     the same sampler position (the rounds depend on the rewards of both ranks' groups)."""

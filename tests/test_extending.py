@@ -149,6 +149,7 @@ from hydra.utils import instantiate
 import grpo
 from grpo.algorithm.advantages import ADVANTAGE_ESTIMATORS
 from grpo.algorithm.policy_losses import POLICY_LOSSES
+from grpo.rollout.backends import BACKENDS
 from grpo.run.config import ConfigError, validate_config
 
 CONF = Path("conf").resolve()
@@ -168,6 +169,7 @@ out = {
     "grpo": grpo.__file__,
     "policy_losses": list(POLICY_LOSSES),
     "advantages": list(ADVANTAGE_ESTIMATORS),
+    "backends": list(BACKENDS),
     "groups": {
         group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
         for group in ("algorithm/policy_loss", "algorithm/advantage", "reward", "task")
@@ -268,8 +270,8 @@ def probe(copy) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_the_page_has_four_sections_each_with_code_a_check_and_a_training_command():
-    assert len(SECTIONS) == 4, [s.title for s in SECTIONS]
+def test_the_page_has_five_sections_each_with_code_a_check_and_a_training_command():
+    assert len(SECTIONS) == 5, [s.title for s in SECTIONS]
     for section in SECTIONS:
         assert section.files and section.check and section.train, section.title
 
@@ -278,6 +280,7 @@ def test_the_new_names_are_registered_in_the_copy(probe, copy):
     assert Path(probe["grpo"]).is_relative_to(copy)  # the copy's code, not the checkout's
     assert "reinforce" in probe["policy_losses"] and "clip" in probe["policy_losses"]
     assert "group_median" in probe["advantages"] and "grpo" in probe["advantages"]
+    assert "min_p" in probe["backends"] and "lean" in probe["backends"]
     groups = probe["groups"]
     assert "reinforce" in groups["algorithm/policy_loss"]
     assert "group_median" in groups["algorithm/advantage"]

@@ -35,6 +35,14 @@ class TransformersBackend(Backend):
             logprobs,
         )
 
+    def sampling(self, settings: SamplingSettings) -> dict[str, float]:
+        """`generate`'s keywords that shape the sampling distribution (not used for greedy)."""
+        return {
+            "temperature": settings.temperature,
+            "top_p": settings.top_p,
+            "top_k": settings.top_k,
+        }
+
     def _decode(
         self,
         prompt_ids: torch.Tensor,
@@ -46,7 +54,6 @@ class TransformersBackend(Backend):
         """The sequences (N, P + T), prompts included, and the sampled tokens' log-probs (N, T)
         under the distribution each was drawn from (with `keep_logprobs`)."""
         s = settings
-        sampling = {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k}
         generated = self.model.generate(
             input_ids=prompt_ids.repeat_interleave(n, 0),
             attention_mask=prompt_mask.repeat_interleave(n, 0),
@@ -59,7 +66,7 @@ class TransformersBackend(Backend):
             use_cache=True,
             return_dict_in_generate=True,
             output_scores=s.keep_logprobs,
-            **(sampling if s.do_sample else {}),
+            **(self.sampling(s) if s.do_sample else {}),
         )
         out = generated.sequences
         if not s.keep_logprobs:

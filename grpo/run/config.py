@@ -16,7 +16,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.errors import ConfigCompositionException, InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -114,6 +113,10 @@ def validate_config(cfg: DictConfig) -> None:
         settings = {k: v for k, v in node.items() if k != "name"}
         _registry_check(registry, node["name"], settings, f"{prefix}.name")
     _registry_check(KL_ESTIMATORS, alg.kl.estimator, {}, "algorithm.kl.estimator")
+    bounds = alg.rollout_correction
+    if "low" in bounds and "high" in bounds:
+        why = f"must be <= algorithm.rollout_correction.high = {bounds.high}"
+        _require(bounds.low <= bounds.high, "algorithm.rollout_correction.low", why, bounds.low)
     _require(
         not (alg.kl.in_reward and alg.advantage.name == "gdpo"),
         "algorithm.kl.in_reward",
@@ -123,12 +126,6 @@ def validate_config(cfg: DictConfig) -> None:
     )
     _registry_check(AGGREGATIONS, alg.loss.aggregation, {}, "algorithm.loss.aggregation")
     _registry_check(BACKENDS, ro.backend, {}, "rollout.backend")
-    _require(
-        tr.device != "cuda" or torch.cuda.is_available(),
-        "trainer.device",
-        "no CUDA device is available (auto picks one when there is)",
-        tr.device,
-    )
 
     world = launched_world_size()
     _require(
