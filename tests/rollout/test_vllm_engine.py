@@ -202,3 +202,25 @@ def test_a_short_run_with_vllm_learns(tmp_path):
     rewards = [m["rewards/mean"] for m in lines]
     assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.05, rewards
     assert all("time/weight_sync_s" in m and m["train/rollout_kl_k3"] < 1e-4 for m in lines)
+
+
+def test_disabled_adapters_hand_the_engine_the_base_weights():
+    """The comparison's original model is the policy with its adapters off: `hf_weights` then
+    gives the base weights, with adapters on the merged ones."""
+    cfg = compose_config("model=tiny", "model.lora.enabled=true")
+    torch.manual_seed(0)
+    policy = instantiate(cfg.model)
+    with torch.no_grad():
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.5)
+    with policy.model.disable_adapter():
+        off = dict(vllm_engine.hf_weights(policy.model))
+    merged = dict(vllm_engine.hf_weights(policy.model))
+    changed = [n for n in merged if "q_proj" in n]
+    assert changed and all(not torch.equal(merged[n], off[n]) for n in changed)
+    state = policy.model.get_base_model().state_dict()
+    for name, tensor in off.items():
+        plain = state.get(name, state.get(name.replace(".weight", ".base_layer.weight")))
+        if plain is not None:
+            assert torch.equal(tensor, plain), name
