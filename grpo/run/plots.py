@@ -95,7 +95,7 @@ def plot_loss_kl(steps: dict[int, dict[str, float]], path: Path, name: str) -> P
     if x:
         bottom.plot(x, kl, color="C2", label="KL(policy || reference), k3, token mean")
     else:
-        _no_data(bottom, "KL (algorithm.kl_coef=0?)")
+        _no_data(bottom, "KL (algorithm.kl.coef=0?)")
     bottom.set_ylabel("KL")
     return _finish(fig, [top, bottom], f"Loss and KL ({name})", path)
 
