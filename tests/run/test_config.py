@@ -266,7 +266,7 @@ def test_every_group_refuses_a_missing_option_listing_its_options(group, tmp_pat
         ),
         (
             ["algorithm/rollout_correction=token_mask", "algorithm.rollout_correction.low=3"],
-            "algorithm.rollout_correction.low=3.0: must be <= algorithm.rollout_correction.high",
+            "algorithm.rollout_correction.low=3: must be <= algorithm.rollout_correction.high = 2",
         ),
         (
             ["eval.comparison.prompts=[{question: q}]"],
