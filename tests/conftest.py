@@ -255,6 +255,7 @@ def make_actor(policy, loss=None, reference=None, optimizer=None, **settings) ->
     defaults = {
         "temperature": 1.0,
         "micro_batch_size": 4,
+        "micro_batch_tokens": None,
         "share_prompts": True,
         "max_grad_norm": None,
     }

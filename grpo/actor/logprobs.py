@@ -28,6 +28,8 @@ from grpo import distributed
 from grpo.batch import Rollout, take
 from grpo.model.loading import LLAMA_LIKE, causal_lm
 
+Rows = slice | list[int]  # rows of a batch: a slice, or row indices (token-budget micro-batches)
+
 
 def token_logprobs(
     model: PreTrainedModel,
@@ -127,10 +129,13 @@ class SharedPrompts:
         self._outputs = outputs
 
     def logprobs(
-        self, rows: slice, with_entropy: bool = False, entropy_grad: bool = False
+        self, rows: Rows, with_entropy: bool = False, entropy_grad: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`token_logprobs` of rollout rows `rows`, reading their prompts' keys/values."""
-        rows = slice(rows.start - self.offset, rows.stop - self.offset)
+        if isinstance(rows, slice):
+            rows = slice(rows.start - self.offset, rows.stop - self.offset)
+        else:
+            rows = [r - self.offset for r in rows]
         micro = take(self.rollout, rows)
         if not self.share:
             return token_logprobs(
@@ -142,7 +147,7 @@ class SharedPrompts:
                 self.chunk_logits,
             )
         ids, mask = _trimmed_completions(micro)
-        prompt = self.prompt_of_row[rows]
+        prompt = self.prompt_of_row[rows if isinstance(rows, slice) else torch.tensor(rows)]
         last, *kv = (x.index_select(0, prompt) for x in self._outputs)
         positions = torch.arange(ids.shape[1], device=ids.device)
         out = self.model(
@@ -178,22 +183,63 @@ class SharedPrompts:
         self._graph = []
 
 
-def micro_batches(rollout: Rollout, micro_batch_size: int) -> list[tuple[slice, list[slice]]]:
-    """The batch as chunks of whole groups, each with its micro-batches of at most
-    `micro_batch_size` rows: (chunk rows, [micro-batch rows, ...]), rows counted in the batch.
+def micro_batches(
+    rollout: Rollout, micro_batch_size: int, max_tokens: int | None = None
+) -> list[tuple[slice, list[Rows]]]:
+    """The batch as chunks of whole groups, each with its micro-batches: (chunk rows,
+    [micro-batch rows, ...]), rows counted in the batch. Each chunk's prompts run once for its
+    micro-batches (`SharedPrompts`).
 
-    A chunk holds as many consecutive groups (rows sharing a prompt) as fit in one micro-batch,
-    or one group when a group is larger: its prompts run once for its micro-batches.
+    Fixed size (`max_tokens` None): a chunk holds as many consecutive groups (rows sharing a
+    prompt) as fit in one micro-batch, or one group when a group is larger, and its
+    micro-batches are runs of at most `micro_batch_size` rows.
+
+    Token budget (`max_tokens` N): a chunk holds consecutive groups of at most N tokens (prompt
+    + completion, unpadded; at least one group); its rows, longest completion first, fill
+    micro-batches of at most N tokens once padded (rows x (the chunk's prompt width + the
+    micro-batch's longest completion); at least one row). Rows of similar length then share a
+    micro-batch, so little of it is padding; the losses' normalisers are the mini-batch's
+    either way, so the gradient is the same.
     """
+    if max_tokens is not None:
+        return _token_budget_plan(rollout, max_tokens)
     ends = [*(_new_prompt(rollout).nonzero()[1:, 0]).tolist(), len(rollout.prompt_ids)]
     plan, begin = [], 0
     for end, next_end in zip(ends, [*ends[1:], None], strict=True):
         if next_end is None or next_end - begin > micro_batch_size:
             rows = range(begin, end, micro_batch_size)
-            plan.append(
-                (slice(begin, end), [slice(r, min(r + micro_batch_size, end)) for r in rows])
-            )
+            micro: list[Rows] = [slice(r, min(r + micro_batch_size, end)) for r in rows]
+            plan.append((slice(begin, end), micro))
             begin = end
+    return plan
+
+
+def _token_budget_plan(rollout: Rollout, max_tokens: int) -> list[tuple[slice, list[Rows]]]:
+    """`micro_batches` with a token budget (see there)."""
+    prompt_len = rollout.prompt_mask.sum(1).tolist()
+    completion_len = rollout.completion_mask.sum(1).tolist()
+    starts = _new_prompt(rollout).nonzero()[:, 0].tolist()
+    groups = list(zip(starts, [*starts[1:], len(prompt_len)], strict=True))
+    chunks: list[tuple[int, int]] = []
+    tokens = 0
+    for start, end in groups:
+        size = sum(prompt_len[r] + completion_len[r] for r in range(start, end))
+        if chunks and tokens + size <= max_tokens:
+            chunks[-1], tokens = (chunks[-1][0], end), tokens + size
+        else:
+            chunks.append((start, end))
+            tokens = size
+    plan = []
+    for begin, end in chunks:
+        width = max(prompt_len[begin:end])
+        micro: list[list[int]] = []
+        for row in sorted(range(begin, end), key=lambda r: -completion_len[r]):
+            longest = completion_len[micro[-1][0]] if micro else 0  # rows come longest first
+            if micro and (len(micro[-1]) + 1) * (width + longest) <= max_tokens:
+                micro[-1].append(row)
+            else:
+                micro.append([row])
+        plan.append((slice(begin, end), [sorted(rows) for rows in micro]))
     return plan
 
 

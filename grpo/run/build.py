@@ -68,6 +68,7 @@ def update_settings(cfg: DictConfig) -> UpdateSettings:
     return UpdateSettings(
         temperature=cfg.rollout.temperature,
         micro_batch_size=size,
+        micro_batch_tokens=tr.micro_batch_tokens,
         inference_batch_size=tr.inference_batch_size or size,
         share_prompts=tr.share_prompts,
         max_grad_norm=tr.max_grad_norm,

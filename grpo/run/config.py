@@ -76,6 +76,7 @@ RANGES: list[tuple[str, str, Any]] = [
     ("trainer.batch_size", "must be >= 1", lambda v: v >= 1),
     ("trainer.max_steps", "must be >= 1", lambda v: v >= 1),
     ("trainer.micro_batch_size", "null or >= 1", lambda v: v is None or v >= 1),
+    ("trainer.micro_batch_tokens", "null or >= 1", lambda v: v is None or v >= 1),
     ("trainer.inference_batch_size", "null or >= 1", lambda v: v is None or v >= 1),
     ("trainer.max_grad_norm", "null or > 0", lambda v: v is None or v > 0),
     ("trainer.save_every", "must be >= 0", lambda v: v >= 0),

@@ -143,6 +143,7 @@ class TrainerSchema:
     optimizer: dict[str, Any] = MISSING
     scheduler: dict[str, Any] = MISSING
     micro_batch_size: int | None = MISSING
+    micro_batch_tokens: int | None = MISSING
     inference_batch_size: int | None = MISSING
     offload_reference: bool = MISSING
     share_prompts: bool = MISSING

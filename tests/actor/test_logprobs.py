@@ -224,3 +224,24 @@ def test_no_sharing_with_gradient_checkpointing_or_other_models():
     assert SharedPrompts(policy.model.eval(), rollout).share  # no checkpointing in eval mode
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2))
     assert not SharedPrompts(gpt2, random_rollout()).share
+
+
+def test_token_budget_micro_batches_pack_rows_of_similar_length():
+    rollout = varied_rollout(tiny_policy())  # groups of 2, lengths 12 3 | 7 1 | 12 5 | 9 2
+    prompt = rollout.prompt_mask.sum(1).tolist()
+    length = rollout.completion_mask.sum(1).tolist()
+    for budget in (1, 40, 60, 120, 10_000):
+        plan = micro_batches(rollout, 8, max_tokens=budget)
+        rows = [r for _, micro in plan for rows in micro for r in rows]
+        assert sorted(rows) == list(range(8))  # every row once
+        for chunk, micro in plan:
+            assert chunk.start % 2 == 0 and chunk.stop % 2 == 0  # whole groups
+            width = max(prompt[chunk])
+            for rows in micro:
+                assert all(chunk.start <= r < chunk.stop for r in rows)
+                padded = len(rows) * (width + max(length[r] for r in rows))
+                assert len(rows) == 1 or padded <= budget
+            longest = [max(length[r] for r in rows) for rows in micro]
+            assert longest == sorted(longest, reverse=True)  # longest completions first
+    assert len(micro_batches(rollout, 8, max_tokens=10_000)) == 1  # all in one chunk
+    assert all(len(m) == 1 for _, micro in micro_batches(rollout, 8, 1) for m in micro)

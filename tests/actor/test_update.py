@@ -80,6 +80,35 @@ def test_micro_batch_size_does_not_change_the_update(rollout):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("share", [True, False])
+def test_a_token_budget_does_not_change_the_update(rollout, share):
+    """Micro-batches by token budget (rows sorted by length) against fixed ones: the same
+    normalisers, so the same update to float tolerance."""
+    lengths = torch.tensor([6, 1, 4, 2, 5, 3, 6, 2]).clamp(max=rollout.completion_ids.shape[1])
+    mask = (torch.arange(rollout.completion_ids.shape[1])[None] < lengths[:, None]).long()
+    varied = dataclasses.replace(rollout, completion_mask=mask * rollout.completion_mask)
+    results = []
+    for budget in (None, 1, 40, 100):
+        policy = tiny_policy()
+        update(
+            policy,
+            varied,
+            optimizer=torch.optim.SGD,
+            lr=0.1,
+            micro_batch_size=8,
+            micro_batch_tokens=budget,
+            share_prompts=share,
+            loss=GRPOLoss(kl={"coef": 0.0}, entropy_coef=0.01),
+        )
+        results.append(snapshot(policy))
+    start = snapshot(tiny_policy())
+    moved = max((a - b).abs().max() for a, b in zip(results[0], start, strict=True))
+    assert moved > 1e-4
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_masked_truncated_completions_get_no_gradient(rollout):
     truncated = torch.tensor([True, False] * 4)
     cut = dataclasses.replace(rollout, truncated=truncated)
