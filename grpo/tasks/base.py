@@ -75,6 +75,11 @@ class Task(ABC):
         """A completion this task counts as right for `row`: what the model should write."""
         return self.answer(row)
 
+    def columns(self, row: Row) -> dict[str, Any]:
+        """The row's other columns (beyond its prompt and answer), which reward functions
+        receive as keyword arguments (`grpo.tasks.rewards.FunctionReward`); none here."""
+        return {}
+
     @abstractmethod
     def check(self, completion: str, row: Row) -> dict[str, float]:
         """Per-completion scores for the held-out evaluation, by their `eval/` metric names;
