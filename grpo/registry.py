@@ -3,11 +3,13 @@
 A registry maps a name to a function. Adding an entry is one decorated function; a YAML then
 picks it by name, and `grpo.run.config` checks the name (and the settings the YAML passes
 to it) against the registry before anything loads. Tests enumerate the registries, so a new
-entry is covered by the generic tests without editing them.
+entry is covered by the generic tests without editing them. `import_function` finds a function
+that a config names by its dotted path instead (your own reward function or answer checker).
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
 import typing
@@ -98,3 +100,20 @@ class Registry(Mapping[str, Callable[..., Any]]):
             for bound in getattr(hints.get(setting), "__metadata__", ()):
                 if isinstance(bound, Interval) and value is not None and not bound.holds(value):
                     raise ValueError(f"{prefix}.{setting}={value!r}: must be in {bound}")
+
+
+def import_function(path: str, key: str) -> Callable[..., Any]:
+    """The function at the dotted `path` (`package.module.function`), imported; ValueError
+    naming the config `key` when there is no such module or name, or it is not callable."""
+    module, _, name = str(path).rpartition(".")
+    if not module or not name:
+        raise ValueError(f"{key}={path!r}: not a dotted path module.function")
+    try:
+        found = getattr(importlib.import_module(module), name)
+    except ImportError as error:
+        raise ValueError(f"{key}={path!r}: cannot import {module!r} ({error})") from None
+    except AttributeError:
+        raise ValueError(f"{key}={path!r}: module {module!r} has no {name!r}") from None
+    if not callable(found):
+        raise ValueError(f"{key}={path!r}: not callable")
+    return found

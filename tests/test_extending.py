@@ -210,6 +210,20 @@ out["countdown"] = {
     "checks": [first.check(text, puzzle) for text in texts[:2]],
     "prompt": first.prompt(first.test[0]),
 }
+# Section 6: the unit bonus on a test row of data/units, with the columns the rollout source
+# passes (Task.columns of each completion's row).
+cfg = config("task=gsm8k_dataset", "task.path=data/units", "reward=units")
+validate_config(cfg)
+task, units = instantiate(cfg.task), instantiate(cfg.reward)
+row, texts = task.test[0], request["unit_completions"]
+n = len(texts)
+answers, prompts = [task.answer(row)] * n, [task.prompt(row)] * n
+scores = units(texts, answers, prompts, columns=[task.columns(row)] * n)
+out["units"] = {
+    "totals": scores.total,
+    "parts": sorted(scores.parts),
+    "columns": [task.columns(r) for r in task.test],
+}
 print(json.dumps(out))
 """
 
@@ -230,6 +244,10 @@ COUNTDOWN_PAYS = {
     "<answer>__import__('os').system('exit 3')</answer>": 0.0,  # never run as code
     "<answer>(3 + 4) * 5.0</answer>": 0.0,  # decimals
 }
+
+
+# Section 6's reward on the test row "A road is 7 km long...": a completion and what it is paid.
+UNITS_PAYS = {"7 * 3 = 21 km\n#### 21": 1.1, "#### 21": 1.0, "#### 5 km": 0.1, "#### 5": 0.0}
 
 
 def console_errors() -> list[tuple[list[str], str]]:
@@ -265,13 +283,14 @@ def probe(copy) -> dict:
         "errors": [overrides for overrides, _ in console_errors()],
         "completions": list(COUNTDOWN_PAYS),
         "answer": COUNTDOWN_ANSWER,
+        "unit_completions": list(UNITS_PAYS),
     }
     proc = run(copy, [sys.executable, "-c", PROBE, json.dumps(request)])
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_the_page_has_five_sections_each_with_code_a_check_and_a_training_command():
-    assert len(SECTIONS) == 5, [s.title for s in SECTIONS]
+def test_the_page_has_six_sections_each_with_code_a_check_and_a_training_command():
+    assert len(SECTIONS) == 6, [s.title for s in SECTIONS]
     for section in SECTIONS:
         assert section.files and section.check and section.train, section.title
 
@@ -284,7 +303,7 @@ def test_the_new_names_are_registered_in_the_copy(probe, copy):
     groups = probe["groups"]
     assert "reinforce" in groups["algorithm/policy_loss"]
     assert "group_median" in groups["algorithm/advantage"]
-    assert {"echo_penalty", "countdown"} <= set(groups["reward"])
+    assert {"echo_penalty", "countdown", "units"} <= set(groups["reward"])
     assert "countdown" in groups["task"]
 
 
@@ -316,6 +335,13 @@ def test_countdown_rows_are_seeded_and_solvable_and_its_reward_pays_what_the_pag
     assert countdown["totals"] == pytest.approx(list(COUNTDOWN_PAYS.values()))
     right, other_order = countdown["checks"]
     assert right == other_order == {"accuracy_strict": 1.0, "well_formed": 1.0}
+
+
+def test_the_reward_function_gets_the_rows_columns_and_pays_what_the_page_says(probe):
+    units = probe["units"]
+    assert units["columns"] == [{"unit": "km"}, {"unit": "liters"}]
+    assert units["parts"] == ["correctness", "unit"]
+    assert units["totals"] == pytest.approx(list(UNITS_PAYS.values()))
 
 
 @pytest.mark.parametrize("section", SECTIONS, ids=slug)

@@ -81,6 +81,7 @@ class RolloutSource:
             [p for p in prompts for _ in range(n)],
             rollout.lengths.tolist(),
             settings.max_new_tokens,
+            [self.task.columns(row) for row in every],  # what reward functions get by name
         )
         reward_s = time.perf_counter() - generated
         return ScoredRollout(every, rollout, scores, generated - start, reward_s)

@@ -26,9 +26,12 @@ from grpo.algorithm.loss import AGGREGATIONS
 from grpo.algorithm.policy_losses import POLICY_LOSSES
 from grpo.algorithm.rollout_correction import ROLLOUT_CORRECTIONS
 from grpo.distributed import launched_world_size
+from grpo.registry import import_function
 from grpo.rollout import vllm_engine
 from grpo.rollout.backends import BACKENDS
 from grpo.run.schema import Strategy
+from grpo.tasks.dataset import CheckerReward, DatasetTask, build_checker
+from grpo.tasks.rewards import FunctionReward
 
 
 class ConfigError(ValueError):
@@ -127,6 +130,7 @@ def validate_config(cfg: DictConfig) -> None:
     )
     _registry_check(AGGREGATIONS, alg.loss.aggregation, {}, "algorithm.loss.aggregation")
     _registry_check(BACKENDS, ro.backend, {}, "rollout.backend")
+    _check_named_functions(cfg)
 
     world = launched_world_size()
     _require(
@@ -207,6 +211,42 @@ def _registry_check(registry: Any, name: str, settings: dict[str, Any], key: str
         registry.check(name, settings, key)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+
+
+def _target(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _nodes(node: Any, key: str) -> list[tuple[str, dict]]:
+    """(key, node) of `node` and of every mapping below it."""
+    if not isinstance(node, dict):
+        return []
+    return [(key, node)] + [x for k, v in node.items() for x in _nodes(v, f"{key}.{k}")]
+
+
+def _check_named_functions(cfg: DictConfig) -> None:
+    """The answer checkers (task=dataset, reward=checker) and reward functions (reward=function)
+    that the task and the reward name: a registered checker with its settings, or a function's
+    importable dotted path; and reward=checker's checker is the task's."""
+    for group in ("task", "reward"):
+        for key, node in _nodes(OmegaConf.to_container(cfg[group], resolve=True), group):
+            target = node.get("_target_")
+            try:
+                if target in (_target(DatasetTask), _target(CheckerReward)):
+                    build_checker(node.get("checker") or {"name": "exact"}, f"{key}.checker")
+                if target == _target(FunctionReward):
+                    import_function(node.get("function"), f"{key}.function")
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
+    task_checker, reward_checker = cfg.task.get("checker"), cfg.reward.get("checker")
+    if cfg.reward.get("_target_") == _target(CheckerReward) and task_checker is not None:
+        _require(
+            reward_checker == task_checker,
+            "reward.checker",
+            f"reward=checker pays what task.checker={OmegaConf.to_container(task_checker)} "
+            "counts right: set both alike",
+            OmegaConf.to_container(reward_checker) if reward_checker is not None else None,
+        )
 
 
 # ------------------------------------------------------------------------------------ errors

@@ -19,7 +19,7 @@ from functools import lru_cache
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
-from grpo.tasks.base import Row, Splits, Task, load_rows
+from grpo.tasks.base import Row, Splits, Task, keep_valid, load_rows
 from grpo.tasks.rewards import Completions, Reward
 
 PROMPT = "{question}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."
@@ -41,6 +41,33 @@ def is_correct(completion: str, answer: str, strict: bool = False) -> bool:
     return bool(found) and verify(list(gold(answer)), found)
 
 
+def scores(completion: str, answer: str) -> dict[str, float]:
+    """The held-out checks: the \\boxed{} answer (strict), math-verify's own extraction."""
+    return {
+        "accuracy_strict": float(is_correct(completion, answer, strict=True)),
+        "accuracy_lenient": float(is_correct(completion, answer)),
+    }
+
+
+def parsed_answer(completion: str) -> Hashable | None:
+    """The completion's parsed answer as text (what maj@k votes on); None without one."""
+    found = parse(completion, extraction_config=ANY_ANSWER)
+    return str(found[0]) if found else None
+
+
+def boxed(answer: str) -> str:
+    """A completion that gives `answer` the way the prompt asks."""
+    return f"The answer is $\\boxed{{{answer}}}$."
+
+
+def answer_problem(answer: str) -> str | None:
+    """What is wrong with a LaTeX ground truth (math-verify parses no SymPy object out of it);
+    None when it is fine."""
+    if all(isinstance(part, str) for part in gold(answer)):
+        return f"answer {answer!r} is not LaTeX that math-verify can parse"
+    return None
+
+
 class MathVerifyReward(Reward):
     """1 when math-verify finds the completion's answer equal to the LaTeX ground truth, else 0
     (`strict`: only an answer in \\boxed{}). Part: ``correctness``."""
@@ -60,21 +87,14 @@ class MathVerifyReward(Reward):
 def _rows(raw: Sequence[dict], source: str, skip_invalid: bool) -> tuple[list[Row], int]:
     """`question`/`answer` rows from `problem` (or `question`) and `answer` fields; a row
     whose answer math-verify cannot parse stops the run with its line (or is skipped)."""
-    kept = []
-    for line, row in enumerate(raw, start=1):
+
+    def convert(row: dict) -> Row | str:
         question, answer = row.get("problem", row.get("question")), row.get("answer")
-        problem = None
         if not isinstance(question, str) or not isinstance(answer, str):
-            problem = "missing 'problem' (or 'question') or 'answer'"
-        elif all(isinstance(part, str) for part in gold(answer)):  # no SymPy object came out
-            problem = f"answer {answer!r} is not LaTeX that math-verify can parse"
-        if problem is None:
-            kept.append({"question": question, "answer": answer})
-        elif not skip_invalid:
-            raise ValueError(
-                f"{source}, line {line}: {problem} (set task.skip_invalid=true to skip)"
-            )
-    return kept, len(raw) - len(kept)
+            return "missing 'problem' (or 'question') or 'answer'"
+        return answer_problem(answer) or {"question": question, "answer": answer}
+
+    return keep_valid(raw, source, skip_invalid, convert)
 
 
 class CompetitionMath(Task):
@@ -121,17 +141,13 @@ class CompetitionMath(Task):
         return self.template.format(question=row["question"])
 
     def reference_completion(self, row: Row) -> str:
-        return f"The answer is $\\boxed{{{row['answer']}}}$."
+        return boxed(row["answer"])
 
     def check(self, completion: str, row: Row) -> dict[str, float]:
-        return {
-            "accuracy_strict": float(is_correct(completion, row["answer"], strict=True)),
-            "accuracy_lenient": float(is_correct(completion, row["answer"])),
-        }
+        return scores(completion, row["answer"])
 
     def correct(self, completion: str, row: Row) -> bool:
         return is_correct(completion, row["answer"])
 
     def answer_of(self, completion: str) -> Hashable | None:
-        found = parse(completion, extraction_config=ANY_ANSWER)
-        return str(found[0]) if found else None
+        return parsed_answer(completion)

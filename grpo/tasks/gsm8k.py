@@ -13,7 +13,7 @@ import re
 from collections.abc import Hashable
 
 from grpo.tasks.answers import ANSWER_MARKER, answers_match, extract_answer, parse_number
-from grpo.tasks.base import Row, Splits, Task, load_rows
+from grpo.tasks.base import Row, Splits, Task, keep_valid, load_rows
 
 PROMPT_TEMPLATE = (
     "Question: {question}\n\n"
@@ -28,6 +28,35 @@ _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 def answer_anywhere(text: str, truth: float | None) -> bool:
     """True when any number written in `text` equals `truth`."""
     return any(answers_match(parse_number(m), truth) for m in _NUMBER.findall(text))
+
+
+def scores(completion: str, answer: str) -> dict[str, float]:
+    """The held-out checks of a completion against a `#### N` answer (`GSM8KFormat`)."""
+    truth = extract_answer(answer, strict=True)
+    lenient = float(answers_match(extract_answer(completion), truth))
+    return {
+        "accuracy_strict": float(answers_match(extract_answer(completion, strict=True), truth)),
+        "accuracy_lenient": lenient,
+        "accuracy_anywhere": float(answer_anywhere(completion, truth)),
+        "avg_math_score": lenient,
+    }
+
+
+def is_correct(completion: str, answer: str) -> bool:
+    """The lenient check: the completion's answer, with fallbacks, is the `#### N` number."""
+    return answers_match(extract_answer(completion), extract_answer(answer, strict=True))
+
+
+def final_number(answer: str) -> str:
+    """The number written after the last `####` of an answer, as written."""
+    return answer.rsplit(ANSWER_MARKER, 1)[-1].strip()
+
+
+def answer_problem(answer: str) -> str | None:
+    """What is wrong with a ground-truth answer (no final `#### N`); None when it is fine."""
+    if extract_answer(answer, strict=True) is None:
+        return "answer has no parsable final '#### N' number"
+    return None
 
 
 class GSM8KFormat(Task):
@@ -63,20 +92,13 @@ class GSM8KFormat(Task):
 
     def ground_truth(self, row: Row) -> str:
         """The number written after the last `####`."""
-        return row["answer"].rsplit(ANSWER_MARKER, 1)[-1].strip()
+        return final_number(row["answer"])
 
     def check(self, completion: str, row: Row) -> dict[str, float]:
-        truth = extract_answer(row["answer"], strict=True)
-        lenient = float(answers_match(extract_answer(completion), truth))
-        return {
-            "accuracy_strict": float(answers_match(extract_answer(completion, strict=True), truth)),
-            "accuracy_lenient": lenient,
-            "accuracy_anywhere": float(answer_anywhere(completion, truth)),
-            "avg_math_score": lenient,
-        }
+        return scores(completion, row["answer"])
 
     def correct(self, completion: str, row: Row) -> bool:
-        return answers_match(extract_answer(completion), extract_answer(row["answer"], strict=True))
+        return is_correct(completion, row["answer"])
 
     def answer_of(self, completion: str) -> Hashable | None:
         return extract_answer(completion)
@@ -84,20 +106,16 @@ class GSM8KFormat(Task):
 
 def validate_rows(rows: list[dict], source: str, skip_invalid: bool) -> tuple[list[Row], int]:
     """Keep rows with a question and a parsable `####` answer; else stop with the line number."""
-    kept: list[Row] = []
-    for line, row in enumerate(rows, start=1):
-        problem = None
+
+    def convert(row: dict) -> Row | str:
         if not isinstance(row.get("question"), str) or not isinstance(row.get("answer"), str):
-            problem = "missing 'question' or 'answer'"
-        elif extract_answer(row["answer"], strict=True) is None:
-            problem = "answer has no parsable final '#### N' number"
-        if problem is None:
-            kept.append({"question": row["question"], "answer": row["answer"]})
-        elif not skip_invalid:
-            raise ValueError(
-                f"{source}, line {line}: {problem} (set task.skip_invalid=true to skip)"
-            )
-    return kept, len(rows) - len(kept)
+            return "missing 'question' or 'answer'"
+        return answer_problem(row["answer"]) or {
+            "question": row["question"],
+            "answer": row["answer"],
+        }
+
+    return keep_valid(rows, source, skip_invalid, convert)
 
 
 class GSM8K(GSM8KFormat):

@@ -1,25 +1,29 @@
 """Rewards: completions and ground-truth answers in, one number per completion out.
 
 Every reward is called as ``reward(completions, answers, prompts=..., lengths=...,
-max_new_tokens=...)`` and returns a ``RewardOutput``: the ``total`` per completion and its
-``parts`` (name -> one value per completion), which always sum to the total, so the parts can
-be logged as its breakdown. A subclass implements ``parts(batch)`` on a ``Completions`` batch,
-which also carries the prompts, the completion lengths in tokens and the generation budget.
-The rewards here read GSM8K-format answers (``#### N``, or a bare number) with the same
-``extract_answer`` as the completions; other tasks bring their own
-(``grpo.tasks.competition_math``). Constructor arguments are plain numbers and strings so Hydra
-can build each reward from its ``_target_``.
+max_new_tokens=..., columns=...)`` and returns a ``RewardOutput``: the ``total`` per completion
+and its ``parts`` (name -> one value per completion), which always sum to the total, so the
+parts can be logged as its breakdown. A subclass implements ``parts(batch)`` on a
+``Completions`` batch, which also carries the prompts, the completion lengths in tokens, the
+generation budget and each completion's row columns. The rewards here read GSM8K-format answers
+(``#### N``, or a bare number) with the same ``extract_answer`` as the completions; other tasks
+bring their own (``grpo.tasks.competition_math``). Constructor arguments are plain numbers and
+strings so Hydra can build each reward from its ``_target_``. ``FunctionReward`` makes a reward
+of a plain function (TRL's convention), named by its dotted path.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from grpo.batch import RewardOutput
+from grpo.registry import import_function
 from grpo.tasks.answers import (
     ANSWER_MARKER,
     AnswerSource,
@@ -38,17 +42,19 @@ class RewardError(ValueError):
 
 @dataclass
 class Completions:
-    """What a reward may read: completions, their answers and prompts, lengths, the budget."""
+    """What a reward may read: completions, their answers and prompts, lengths, the budget,
+    and the other columns of each completion's row."""
 
     texts: Sequence[str]
     answers: Sequence[str]
     prompts: Sequence[str] | None = None  # the prompt text of each completion
     lengths: Sequence[int] | None = None  # completion lengths in tokens
     max_new_tokens: int | None = None  # the generation budget in tokens
+    columns: Sequence[Mapping[str, Any]] | None = None  # each row's other columns (Task.columns)
 
     def __post_init__(self) -> None:
         n = len(self.texts)
-        for name in ("answers", "prompts", "lengths"):
+        for name in ("answers", "prompts", "lengths", "columns"):
             values = getattr(self, name)
             if values is not None and len(values) != n:
                 raise ValueError(f"{n} completions but {len(values)} {name}")
@@ -65,6 +71,7 @@ class Completions:
             pick(self.prompts),
             pick(self.lengths),
             self.max_new_tokens,
+            pick(self.columns),
         )
 
 
@@ -78,9 +85,10 @@ class Reward(ABC):
         prompts: Sequence[str] | None = None,
         lengths: Sequence[int] | None = None,
         max_new_tokens: int | None = None,
+        columns: Sequence[Mapping[str, Any]] | None = None,
     ) -> RewardOutput:
         """Score each completion against its ground-truth answer."""
-        batch = Completions(completions, answers, prompts, lengths, max_new_tokens)
+        batch = Completions(completions, answers, prompts, lengths, max_new_tokens, columns)
         try:
             parts = self.parts(batch)
         except Exception as error:
@@ -361,7 +369,12 @@ class CombinedReward(Reward):
         parts: dict[str, list[float]] = {}
         for name, component in self.components.items():
             output = component(
-                batch.texts, batch.answers, batch.prompts, batch.lengths, batch.max_new_tokens
+                batch.texts,
+                batch.answers,
+                batch.prompts,
+                batch.lengths,
+                batch.max_new_tokens,
+                batch.columns,
             )
             weight = self.weights[name]
             single = len(output.parts) == 1
@@ -369,3 +382,80 @@ class CombinedReward(Reward):
                 key = name if single else f"{name}/{part}"
                 parts[key] = [weight * value for value in values]
         return parts
+
+
+class FunctionReward(Reward):
+    """A plain function as a reward, named by its dotted path `function` (TRL's convention).
+
+    The function is called with keyword arguments and returns one number per completion::
+
+        function(completions=..., answers=..., prompts=..., **columns) -> list[float]
+
+    ``completions``: the completion texts; ``answers``: each one's ground truth
+    (``task.answer(row)``); ``prompts``: each one's prompt as the model saw it (chat template
+    included; None in a direct call without them); ``columns``: the other columns of each
+    completion's row, one list per column (``task=dataset``'s rows; none for the other tasks).
+    Completion i of every list belongs together; a prompt's G completions are consecutive.
+    Arguments the function does not name are left out unless it takes ``**kwargs``. Part:
+    ``name``, by default the function's own name.
+    """
+
+    ARGUMENTS = ("completions", "answers", "prompts")
+
+    def __init__(self, function: str, name: str | None = None) -> None:
+        self.path = str(function)
+        self.function = import_function(self.path, "function")
+        self.name = name or self.function.__name__
+        params = inspect.signature(self.function).parameters.values()
+        by_name = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        self.takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+        self.named = {p.name for p in params if p.kind in by_name}
+        self.required = [p.name for p in params if p.kind in by_name and p.default is p.empty]
+
+    def parts(self, batch: Completions) -> dict[str, list[float]]:
+        """The function's values as the part ``name``."""
+        prompts = None if batch.prompts is None else list(batch.prompts)
+        given = {"completions": list(batch.texts), "answers": list(batch.answers)}
+        given["prompts"] = prompts
+        columns = by_column(batch.columns)
+        clash = sorted(set(columns) & set(given))
+        if clash:
+            raise ValueError(f"{self.path}: the rows' column {clash[0]!r} hides an argument")
+        given |= columns
+        missing = [name for name in self.required if name not in given]
+        if missing:
+            raise ValueError(
+                f"{self.path} needs {', '.join(missing)}: neither an argument nor a column of "
+                f"the rows (columns: {', '.join(columns) or 'none'})"
+            )
+        if not self.takes_any:
+            given = {k: v for k, v in given.items() if k in self.named}
+        values = self.function(**given)
+        sized = hasattr(values, "__len__") and not isinstance(values, str | bytes)
+        if not sized or len(values) != len(batch.texts):
+            raise ValueError(
+                f"{self.path} returned {values!r:.80}, not one number per completion "
+                f"({len(batch.texts)})"
+            )
+        return {self.name: [self._number(value, i) for i, value in enumerate(values)]}
+
+    def _number(self, value: Any, index: int) -> float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"{self.path} returned {value!r:.80} for completion {index}: not a number"
+            ) from None
+
+
+def by_column(rows: Sequence[Mapping[str, Any]] | None) -> dict[str, list[Any]]:
+    """Per-row columns as one list per column (the first row's columns)."""
+    if not rows:
+        return {}
+    return {name: [row.get(name) for row in rows] for name in rows[0]}
+
+
+def exact_match(completions: Sequence[str], answers: Sequence[str], **columns: Any) -> list[float]:
+    """1.0 where a completion, stripped of surrounding whitespace, is its answer, else 0.0: a
+    plain reward function (`conf/reward/function.yaml`'s example)."""
+    return [float(c.strip() == a.strip()) for c, a in zip(completions, answers, strict=True)]

@@ -76,16 +76,21 @@ def test_every_option_composes_and_passes_the_checks(override):
 
 
 def local_task(option: str, request, tmp_path) -> list[str]:
-    """Overrides that point a task at local files (no hub here): GSM8K's copy, or math
-    problems the test writes."""
-    if option == "gsm8k":
+    """Overrides that point a task at local files (no hub here), by the hub data set its YAML
+    names: GSM8K's copy, or rows the test writes (math problems for MATH-500, questions with
+    one-word answers for a task with no data set of its own, task=dataset)."""
+    task = OmegaConf.load(CONF_DIR / "task" / f"{option}.yaml")
+    if "path" not in task:  # generated problems
+        return []
+    if task.hub_id == "openai/gsm8k":
         return [f"task.path={request.getfixturevalue('gsm8k_dir')}"]
-    if option == "math":
+    if task.hub_id == "HuggingFaceH4/MATH-500":
         rows = [{"problem": "What is $1 + 1$?", "answer": "2"}] * 2
-        for split in ("train", "test"):
-            (tmp_path / f"{split}.jsonl").write_text("".join(f"{json.dumps(r)}\n" for r in rows))
-        return [f"task.path={tmp_path}"]
-    return []
+    else:
+        rows = [{"question": "What is the capital of France?", "answer": "Paris"}] * 2
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(f"{json.dumps(r)}\n" for r in rows))
+    return [f"task.path={tmp_path}"]
 
 
 @pytest.mark.parametrize("option", options("task"))

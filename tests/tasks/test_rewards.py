@@ -1,17 +1,19 @@
-"""Reward functions: each hybrid part, full totals by hand, and the simpler rewards."""
+"""Reward functions: each hybrid part, full totals by hand, the simpler rewards, and plain
+functions as rewards (`reward=function`): their exact arguments, the rows' columns."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
-from conftest import compose_config
+from conftest import CONF_DIR, compose_config
 from hydra.utils import instantiate
 
 from grpo.tasks.rewards import (
     CombinedReward,
     CorrectnessReward,
     FinalAnswerFormatReward,
+    FunctionReward,
     HybridReward,
     Reward,
     RewardError,
@@ -258,3 +260,125 @@ def test_a_reward_that_raises_names_itself_and_the_sample() -> None:
         RewardError, match=r"_FailsOnEmpty failed: empty completion; on completion 1 ''"
     ):
         _FailsOnEmpty()(["#### 5", "", "#### 3"], ["#### 5"] * 3)
+
+
+# ------------------------------------------------------------------------ plain functions
+FUNCTIONS = """
+CALLS = []
+
+
+def record(completions, answers, prompts, **columns):
+    CALLS.append({"completions": completions, "answers": answers, "prompts": prompts, **columns})
+    return [len(text) / 10 for text in completions]
+
+
+def only_texts(completions):
+    return [1.0 if "7" in text else 0.0 for text in completions]
+
+
+def needs_unit(completions, unit):
+    return [0.5 if u in text else 0.0 for text, u in zip(completions, unit)]
+
+
+def too_few(completions, **kwargs):
+    return [1.0]
+
+
+def not_numbers(completions, **kwargs):
+    return ["high" for _ in completions]
+"""
+
+
+@pytest.fixture
+def functions(tmp_path, monkeypatch):
+    """A module of reward functions, importable as `reward_functions`."""
+    (tmp_path / "reward_functions.py").write_text(FUNCTIONS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(__import__("sys").modules, "reward_functions", raising=False)
+    return __import__("reward_functions")
+
+
+def test_a_function_gets_completions_answers_prompts_and_the_columns_by_name(functions):
+    reward = FunctionReward("reward_functions.record")
+    columns = [{"unit": "km", "level": 1}, {"unit": "kg", "level": 2}]
+    output = reward(["#### 7", "#### 12"], [TRUTH, TRUTH], ["p1", "p2"], [3, 4], 64, columns)
+    assert output.parts == {"record": [0.6, 0.7]} and output.total == [0.6, 0.7]
+    assert functions.CALLS == [
+        {
+            "completions": ["#### 7", "#### 12"],
+            "answers": [TRUTH, TRUTH],
+            "prompts": ["p1", "p2"],
+            "unit": ["km", "kg"],
+            "level": [1, 2],
+        }
+    ]
+    reward(["x"], [TRUTH])  # a direct call: no prompts, no columns
+    assert functions.CALLS[-1] == {"completions": ["x"], "answers": [TRUTH], "prompts": None}
+
+
+def test_a_function_gets_only_the_arguments_it_names(functions):
+    columns = [{"unit": "km"}, {"unit": "kg"}]
+    texts = ["7 km", "12 km"]
+    assert FunctionReward("reward_functions.only_texts", name="seven")(
+        texts, [TRUTH] * 2, columns=columns
+    ).parts == {"seven": [1.0, 0.0]}
+    needs = FunctionReward("reward_functions.needs_unit")
+    assert needs(texts, [TRUTH] * 2, columns=columns).total == [0.5, 0.0]
+    with pytest.raises(RewardError, match=r"needs unit: neither an argument nor a column of the "):
+        needs(texts, [TRUTH] * 2)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("too_few", r"reward_functions.too_few returned \[1.0\], not one number per completion"),
+        ("not_numbers", r"returned 'high' for completion 0: not a number"),
+    ],
+)
+def test_a_function_must_return_one_number_per_completion(functions, name, message):
+    with pytest.raises(RewardError, match=message):
+        FunctionReward(f"reward_functions.{name}")(["a", "b"], [TRUTH] * 2)
+
+
+def test_a_column_may_not_hide_an_argument(functions):
+    reward = FunctionReward("reward_functions.record")
+    with pytest.raises(RewardError, match="the rows' column 'answers' hides an argument"):
+        reward(["a"], [TRUTH], columns=[{"answers": "x"}])
+
+
+def test_a_function_that_cannot_be_imported_is_named_with_its_key():
+    with pytest.raises(ValueError, match=r"^function='no_such_module.f': cannot import"):
+        FunctionReward("no_such_module.f")
+    with pytest.raises(ValueError, match=r"^function='math.no_such': module 'math' has no"):
+        FunctionReward("math.no_such")
+    with pytest.raises(ValueError, match=r"^function='math.pi': not callable"):
+        FunctionReward("math.pi")
+
+
+def test_a_function_is_a_part_of_the_combined_reward(functions):
+    reward = CombinedReward(
+        {"correctness": CorrectnessReward(), "unit": FunctionReward("reward_functions.needs_unit")},
+        {"unit": 2.0},
+    )
+    output = reward(["#### 7 km", "#### 8 kg"], [TRUTH] * 2, columns=[{"unit": "km"}] * 2)
+    assert output.parts == {"correctness": [1.0, 0.0], "unit": [1.0, 0.0]}
+    assert output.total == [2.0, 0.0]
+
+
+def test_reward_function_yaml_builds_its_example():
+    reward = instantiate(compose_config("reward=function").reward)
+    assert reward.name == "exact_match"
+    assert reward([" Paris\n", "Rome"], ["Paris", "Paris"]).parts == {"exact_match": [1.0, 0.0]}
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF_DIR / "reward").glob("*.yaml")))
+def test_the_rows_columns_change_no_reward_that_does_not_read_them(name):
+    texts, answers = ["3 + 4 = 7\n#### 7", "#### 8\n#### 8"], [TRUTH, TRUTH]
+    reward = instantiate(compose_config(f"reward={name}").reward)
+    plain = reward(texts, answers, ["p", "p"], [10, 448], 452)
+    assert reward(texts, answers, ["p", "p"], [10, 448], 452, [{"level": 1}, {"level": 2}]) == plain
+
+
+def test_columns_are_one_mapping_per_completion():
+    with pytest.raises(ValueError, match="2 completions but 1 columns"):
+        CorrectnessReward()(["#### 7", "#### 8"], [TRUTH, TRUTH], columns=[{"level": 1}])
