@@ -57,6 +57,7 @@ class Workload:
     share_prompts: bool = True  # ours: each prompt's pass shared by its G completions
     offload_reference: bool = False  # ours: the frozen reference waits in a file (full FT)
     backend: str = "lean"  # ours: rollout.backend (vllm: the engine in the process)
+    task: str = "arithmetic"  # arithmetic (forced lengths) | gsm8k (lengths as sampled)
 
     @property
     def completions(self) -> int:
@@ -77,6 +78,12 @@ SMOLLM2_LORA = replace(
 SMOLLM2_VLLM = replace(SMOLLM2, name="smollm2-vllm", backend="vllm")
 SMOLLM2_LORA_VLLM = replace(SMOLLM2_LORA, name="smollm2-lora-vllm", backend="vllm")
 WORKLOADS = {w.name: w for w in (TINY, SMOLLM2, SMOLLM2_LORA, SMOLLM2_VLLM, SMOLLM2_LORA_VLLM)}
+# `--micro-batches`: ours against ours, fixed micro-batches vs a token budget of the same padded
+# size, on GSM8K prompts whose completions (up to 256 tokens, ended by the `####` line or EOS,
+# not forced) vary in length. TRL is not involved.
+GSM8K_VARIED = replace(
+    SMOLLM2_LORA, name="gsm8k-varied", new_tokens=256, group=8, steps=3, task="gsm8k"
+)
 # Under --avx2 every worker runs with AVX2 kernels (the closest an AVX-512 machine gets to an
 # AVX2-only one): ATen's CPU dispatch, MKL's and oneDNN's instruction sets.
 AVX2_ENV = {
@@ -128,7 +135,15 @@ def our_overrides(
     defaults never change the benchmark.
     """
     t = workload.new_tokens
+    if workload.task == "gsm8k":  # lengths as sampled, the task's stop rule
+        folder = os.environ.get("GRPO_GSM8K_DIR", str(REPO.parent / "shared" / "data" / "gsm8k"))
+        task = ["task=gsm8k", f"task.path={folder}", f"task.max_train_samples={NUM_TRAIN}"]
+        task += ["task.max_test_samples=2", "rollout.min_new_tokens=0"]
+    else:
+        task = ["task=arithmetic", f"task.num_train={NUM_TRAIN}", "task.num_test=2"]
+        task += ["task.stop_pattern=null", f"rollout.min_new_tokens={t}"]
     return [
+        *task,
         f"model={workload.model}",
         f"model.lora.enabled={str(workload.lora).lower()}",
         "model.dtype=float32",
@@ -136,10 +151,6 @@ def our_overrides(
         "model.gradient_checkpointing=false",
         "reward=correctness",
         f"seed={SEED}",
-        "task=arithmetic",
-        f"task.num_train={NUM_TRAIN}",
-        "task.num_test=2",
-        "task.stop_pattern=null",
         f"algorithm.num_responses_per_prompt={workload.group}",
         f"algorithm.kl.coef={KL_COEF}",
         "algorithm.kl.estimator=k3",
@@ -165,7 +176,6 @@ def our_overrides(
         "trainer.scheduler.num_warmup_steps=0",
         "trainer.max_grad_norm=1.0",
         f"rollout.max_new_tokens={t}",
-        f"rollout.min_new_tokens={t}",
         "rollout.temperature=1.0",
         "rollout.top_p=1.0",
         "rollout.top_k=0",
@@ -628,6 +638,12 @@ def main() -> None:
         help="ablations of our pieces instead (generate backends, samplers, log-prob paths)",
     )
     parser.add_argument(
+        "--micro-batches",
+        action="store_true",
+        help="ours only: fixed micro-batches vs trainer.micro_batch_tokens on GSM8K (needs "
+        "../shared/data/gsm8k or GRPO_GSM8K_DIR)",
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -657,6 +673,9 @@ def main() -> None:
         raise SystemExit("--repeats and --threads must be >= 1")
     if args.pieces:
         pieces([WORKLOADS[n] for n in names if not WORKLOADS[n].lora], args.threads)
+        return
+    if args.micro_batches:
+        micro_batch_modes(args.repeats, args.threads)
         return
     ensure_trl(args.install)
     import torch
@@ -715,6 +734,31 @@ def main() -> None:
     if "tiny" in results:
         ratio = results["tiny"]["trl"].step / results["tiny"]["ours"].step
         print(f"\nratio tiny completions/s ours/trl: {ratio:.2f}")
+
+
+def micro_batch_modes(repeats: int, threads: int) -> None:
+    """`--micro-batches`: the update with fixed micro-batches of `micro_batch` rows against a
+    token budget of the same padded size (micro_batch x (prompt + the longest completion)), the
+    two alternating, on GSM8K-varied; update time, step time and peak RSS."""
+    workload = GSM8K_VARIED
+    budget = workload.micro_batch * (256 + workload.new_tokens)  # rows x (prompt + completion)
+    modes = {"fixed": [], "tokens": [f"trainer.micro_batch_tokens={budget}"]}
+    runs: dict[str, list[dict]] = {mode: [] for mode in modes}
+    for _ in range(repeats):
+        for mode, extra in modes.items():
+            runs[mode].append(spawn("ours", workload, threads, extra))
+    sides = {mode: summarise(r) for mode, r in runs.items()}
+    print(
+        f"\n{workload.name}: SmolLM2 + LoRA, {workload.prompts} x {workload.group} completions "
+        f"of up to {workload.new_tokens} tokens (not forced), micro-batches of "
+        f"{workload.micro_batch} rows vs micro_batch_tokens={budget}, {repeats} repeats"
+    )
+    for mode, s in sides.items():
+        print(f"  {mode:<7} update {s.update:6.2f} s  step {s.step:6.2f} s  peak RSS "
+              f"{s.rss / 1024:.2f} GB  mean length {s.mean_length:.0f}")  # fmt: skip
+    fixed, tokens = sides["fixed"], sides["tokens"]
+    print(f"  tokens/fixed: update time {tokens.update / fixed.update:.2f}x, "
+          f"peak RSS {tokens.rss / fixed.rss:.2f}x")  # fmt: skip
 
 
 def scaling(repeats: int, threads: int, extra: list[str]) -> None:
