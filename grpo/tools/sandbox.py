@@ -95,19 +95,23 @@ class Sandbox:
             if self._closed:
                 raise RuntimeError("the sandbox is closed")
             start = time.monotonic()
-            if self._server is None or self._server.proc.poll() is not None:
-                if self._server is not None:
-                    self._server.stop()
-                self._server = _Server(self.limits, self.preload)
-                self.layers = self._server.layers
-            reply = self._server.ask(code, self.limits.wall_seconds + _ANSWER_SLACK_S)
+            for _ in range(2):  # a server found dead is replaced and asked again, once
+                if self._server is None or self._server.proc.poll() is not None:
+                    self._replace_server()
+                try:
+                    reply = self._server.ask(code, self.limits.wall_seconds + _ANSWER_SLACK_S)
+                except OSError:  # it stopped answering: replaced for the next snippet
+                    reply = None
+                    self._replace_server()
+                    break
+                if reply is not None:
+                    break
+                self._replace_server()
             if reply is None:
-                self._server.stop()
-                self._server = None
                 reply = dict(
                     stdout="",
                     stderr="",
-                    error="SandboxError: the sandbox stopped answering; it restarts for the next",
+                    error="SandboxError: the sandbox server stopped answering",
                     exit_code=None,
                     signal=None,
                     limit=None,
@@ -115,6 +119,12 @@ class Sandbox:
                 )
         text = _text(reply["stdout"], reply["error"], self.limits.max_output_chars)
         return SandboxResult(text=text, **reply)
+
+    def _replace_server(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+        self._server = _Server(self.limits, self.preload)
+        self.layers = self._server.layers
 
     def close(self) -> None:
         """Stop the server and everything under it."""
@@ -170,12 +180,13 @@ class _Server:
         self.layers = layers | {f"{c}_cgroup" for c in cgroups} | set(hello["layers"])
 
     def ask(self, code: str, timeout: float) -> dict[str, Any] | None:
-        """The server's reply for one snippet, or None when it died or stopped answering."""
+        """The server's reply for one snippet; None if it is gone, OSError if it stops
+        answering within `timeout`."""
         try:
             send(self.sock, {"code": code})
-            return receive(self.sock, timeout)
         except OSError:
             return None
+        return receive(self.sock, timeout)
 
 
 def _stop(proc: subprocess.Popen, sock: socket.socket, cgroups: tuple[str, ...]) -> None:
