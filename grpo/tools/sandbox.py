@@ -31,7 +31,7 @@ from grpo.tools.sandbox_server import PATH, SandboxLimits, empty_cgroup, receive
 
 __all__ = ["Sandbox", "SandboxLimits", "SandboxResult"]
 
-COW_MB = 64  # the memory cgroup's allowance for the forked interpreter's pages a snippet copies
+COW_MB = 64  # the memory cgroup's allowance for the interpreter's pages copied on write
 _SERVER = Path(__file__).with_name("sandbox_server.py")
 _SERVER_ENV = {
     "PATH": PATH,
@@ -235,7 +235,7 @@ _serial = itertools.count()
 def _make_cgroups(limits: SandboxLimits) -> dict[str, str]:
     """Fresh cgroup v1 pids and memory groups for one server, where this process may make them."""
     knobs = {
-        "pids": ("pids.max", limits.max_processes),
+        "pids": ("pids.max", limits.max_processes + 1),  # and the server
         "memory": ("memory.limit_in_bytes", (limits.memory_mb + COW_MB) << 20),
     }
     made = {}

@@ -2,10 +2,11 @@
 process per snippet; also the limits and the wire format it shares with `grpo.tools.sandbox`.
 
 Run as `python -I sandbox_server.py CONFIG FD` by `Sandbox`; standard library only. Each snippet
-is forked as the first process of a fresh pid namespace, enters fresh mount and IPC namespaces
-(private /tmp, /var/tmp, /dev/shm and /proc), joins the sandbox's cgroups, sets its rlimits,
-clears its environment, drops to nobody and runs the code; when it ends, the kernel kills all it
-started. Each layer is probed at start and used where the machine allows it.
+is forked, inside the sandbox's cgroups (the server joined them), as the first process of a fresh
+pid namespace; it enters fresh mount and IPC namespaces (private /tmp, /var/tmp, /dev/shm and
+/proc), sets its rlimits, clears its environment, drops to nobody and runs the code; when it
+ends, the kernel kills all it started. Each layer is probed at start and used where the machine
+allows it.
 """
 
 from __future__ import annotations
@@ -121,6 +122,10 @@ def serve(config: dict[str, Any], fd: int) -> None:
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
     gc.freeze()  # the snippets' collections skip (and so do not copy) the server's objects
+    for path in config["cgroups"]:  # after the imports: their pages are charged elsewhere
+        Path(path, "cgroup.procs").write_text("0")  # once: a move per snippet costs milliseconds
+    with contextlib.suppress(OSError):
+        Path("/proc/self/oom_score_adj").write_text("-1000")  # the OOM killer takes snippets
     sock = socket.socket(fileno=fd)
     send(sock, {"layers": sorted(layers)})
     own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY)
@@ -144,7 +149,7 @@ def _run(code: str, limits: SandboxLimits, layers: set[str], cgroups: list[str])
         start = time.monotonic()
         pid = os.fork()
         if pid == 0:
-            _snippet(code, limits, layers, cgroups, workdir, *(w for _, w in pipes))
+            _snippet(code, limits, layers, workdir, *(w for _, w in pipes))
         for _, w in pipes:
             os.close(w)
         out, err, info, limit, status, cpu = _collect(pid, [r for r, _ in pipes], limits, cgroups)
@@ -209,7 +214,7 @@ def _collect(
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(pid, signal.SIGKILL)  # its group, without a pid namespace
                     for path in cgroups:
-                        empty_cgroup(path)
+                        empty_cgroup(path, keep=os.getpid())
                     _, wait_status, usage = os.wait4(pid, 0)
                     cpu = usage.ru_utime + usage.ru_stime
                     deadline = min(deadline, time.monotonic() + _DRAIN_S)
@@ -238,16 +243,17 @@ def _collect(
     return bytes(out), bytes(err), info, limit, wait_status, cpu
 
 
-def empty_cgroup(path: str) -> None:
-    """SIGKILL a cgroup's processes until none is left (for a second at most)."""
+def empty_cgroup(path: str, keep: int = 0) -> None:
+    """SIGKILL a cgroup's processes but `keep` until none is left (for a second at most)."""
     for _ in range(100):
         try:
             pids = [int(pid) for pid in Path(path, "cgroup.procs").read_text().split()]
         except OSError:
             return
-        if not any(pids):
+        pids = [pid for pid in pids if pid not in (0, keep)]  # 0: one this pid ns cannot see
+        if not pids:
             return
-        for pid in filter(None, pids):  # 0: a process this pid namespace cannot see
+        for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.01)
@@ -267,7 +273,6 @@ def _snippet(
     code: str,
     limits: SandboxLimits,
     layers: set[str],
-    cgroups: list[str],
     workdir: str | None,
     out_w: int,
     err_w: int,
@@ -285,8 +290,8 @@ def _snippet(
         os.setsid()
         if "mount_ns" in layers:
             _isolate(limits.max_file_mb)
-        for path in cgroups:
-            Path(path, "cgroup.procs").write_text("0")
+        with contextlib.suppress(OSError):
+            Path("/proc/self/oom_score_adj").write_text("1000")  # the first the OOM killer takes
         workdir = workdir or tempfile.mkdtemp(dir="/tmp")  # in its private /tmp
         uid, gid = _nobody() if "uid_drop" in layers else (os.getuid(), os.getgid())
         os.chown(workdir, uid, gid)
