@@ -39,9 +39,10 @@ _SCRATCH = ("/tmp", "/var/tmp", "/dev/shm")  # world-writable: a private tmpfs o
 _DRAIN_S = 1.0  # to read what is left in the pipes once the snippet has ended
 _STDERR_TAIL = 4000
 _STATUS_MAX = 1 << 16
+_CHILDREN = "/proc/thread-self/children"
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWPID = 0x00020000, 0x08000000, 0x20000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 8, 1 << 12, 1 << 14, 1 << 18
-PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
@@ -116,6 +117,9 @@ def serve(config: dict[str, Any], fd: int) -> None:
         layers |= {"pid_ns", "mount_ns", "ipc_ns"}
     if os.getuid() == 0 and _in_child(lambda: _drop_uid(*_nobody())):
         layers.add("uid_drop")
+    if "pid_ns" not in layers and os.path.exists(_CHILDREN):
+        _prctl(PR_SET_CHILD_SUBREAPER, 1)  # a snippet's orphans become the server's children
+        layers.add("subreaper")
     if {"mount_ns", "uid_drop"} <= layers:
         _expose_interpreter()  # before any import may start a thread: unshare wants none
     for name in config["preload"]:
@@ -152,7 +156,8 @@ def _run(code: str, limits: SandboxLimits, layers: set[str], cgroups: list[str])
             _snippet(code, limits, layers, workdir, *(w for _, w in pipes))
         for _, w in pipes:
             os.close(w)
-        out, err, info, limit, status, cpu = _collect(pid, [r for r, _ in pipes], limits, cgroups)
+        fds, orphans = [r for r, _ in pipes], "subreaper" in layers
+        out, err, info, limit, status, cpu = _collect(pid, fds, limits, cgroups, orphans)
         seconds = time.monotonic() - start
     signum = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
     exit_code = None if signum else os.WEXITSTATUS(status)
@@ -180,7 +185,7 @@ def _run(code: str, limits: SandboxLimits, layers: set[str], cgroups: list[str])
 
 
 def _collect(
-    pid: int, fds: list[int], limits: SandboxLimits, cgroups: list[str]
+    pid: int, fds: list[int], limits: SandboxLimits, cgroups: list[str], orphans: bool
 ) -> tuple[bytes, bytes, dict[str, Any], str | None, int, float]:
     """Read the snippet's stdout, stderr and status pipe until it has ended and they are
     drained, stopping it at its wall time or at max_output_bytes. Returns what was read, the
@@ -211,12 +216,7 @@ def _collect(
             for key, _ in selector.select(timeout):
                 if key.fd == pidfd:
                     selector.unregister(pidfd)
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(pid, signal.SIGKILL)  # its group, without a pid namespace
-                    for path in cgroups:
-                        empty_cgroup(path, keep=os.getpid())
-                    _, wait_status, usage = os.wait4(pid, 0)
-                    cpu = usage.ru_utime + usage.ru_stime
+                    wait_status, cpu = _reap(pid, cgroups, orphans)
                     deadline = min(deadline, time.monotonic() + _DRAIN_S)
                     continue
                 chunk = os.read(key.fd, 1 << 16)
@@ -233,14 +233,33 @@ def _collect(
                     if written[key.fd] > limits.max_output_bytes and not limit:
                         stop("output")
     if wait_status is None:  # the drain ran out before the kill was through
-        _, wait_status, usage = os.wait4(pid, 0)
-        cpu = usage.ru_utime + usage.ru_stime
+        wait_status, cpu = _reap(pid, cgroups, orphans)
     for fd in [*fds, pidfd]:
         os.close(fd)
     for line in status.splitlines():
         with contextlib.suppress(ValueError, TypeError):
             info.update(json.loads(line))
     return bytes(out), bytes(err), info, limit, wait_status, cpu
+
+
+def _reap(pid: int, cgroups: list[str], orphans: bool) -> tuple[int, float]:
+    """Kill what an ended snippet left (its process group, its cgroups' other processes, the
+    orphans reparented to the server: none inside a pid namespace), then reap it; returns its
+    wait status and CPU seconds."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    for path in cgroups:
+        empty_cgroup(path, keep=os.getpid())
+    _, status, usage = os.wait4(pid, 0)
+    for _ in range(100 if orphans else 0):  # the server's only children are a snippet's
+        children = [int(child) for child in Path(_CHILDREN).read_text().split()]
+        if not children:
+            break
+        for child in children:
+            with contextlib.suppress(OSError):
+                os.kill(child, signal.SIGKILL)
+                os.waitpid(child, 0)
+    return status, usage.ru_utime + usage.ru_stime
 
 
 def empty_cgroup(path: str, keep: int = 0) -> None:
