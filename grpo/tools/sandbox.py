@@ -100,7 +100,7 @@ class Sandbox:
                     self._replace_server()
                 try:
                     reply = self._server.ask(code, self.limits.wall_seconds + _ANSWER_SLACK_S)
-                except OSError:  # it stopped answering: replaced for the next snippet
+                except TimeoutError:  # it stopped answering: replaced for the next snippet
                     reply = None
                     self._replace_server()
                     break
@@ -180,13 +180,13 @@ class _Server:
         self.layers = layers | {f"{c}_cgroup" for c in cgroups} | set(hello["layers"])
 
     def ask(self, code: str, timeout: float) -> dict[str, Any] | None:
-        """The server's reply for one snippet; None if it is gone, OSError if it stops
-        answering within `timeout`."""
+        """The server's reply for one snippet; None if it is gone (TimeoutError if it does
+        not answer within `timeout`)."""
         try:
             send(self.sock, {"code": code})
-        except OSError:
+            return receive(self.sock, timeout)
+        except (BrokenPipeError, ConnectionResetError):
             return None
-        return receive(self.sock, timeout)
 
 
 def _stop(proc: subprocess.Popen, sock: socket.socket, cgroups: tuple[str, ...]) -> None:

@@ -309,6 +309,19 @@ def test_a_dead_server_is_restarted():
         assert box.server_pid != first
 
 
+def test_a_hung_server_does_not_hang_the_caller(monkeypatch):
+    monkeypatch.setattr("grpo.tools.sandbox._ANSWER_SLACK_S", 0.5)
+    with Sandbox(SandboxLimits(wall_seconds=0.5), preload=()) as box:
+        os.kill(python_server(box), signal.SIGSTOP)
+        first = box.server_pid
+        result = box.run("print(1)")
+        assert result.text == "SandboxError: the sandbox server stopped answering"
+        assert box.server_pid != first
+        with pytest.raises(ProcessLookupError):
+            os.kill(first, 0)
+        assert box.run("print(1)").text == "1\n"
+
+
 def test_closing_leaves_nothing():
     ours = f"grpo-sandbox-{os.getpid()}-"
     before = sorted(str(p) for p in Path("/sys/fs/cgroup").glob(f"*/{ours}*"))
