@@ -14,6 +14,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import ctypes
+import functools
 import gc
 import importlib
 import json
@@ -40,6 +41,7 @@ _DRAIN_S = 1.0  # to read what is left in the pipes once the snippet has ended
 _STDERR_TAIL = 4000
 _STATUS_MAX = 1 << 16
 _CHILDREN = "/proc/thread-self/children"
+_DEVICES = ("null", "zero", "full", "random", "urandom")  # all /dev that snippets see, with shm
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWPID = 0x00020000, 0x08000000, 0x20000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 8, 1 << 12, 1 << 14, 1 << 18
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
@@ -56,7 +58,8 @@ class SandboxLimits:
     """What one snippet may use.
 
     memory_mb: what it may allocate, per process on top of the forked interpreter's address
-    space (RLIMIT_AS), and for all its processes together (memory cgroup, plus COW_MB).
+    space (RLIMIT_AS), and for all its processes together (memory cgroup, plus an allowance
+    for the interpreter's pages copied on write).
     max_processes: processes and threads at once, itself included (pids cgroup; RLIMIT_NPROC
     as nobody). max_file_mb: each file (RLIMIT_FSIZE) and each private /tmp, /var/tmp, /dev/shm.
     Output past max_output_bytes stops the snippet; what the model reads is cut to
@@ -120,8 +123,10 @@ def serve(config: dict[str, Any], fd: int) -> None:
     if "pid_ns" not in layers and os.path.exists(_CHILDREN):
         _prctl(PR_SET_CHILD_SUBREAPER, 1)  # a snippet's orphans become the server's children
         layers.add("subreaper")
-    if {"mount_ns", "uid_drop"} <= layers:
-        _expose_interpreter()  # before any import may start a thread: unshare wants none
+    expose = "uid_drop" in layers
+    if "mount_ns" in layers and _in_child(lambda: _server_mounts(expose)):
+        _server_mounts(expose)  # before any import may start a thread: unshare wants none
+        layers.add("minimal_dev")
     for name in config["preload"]:
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
@@ -406,10 +411,34 @@ def _isolate(tmpfs_mb: int) -> None:
     _check(_libc.mount(b"proc", b"/proc", b"proc", flags, None), "mount /proc")
 
 
+def _server_mounts(expose: bool) -> None:
+    """The server's own mount namespace, which the snippets' copy: a /dev with harmless devices
+    only (no GPU, disk or other device node); with `expose`, the interpreter made readable."""
+    _check(_libc.unshare(CLONE_NEWNS), "unshare")
+    _check(_libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "mount /")
+    kept = {name: os.open(f"/dev/{name}", os.O_PATH) for name in _DEVICES}
+    _check(_libc.mount(b"tmpfs", b"/dev", b"tmpfs", MS_NOSUID, b"size=64k,mode=755"), "mount")
+    for name, fd in kept.items():
+        Path("/dev", name).touch()
+        _bind(fd, f"/dev/{name}")
+    os.mkdir("/dev/shm", 0o1777)
+    for name, target in (("fd", ""), ("stdin", "/0"), ("stdout", "/1"), ("stderr", "/2")):
+        os.symlink(f"/proc/self/fd{target}", f"/dev/{name}")
+    if expose:
+        _expose_interpreter()
+
+
+def _bind(fd: int, target: str) -> None:
+    """Bind what the O_PATH `fd` holds (hidden since, maybe) on `target`; close `fd`."""
+    source = f"/proc/self/fd/{fd}".encode()
+    _check(_libc.mount(source, target.encode(), None, MS_BIND | MS_REC, None), "bind")
+    os.close(fd)
+
+
 def _expose_interpreter() -> None:
     """Let nobody read the interpreter's directories where a directory closed to others hides
-    them (a Python under /root): in the server's own mount namespace, a tmpfs over that
-    directory, with the interpreter's directories bound back into it."""
+    them (a Python under /root): a tmpfs over that directory, with the interpreter's
+    directories bound back into it."""
     dirs = {os.path.realpath(d) for d in (sys.base_prefix, sys.prefix, *sys.path)}
     hidden: dict[str, list[str]] = {}  # a closed directory: the directories to bind back
     for path in sorted(filter(os.path.isdir, dirs)):  # parents first
@@ -418,21 +447,13 @@ def _expose_interpreter() -> None:
             kept = hidden.setdefault(closed, [])
             if not any(path.startswith(k + "/") for k in kept):
                 kept.append(path)
-    if not hidden:
-        return
-    _check(_libc.unshare(CLONE_NEWNS), "unshare")
-    _check(_libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "mount /")
+    options = b"size=64k,mode=755"
     for closed, kept in hidden.items():
         fds = [os.open(path, os.O_PATH) for path in kept]
-        options = b"size=1m,mode=755"
-        _check(
-            _libc.mount(b"tmpfs", closed.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, options), "mount"
-        )
+        _check(_libc.mount(b"tmpfs", closed.encode(), b"tmpfs", MS_NOSUID, options), "mount")
         for path, fd in zip(kept, fds, strict=True):
             os.makedirs(path, exist_ok=True)
-            source = f"/proc/self/fd/{fd}".encode()
-            _check(_libc.mount(source, path.encode(), None, MS_BIND | MS_REC, None), "bind")
-            os.close(fd)
+            _bind(fd, path)
 
 
 def _closed_ancestor(path: str) -> str | None:
@@ -445,6 +466,7 @@ def _closed_ancestor(path: str) -> str | None:
     return None
 
 
+@functools.cache
 def _nobody() -> tuple[int, int]:
     try:
         entry = pwd.getpwnam("nobody")

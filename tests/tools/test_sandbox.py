@@ -258,6 +258,13 @@ def test_it_cannot_reach_a_port_on_the_host(sandbox):
     assert result.text == "[Errno 101] Network is unreachable\n"
 
 
+def test_it_sees_no_device_but_harmless_ones(sandbox):
+    needs(sandbox, "minimal_dev")  # no GPU (/dev/nvidia*, /dev/dri), disk or other device node
+    result = run_contained(sandbox, "import os\nprint(sorted(os.listdir('/dev')))")
+    harmless = ["fd", "full", "null", "random", "shm", "stderr", "stdin", "stdout", "urandom"]
+    assert result.text == f"{[*harmless, 'zero']}\n"
+
+
 def test_killing_its_parent_fails(sandbox):
     if not {"pid_ns", "uid_drop"} & sandbox.layers:
         pytest.skip("neither a pid namespace nor a dropped uid: it could kill the test runner")
