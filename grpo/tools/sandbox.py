@@ -82,7 +82,7 @@ class Sandbox:
     @property
     def limits_processes(self) -> bool:
         """Whether a process limit binds snippets: a pids cgroup, or RLIMIT_NPROC as nobody."""
-        return bool({"pids_cgroup", "uid_drop"} & self.layers)
+        return bool({"pids_cgroup", "nproc_rlimit"} & self.layers)
 
     @property
     def server_pid(self) -> int | None:

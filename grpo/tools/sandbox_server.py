@@ -60,10 +60,10 @@ class SandboxLimits:
     memory_mb: what it may allocate, per process on top of the forked interpreter's address
     space (RLIMIT_AS), and for all its processes together (memory cgroup, plus an allowance
     for the interpreter's pages copied on write).
-    max_processes: processes and threads at once, itself included (pids cgroup; RLIMIT_NPROC
-    as nobody). max_file_mb: each file (RLIMIT_FSIZE) and each private /tmp, /var/tmp, /dev/shm.
-    Output past max_output_bytes stops the snippet; what the model reads is cut to
-    max_output_chars.
+    max_processes: processes and threads at once, itself included (pids cgroup; else
+    RLIMIT_NPROC as nobody). max_file_mb: each file (RLIMIT_FSIZE) and each private /tmp,
+    /var/tmp, /dev/shm. Output past max_output_bytes stops the snippet; what the model reads
+    is cut to max_output_chars.
     """
 
     cpu_seconds: int = 5
@@ -120,6 +120,8 @@ def serve(config: dict[str, Any], fd: int) -> None:
         layers |= {"pid_ns", "mount_ns", "ipc_ns"}
     if os.getuid() == 0 and _in_child(lambda: _drop_uid(*_nobody())):
         layers.add("uid_drop")
+        if not any(Path(path).parent.name == "pids" for path in config["cgroups"]):
+            layers.add("nproc_rlimit")  # counts all of nobody's processes, machine-wide
     if "pid_ns" not in layers and os.path.exists(_CHILDREN):
         _prctl(PR_SET_CHILD_SUBREAPER, 1)  # a snippet's orphans become the server's children
         layers.add("subreaper")
@@ -320,7 +322,7 @@ def _snippet(
         uid, gid = _nobody() if "uid_drop" in layers else (os.getuid(), os.getgid())
         os.chown(workdir, uid, gid)
         os.chdir(workdir)
-        _set_rlimits(limits, nproc="uid_drop" in layers)
+        _set_rlimits(limits, nproc="nproc_rlimit" in layers)
         os.environ.clear()
         os.environ.update(PATH=PATH, HOME=workdir, TMPDIR=workdir, LANG="C.UTF-8")
         tempfile.tempdir = workdir
@@ -386,7 +388,7 @@ def _set_rlimits(limits: SandboxLimits, nproc: bool) -> None:
         resource.RLIMIT_FSIZE: (limits.max_file_mb << 20,) * 2,
         resource.RLIMIT_CORE: (0, 0),
     }
-    if nproc:  # binds a non-root uid only, and counts all of that uid's processes
+    if nproc:
         values[resource.RLIMIT_NPROC] = (limits.max_processes,) * 2
     for which, value in values.items():
         resource.setrlimit(which, value)
