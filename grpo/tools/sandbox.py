@@ -75,9 +75,8 @@ class Sandbox:
         self.limits = limits or SandboxLimits()
         self.preload = preload
         self._lock = threading.Lock()
-        self._server: _Server | None = _Server(self.limits, preload)
+        self._server: _Server | None = _Server(self.limits, preload)  # None once closed
         self.layers = self._server.layers
-        self._closed = False
 
     @property
     def limits_processes(self) -> bool:
@@ -92,11 +91,11 @@ class Sandbox:
     def run(self, code: str) -> SandboxResult:
         """Run one snippet in a fresh process; never raises for what the snippet does."""
         with self._lock:
-            if self._closed:
+            if self._server is None:
                 raise RuntimeError("the sandbox is closed")
             start = time.monotonic()
             for _ in range(2):  # a server found dead is replaced and asked again, once
-                if self._server is None or self._server.proc.poll() is not None:
+                if self._server.proc.poll() is not None:
                     self._replace_server()
                 try:
                     reply = self._server.ask(code, self.limits.wall_seconds + _ANSWER_SLACK_S)
@@ -121,8 +120,7 @@ class Sandbox:
         return SandboxResult(text=text, **reply)
 
     def _replace_server(self) -> None:
-        if self._server is not None:
-            self._server.stop()
+        self._server.stop()
         self._server = _Server(self.limits, self.preload)
         self.layers = self._server.layers
 
@@ -132,7 +130,6 @@ class Sandbox:
             if self._server is not None:
                 self._server.stop()
                 self._server = None
-            self._closed = True
 
     def __enter__(self) -> Sandbox:
         return self

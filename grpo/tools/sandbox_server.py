@@ -414,7 +414,7 @@ def _isolate(tmpfs_mb: int) -> None:
 
 
 def _server_mounts(expose: bool) -> None:
-    """The server's own mount namespace, which the snippets' copy: a /dev with harmless devices
+    """The server's own mount namespace, which the snippets copy: a /dev with harmless devices
     only (no GPU, disk or other device node); with `expose`, the interpreter made readable."""
     _check(_libc.unshare(CLONE_NEWNS), "unshare")
     _check(_libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "mount /")
