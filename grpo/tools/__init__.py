@@ -1,0 +1,1 @@
+"""Tools a policy calls during multi-turn rollouts: the sandboxed Python interpreter."""
