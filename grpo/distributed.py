@@ -1,7 +1,9 @@
 """Data parallelism over processes: `torchrun --nproc_per_node=N -m grpo.train ...`.
 
 The launcher (torchrun, or `accelerate launch`, which runs torchrun) starts N processes, the
-ranks, and sets RANK, WORLD_SIZE, LOCAL_RANK; one process without them runs as before.
+ranks, and sets RANK, WORLD_SIZE, LOCAL_RANK; one process without them runs as before. Under
+SLURM alone (`srun`, or `hydra/launcher=slurm` with `tasks_per_node` N) the same variables are
+taken from SLURM's (`adopt_slurm`).
 `trainer.batch_size` stays the global number of prompts per step. Each rank takes an equal share
 of whole groups of every batch (`grpo.rollout.sampler`), generates, scores and trains on them,
 so that N ranks make the update one process makes on the whole batch:
@@ -46,6 +48,43 @@ from torch.distributed.tensor import DTensor
 from grpo.batch import ScoredRollout, concat, take
 
 T = TypeVar("T")
+
+
+# torchrun's variables and the SLURM ones they are taken from when only SLURM started the
+# processes (`srun`, or Hydra's submitit launcher with hydra.launcher.tasks_per_node > 1).
+SLURM_VARIABLES = {
+    "RANK": "SLURM_PROCID",
+    "WORLD_SIZE": "SLURM_NTASKS",
+    "LOCAL_RANK": "SLURM_LOCALID",
+}
+
+
+def adopt_slurm() -> None:
+    """Under SLURM with several tasks and no launcher's RANK: RANK, WORLD_SIZE and LOCAL_RANK
+    from SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID, the rendezvous (MASTER_ADDR) on the first
+    host of SLURM_JOB_NODELIST and MASTER_PORT from the job id (unless set). Else nothing."""
+    env = os.environ
+    if "RANK" in env or int(env.get("SLURM_NTASKS", "1")) < 2:
+        return
+    for ours, theirs in SLURM_VARIABLES.items():
+        env[ours] = env[theirs]
+    env.setdefault("MASTER_ADDR", first_host(env["SLURM_JOB_NODELIST"]))
+    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: `gpu[003-005,9],cpu1` -> `gpu003`."""
+    depth, end = 0, len(nodelist)
+    for i, char in enumerate(nodelist):  # the first entry ends at a comma outside brackets
+        depth += (char == "[") - (char == "]")
+        if char == "," and depth == 0:
+            end = i
+            break
+    prefix, _, rest = nodelist[:end].partition("[")
+    if not rest:
+        return prefix
+    numbers, _, suffix = rest.partition("]")
+    return prefix + numbers.split(",")[0].split("-")[0] + suffix
 
 
 def launched_world_size() -> int:

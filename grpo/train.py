@@ -75,6 +75,7 @@ def resolve_device(device: str) -> str:
 
 def train(cfg: DictConfig, run_dir: Path) -> float:
     """Run GRPO as configured, writing into `run_dir`; returns `cfg.objective` from the end."""
+    distributed.adopt_slurm()  # SLURM tasks without torchrun: ranks from SLURM's variables
     validate_config(cfg)  # every rule, before anything loads
     alg, tr = cfg.algorithm, cfg.trainer
     g = alg.num_responses_per_prompt
@@ -223,6 +224,7 @@ def main(cfg: DictConfig) -> float:
 
 def cli() -> None:
     """The command line: `main`, with composition errors also reported as one line."""
+    distributed.adopt_slurm()
     sys.argv += distributed.hydra_overrides()  # ranks > 0: no run folder of their own
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises composition errors to us
     try:

@@ -283,6 +283,44 @@ def test_two_process_run_finishes_and_only_rank_0_writes(tmp_path):
     assert list(scratch.glob("grpo-rank*")) == []  # rank 1's temporary Hydra folder is gone
 
 
+@pytest.mark.parametrize(
+    ("nodelist", "host"),
+    [
+        ("node7", "node7"),
+        ("gpu[003-005,9],cpu1", "gpu003"),
+        ("cpu1,gpu[003-005]", "cpu1"),
+        ("a[1,4-6]b", "a1b"),
+    ],
+)
+def test_the_rendezvous_is_the_first_host_of_the_node_list(nodelist, host):
+    assert distributed.first_host(nodelist) == host
+
+
+def test_slurm_tasks_without_torchrun_train_as_torchrun_ranks_do(tmp_path):
+    """Two processes started as `srun` starts them (SLURM_* variables, no RANK): the same run
+    as torchrun's two ranks, metrics equal, rank 0 the one writer."""
+    runs = {name: tmp_path / name for name in ("torchrun", "slurm")}
+    train_on(2, f"hydra.run.dir={runs['torchrun']}")
+    env = {k: v for k, v in torchrun_env().items() if k not in ("RANK", "WORLD_SIZE")}
+    job = {"SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "4242"}
+    cmd = [sys.executable, "-m", "grpo.train", *TINY_DDP, f"hydra.run.dir={runs['slurm']}"]
+    tasks = [
+        subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env={**env, **job, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [task.communicate(timeout=600)[0] for task in tasks]
+    assert [task.returncode for task in tasks] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert compare_metrics(runs["torchrun"], runs["slurm"]) == []
+    assert sum(out.count("held-out results") for out in outputs) == 1  # rank 0 alone
+
+
 @pytest.mark.slow
 def test_resumed_two_process_run_continues_the_same_way(tmp_path):
     run_dir = tmp_path / "run"
