@@ -224,6 +224,11 @@ def no_network(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", path)
     log = tmp_path / "net.log"
     monkeypatch.setenv("GRPO_TEST_NET_LOG", str(log))
+    # The hook is not blind: a lookup of another host is noted.
+    lookup = "import socket\ntry: socket.getaddrinfo('example.invalid', 80)\nexcept OSError: pass"
+    subprocess.run([sys.executable, "-c", lookup], check=True, timeout=60)
+    assert "example.invalid" in log.read_text()
+    log.unlink()
     return log
 
 
