@@ -225,6 +225,11 @@ def key_settings(run: Run) -> list[tuple[str, str]]:
     return rows
 
 
+def _steps(summary: dict[str, Any]) -> str:
+    steps = summary.get("steps", "?")
+    return f"{steps} step" + ("" if steps == 1 else "s")
+
+
 def _number(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, (int, float)) else str(value)
 
@@ -247,11 +252,11 @@ def model_card(run: Run, dtype: str, notes: list[str]) -> str:
     front += ["tags:", "- grpo", "- reinforcement-learning", "---", ""]
     lines = [
         *front,
-        f"# {name}, GRPO on {task} ({summary.get('steps', '?')} steps)",
+        f"# {name}, GRPO on {task} ({_steps(summary)})",
         "",
         f"Trained from {described} with GRPO (Group Relative Policy Optimization, DeepSeekMath, "
         f"arXiv 2402.03300) on the `{task}` task (`{_target(cfg.task)}`), "
-        f"{summary.get('steps', '?')} optimiser steps.",
+        f"{_steps(summary)} of the optimiser.",
         "",
         *[f"{note}\n" for note in notes],
         f"Weights in {dtype}; they load with `AutoModelForCausalLM.from_pretrained(FOLDER)` and "

@@ -16,7 +16,10 @@ from pathlib import Path
 import matplotlib
 import pytest
 from conftest import compose_config, read_metrics
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
+from grpo.run.checkpoint import pass_run_id
 from grpo.run.loggers import RunLogger
 from grpo.run.trackers import MLflowTracker, TensorBoardTracker, Tracker, TrackioTracker
 
@@ -243,7 +246,10 @@ def test_tensorboard_mlflow_and_trackio_hold_every_metric_of_the_jsonl(
     # Remote settings a user may have: trackio must stay local, MLflow must use the config's store.
     monkeypatch.setenv("TRACKIO_SPACE_ID", "someone/grpo-space")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example.invalid:5000")
-    monkeypatch.delenv("MLFLOW_DISABLE_TELEMETRY", raising=False)
+    # As on a user's machine: MLflow would send telemetry unless told not to (it stays quiet
+    # under pytest and CI by itself, so those marks are taken away here).
+    for var in ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK", "PYTEST_CURRENT_TEST", "CI"):
+        monkeypatch.delenv(var, raising=False)
     run_dir, proc = tiny_run(
         "logging=[tensorboard,mlflow,trackio]",
         f"logging.mlflow.tracking_uri=sqlite:///{stores}/mlflow.db",
@@ -395,6 +401,19 @@ def test_the_console_logger_fans_every_call_out_to_its_trackers(tmp_path):
     assert RunLogger(tmp_path, 1, {}, progress_bar=False).run_id is None
     with pytest.raises(ValueError, match="logging.oops: not a tracker"):
         RunLogger(tmp_path, 1, {}, progress_bar=False, oops={"project": "x"})
+
+
+def test_a_checkpoints_run_ids_reach_each_tracker(tmp_path):
+    """On resume grpo.run.checkpoint sets `logging.resume_id` from the checkpoint's ids; the
+    logger built from that config hands each tracker its own."""
+    node = {"_target_": f"{__name__}.Recorder", "_partial_": True}
+    logging = {"_target_": "grpo.run.loggers.RunLogger", "progress_bar": False}
+    cfg = OmegaConf.create({"logging": {**logging, "a": {**node, "name": "a"}, "b": node}})
+    OmegaConf.set_struct(cfg, True)
+    pass_run_id(cfg, {"a": "a-7"})
+    logger = instantiate(cfg.logging, _partial_=True)(run_dir=tmp_path, max_steps=1, run_config={})
+    assert logger.trackers["a"].calls == [("init", "a-7")]
+    assert logger.trackers["b"].calls == [("init", None)]
 
 
 @pytest.fixture(scope="module")
