@@ -258,7 +258,8 @@ class MLflowTracker(Tracker):
     """An MLflow run (MLflow's client, `mlflow-skinny`) in `tracking_uri`'s store.
 
     The default store is a SQLite database under outputs/ shared by every run and sweep
-    (`mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db`); MLflow 3.18 refuses its old
+    (browse it with MLflow's server, the full `mlflow` package: `mlflow ui --backend-store-uri
+    sqlite:///outputs/mlflow.db`; the client reads it as it is); MLflow 3.18 refuses its old
     file store without `MLFLOW_ALLOW_FILE_STORE=true`, so a local store is a database. A server
     (`http://HOST:5000`) works the same. Artifacts (config.yaml, summary.json, sample tables)
     go beside a local database (`mlartifacts/`) unless `artifact_location` says otherwise.
