@@ -7,9 +7,9 @@ A checkpoint is a folder `RUN/checkpoints/step_000120/` holding
 - `reference.safetensors` when the reference policy is updated during training;
 - `trainer_state.pt`: scheduler, sampler position and RNG states (python, numpy, torch, CUDA)
   of every rank; it loads with `torch.load(weights_only=True)`;
-- `meta.json`: the step, the logger's run id (wandb), the held-out results before training,
-  and how many lines each `*.jsonl` log of the run folder had, so a resumed run writes each
-  step once.
+- `meta.json`: the step, the trackers' run ids (wandb, MLflow, ...), the held-out results
+  before training, and how many lines each `*.jsonl` log of the run folder had, so a resumed
+  run writes each step once.
 
 It is written into a temporary folder and renamed into place, so a kill during a save leaves
 the earlier checkpoints whole: every `step_*` folder is complete. The last
@@ -144,7 +144,7 @@ def rewind(run_dir: Path, point: ResumePoint) -> None:
 
 
 def pass_run_id(cfg: DictConfig, run_id: str | None) -> None:
-    """Set `logging.resume_id` when the logger takes one (wandb resumes its run)."""
+    """Set `logging.resume_id` when the logger takes one (the trackers resume their runs)."""
     if run_id is None:
         return
     if "resume_id" in inspect.signature(get_class(cfg.logging._target_)).parameters:

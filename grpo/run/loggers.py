@@ -6,27 +6,32 @@
 
 `RunLogger` (`logging=console`) writes `metrics.jsonl` (one JSON object per call), sample
 responses to `samples.jsonl` every `samples_every` steps, a progress bar, and PNG plots at the
-end. `WandbLogger` (`logging=wandb`) does all of that and sends the same numbers to a wandb run,
-plus a table of sample responses, reward histograms and the summary.
+end, and hands every call on to the experiment trackers the config names (`grpo.run.trackers`:
+`logging=wandb`, `tensorboard`, `mlflow`, `trackio`, or several, `logging=[wandb,tensorboard]`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from grpo.run.plots import make_plots
+from grpo.run.trackers import Tracker
 
 
 class RunLogger:
-    """Writes every logged number to `run_dir/metrics.jsonl` and shows a progress bar.
+    """Writes every logged number to `run_dir/metrics.jsonl`, shows a progress bar, and fans
+    each call out to its trackers.
 
-    `run_config` (the resolved config) is taken by every logger; this one leaves it to Hydra's
-    `.hydra/config.yaml`.
+    `trackers` are the config's `logging.<name>` nodes (`_partial_: true`), each built here
+    with the run folder, the resolved config (`run_config`) and, when the run resumes, its
+    `resume_id` (the tracker's run id from the checkpoint). `run_id` is those ids by tracker
+    name (None without trackers): grpo.run.checkpoint keeps it and passes it back.
     """
 
     def __init__(
@@ -38,16 +43,36 @@ class RunLogger:
         samples_every: int = 10,
         num_samples: int = 8,
         plots: bool = True,
+        resume_id: dict[str, str] | str | None = None,
+        **trackers: Callable[..., Tracker],
     ) -> None:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
         self.samples_every = samples_every
         self.num_samples = num_samples
         self.plots = plots
+        if isinstance(resume_id, str):  # a checkpoint from before several trackers: wandb's
+            resume_id = {"wandb": resume_id}
+        ids = dict(resume_id or {})
+        self.trackers: dict[str, Tracker] = {}
+        for name, make in trackers.items():
+            if not callable(make):
+                raise ValueError(
+                    f"logging.{name}: not a tracker (a node with _target_ and _partial_: true, "
+                    "as in conf/logging/*.yaml)"
+                )
+            extra = {"resume_id": ids[name]} if name in ids else {}
+            self.trackers[name] = make(run_dir=self.run_dir, run_config=run_config, **extra)
         self.bar = tqdm(total=max_steps, desc="grpo", disable=not progress_bar, dynamic_ncols=True)
 
+    @property
+    def run_id(self) -> dict[str, str] | None:
+        """Each tracker's run id by name (those that have one); None when there are none."""
+        ids = {name: t.run_id for name, t in self.trackers.items() if t.run_id is not None}
+        return ids or None
+
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        """Append one line `{"step": step, **metrics}` and advance the bar."""
+        """Append one line `{"step": step, **metrics}`, advance the bar, hand on the numbers."""
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}, allow_nan=True) + "\n")
         if "train/total_loss" in metrics:
@@ -59,91 +84,31 @@ class RunLogger:
             )
             if self.bar.n >= self.bar.total:
                 self.bar.close()  # before the end-of-run tables are printed
+        for tracker in self.trackers.values():
+            tracker.log(step, metrics)
 
     def samples_due(self, step: int) -> bool:
         """Whether this step's sample responses are written (every `samples_every` steps)."""
         return self.samples_every > 0 and step % self.samples_every == 0
 
     def log_samples(self, step: int, records: list[dict[str, Any]]) -> None:
-        """Append the first `num_samples` records to `samples.jsonl` when due."""
-        if self.samples_due(step):
+        """Append the first `num_samples` records to `samples.jsonl` when due; the trackers get
+        every record and, when due, those rows for a table."""
+        table = records[: self.num_samples] if self.samples_due(step) else None
+        if table is not None:
             with (self.run_dir / "samples.jsonl").open("a") as f:
-                for record in records[: self.num_samples]:
+                for record in table:
                     f.write(json.dumps({"step": step, **record}) + "\n")
+        for tracker in self.trackers.values():
+            tracker.log_samples(step, records, table)
 
     def finish(self, summary: dict[str, Any]) -> None:
-        """Close the bar and draw the plots into `run_dir/plots/`."""
+        """Close the bar, draw the plots into `run_dir/plots/`, finish each tracker."""
         self.bar.close()
         if self.plots and self.path.exists():
             make_plots(self.run_dir)
-
-
-class WandbLogger(RunLogger):
-    """`RunLogger` plus a wandb run in `run_dir/wandb/` (offline by default: `wandb sync` later).
-
-    The run gets the resolved config; the same numbers as metrics.jsonl at the same steps; a
-    `samples` table when samples are due; a `rewards/histogram` every step; the summary at the
-    end. No credentials are passed or stored: online mode uses the user's own `wandb login`.
-    `resume_id` (set by grpo.run.checkpoint when a run resumes) continues that wandb run.
-    """
-
-    def __init__(
-        self,
-        run_dir: str | Path,
-        max_steps: int,
-        run_config: dict[str, Any],
-        project: str = "grpo",
-        name: str | None = None,
-        group: str | None = None,
-        tags: list[str] | tuple[str, ...] = (),
-        mode: str = "offline",
-        entity: str | None = None,
-        resume_id: str | None = None,
-        **console: Any,
-    ) -> None:
-        if mode not in ("offline", "online", "disabled"):
-            raise ValueError(f"logging.mode={mode!r}: must be offline, online or disabled")
-        super().__init__(run_dir, max_steps, run_config, **console)
-        import wandb
-
-        self.wandb = wandb
-        self.run = wandb.init(
-            project=project,
-            entity=entity,
-            name=name,
-            group=group,
-            tags=list(tags),
-            mode=mode,
-            dir=str(self.run_dir),
-            config=run_config,
-            id=resume_id,
-            resume="allow" if resume_id else None,
-        )
-        self.run_id = self.run.id  # kept in checkpoints; a resumed run continues this one
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        super().log(step, metrics)
-        self.run.log(metrics, step=step)
-
-    def log_samples(self, step: int, records: list[dict[str, Any]]) -> None:
-        super().log_samples(step, records)
-        data: dict[str, Any] = {
-            "rewards/histogram": self.wandb.Histogram([r["reward"] for r in records])
-        }
-        if self.samples_due(step):
-            rows = records[: self.num_samples]
-            parts = sorted({p for r in rows for p in r["parts"]})
-            columns = ["prompt", "completion", "ground_truth", "reward", "advantage"]
-            data["samples"] = self.wandb.Table(
-                columns=columns + [f"reward/{p}" for p in parts],
-                data=[[r[c] for c in columns] + [r["parts"].get(p) for p in parts] for r in rows],
-            )
-        self.run.log(data, step=step)
-
-    def finish(self, summary: dict[str, Any]) -> None:
-        super().finish(summary)
-        self.run.summary.update(summary)
-        self.run.finish()
+        for tracker in self.trackers.values():
+            tracker.finish(summary)
 
 
 class NullLogger:

@@ -137,12 +137,19 @@ class ResumableLogger:
         self.resume_id = resume_id
 
 
+class PlainLogger:
+    """A logger that cannot resume a run."""
+
+    def __init__(self, run_dir: str) -> None:
+        pass
+
+
 def test_the_run_id_goes_to_a_logger_that_can_resume_it(capsys):
     cfg = OmegaConf.create({"logging": {"_target_": f"{__name__}.ResumableLogger"}})
     OmegaConf.set_struct(cfg, True)
     pass_run_id(cfg, "wandb-run-7")
     assert cfg.logging.resume_id == "wandb-run-7"
-    plain = OmegaConf.create({"logging": {"_target_": "grpo.run.loggers.RunLogger"}})
+    plain = OmegaConf.create({"logging": {"_target_": f"{__name__}.PlainLogger"}})
     pass_run_id(plain, "wandb-run-7")
     assert "resume_id" not in plain.logging
     assert "cannot resume logger run wandb-run-7" in capsys.readouterr().err
