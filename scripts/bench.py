@@ -57,7 +57,7 @@ class Workload:
     share_prompts: bool = True  # ours: each prompt's pass shared by its G completions
     offload_reference: bool = False  # ours: the frozen reference waits in a file (full FT)
     backend: str = "lean"  # ours: rollout.backend (vllm: the engine in the process)
-    task: str = "arithmetic"  # arithmetic (forced lengths) | gsm8k (lengths as sampled)
+    micro_batch_tokens: int | None = None  # ours: update micro-batches by token budget
 
     @property
     def completions(self) -> int:
@@ -78,12 +78,10 @@ SMOLLM2_LORA = replace(
 SMOLLM2_VLLM = replace(SMOLLM2, name="smollm2-vllm", backend="vllm")
 SMOLLM2_LORA_VLLM = replace(SMOLLM2_LORA, name="smollm2-lora-vllm", backend="vllm")
 WORKLOADS = {w.name: w for w in (TINY, SMOLLM2, SMOLLM2_LORA, SMOLLM2_VLLM, SMOLLM2_LORA_VLLM)}
-# `--micro-batches`: ours against ours, fixed micro-batches vs a token budget of the same padded
-# size, on GSM8K prompts whose completions (up to 256 tokens, ended by the `####` line or EOS,
-# not forced) vary in length. TRL is not involved.
-GSM8K_VARIED = replace(
-    SMOLLM2_LORA, name="gsm8k-varied", new_tokens=256, group=8, steps=3, task="gsm8k"
-)
+# `--micro-batches`: ours against ours, the update with fixed micro-batches vs a token budget of
+# the same padded size, on GSM8K prompts whose completions (up to 256 tokens, ended by the `####`
+# line or EOS, not forced) vary in length. TRL is not involved.
+GSM8K_VARIED = replace(SMOLLM2_LORA, name="gsm8k-varied", new_tokens=256, group=8)
 # Under --avx2 every worker runs with AVX2 kernels (the closest an AVX-512 machine gets to an
 # AVX2-only one): ATen's CPU dispatch, MKL's and oneDNN's instruction sets.
 AVX2_ENV = {
@@ -135,15 +133,12 @@ def our_overrides(
     defaults never change the benchmark.
     """
     t = workload.new_tokens
-    if workload.task == "gsm8k":  # lengths as sampled, the task's stop rule
-        folder = os.environ.get("GRPO_GSM8K_DIR", str(REPO.parent / "shared" / "data" / "gsm8k"))
-        task = ["task=gsm8k", f"task.path={folder}", f"task.max_train_samples={NUM_TRAIN}"]
-        task += ["task.max_test_samples=2", "rollout.min_new_tokens=0"]
-    else:
-        task = ["task=arithmetic", f"task.num_train={NUM_TRAIN}", "task.num_test=2"]
-        task += ["task.stop_pattern=null", f"rollout.min_new_tokens={t}"]
     return [
-        *task,
+        "task=arithmetic",
+        f"task.num_train={NUM_TRAIN}",
+        "task.num_test=2",
+        "task.stop_pattern=null",
+        f"rollout.min_new_tokens={t}",
         f"model={workload.model}",
         f"model.lora.enabled={str(workload.lora).lower()}",
         "model.dtype=float32",
@@ -181,6 +176,7 @@ def our_overrides(
         "rollout.top_k=0",
         "rollout.max_prompt_length=256",
         f"trainer.micro_batch_size={workload.micro_batch}",
+        f"trainer.micro_batch_tokens={workload.micro_batch_tokens or 'null'}",
         f"trainer.inference_batch_size={workload.completions}",  # no-grad passes: one, as TRL
         f"trainer.share_prompts={str(workload.share_prompts).lower()}",
         f"trainer.offload_reference={str(workload.offload_reference).lower()}",
@@ -468,6 +464,41 @@ def run_logprobs_piece(workload: Workload, threads: int, chunk: int | None, micr
     return {"time": _median_time(forward_backward, 3)}
 
 
+def run_update_piece(workload: Workload, threads: int, repeats: int = 3) -> dict:
+    """`--micro-batches`, the update alone: SmolLM2 + LoRA r16, one seeded rollout of GSM8K-varied
+    (the same tokens in every process), then the actor's update timed `repeats` times after a
+    warm-up (lr 0: the same weights each time) with fixed micro-batches or a token budget."""
+    import torch
+
+    from grpo.actor.update import Actor, UpdateSettings
+    from grpo.algorithm.loss import GRPOLoss
+    from grpo.model.loading import load_policy
+    from grpo.rollout.lean import LeanBackend
+    from grpo.rollout.settings import SamplingSettings
+    from grpo.rollout.source import render_prompts, tokenize_prompts
+    from grpo.tasks.gsm8k import GSM8K
+
+    torch.set_num_threads(threads)
+    folder = os.environ.get("GRPO_GSM8K_DIR", str(REPO.parent / "shared" / "data" / "gsm8k"))
+    task = GSM8K(path=folder, max_train_samples=NUM_TRAIN, max_test_samples=2)
+    lora = {"enabled": True, "r": 16, "alpha": 32, "dropout": 0.0}
+    lora["target_modules"] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    policy = load_policy(model_folder(workload), tokenizer={"use_chat_template": True}, lora=lora)
+    settings = SamplingSettings(workload.new_tokens, 256, stop_pattern=task.stop_pattern)
+    prompts = render_prompts(policy.tokenizer, task, task.train[: workload.prompts], True)
+    ids, mask = tokenize_prompts(policy.tokenizer, prompts, 256, "cpu")
+    torch.manual_seed(SEED)
+    rollout = LeanBackend(policy, settings).generate(ids, mask, workload.group, settings)
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    update = UpdateSettings(1.0, workload.micro_batch, workload.micro_batch_tokens, 16, True, 1.0)
+    actor = Actor(policy, None, GRPOLoss(kl={"coef": 0.0}), torch.optim.SGD(params, lr=0.0), update)
+    advantages = torch.linspace(-1.0, 1.0, workload.completions)
+    scores = actor.score(rollout)
+    wall, _ = _median_time(lambda: actor.update(rollout, advantages, scores), repeats)
+    lengths = rollout.lengths.tolist()
+    return {"update_s": wall, "lengths": lengths}
+
+
 def worker(args: argparse.Namespace) -> None:
     """Run one measurement in this process and write its JSON to `args.out`."""
     workload = Workload(**json.loads(args.spec))
@@ -479,6 +510,8 @@ def worker(args: argparse.Namespace) -> None:
         result = run_matmul(args.threads)
     elif args.worker == "generation":
         result = run_generation_pieces(workload, args.threads)
+    elif args.worker == "update":
+        result = run_update_piece(workload, args.threads)
     elif args.worker == "logprobs":
         chunk, micro = json.loads(args.set[0])
         result = run_logprobs_piece(workload, args.threads, chunk, micro)
@@ -652,7 +685,8 @@ def main() -> None:
     )
     # Worker mode (internal): run one measurement and write JSON.
     parser.add_argument(
-        "--worker", choices=["ours", "trl", "matmul", "floor", "generation", "logprobs"]
+        "--worker",
+        choices=["ours", "trl", "matmul", "floor", "generation", "logprobs", "update"],
     )
     parser.add_argument("--spec", help="the workload as JSON")
     parser.add_argument("--out")
@@ -738,27 +772,39 @@ def main() -> None:
 
 def micro_batch_modes(repeats: int, threads: int) -> None:
     """`--micro-batches`: the update with fixed micro-batches of `micro_batch` rows against a
-    token budget of the same padded size (micro_batch x (prompt + the longest completion)), the
-    two alternating, on GSM8K-varied; update time, step time and peak RSS."""
+    token budget of the same padded size (micro_batch x (prompt + completion budget)), on one
+    GSM8K-varied rollout, the same tokens for both (`run_update_piece`), each mode in its own
+    process, alternating; update time and the process's peak RSS."""
     workload = GSM8K_VARIED
     budget = workload.micro_batch * (256 + workload.new_tokens)  # rows x (prompt + completion)
-    modes = {"fixed": [], "tokens": [f"trainer.micro_batch_tokens={budget}"]}
+    modes = {"fixed": None, "tokens": budget}
     runs: dict[str, list[dict]] = {mode: [] for mode in modes}
     for _ in range(repeats):
-        for mode, extra in modes.items():
-            runs[mode].append(spawn("ours", workload, threads, extra))
-    sides = {mode: summarise(r) for mode, r in runs.items()}
+        for mode, tokens in modes.items():
+            runs[mode].append(
+                spawn("update", replace(workload, micro_batch_tokens=tokens), threads)
+            )
+    lengths = runs["fixed"][0]["lengths"]
     print(
-        f"\n{workload.name}: SmolLM2 + LoRA, {workload.prompts} x {workload.group} completions "
-        f"of up to {workload.new_tokens} tokens (not forced), micro-batches of "
-        f"{workload.micro_batch} rows vs micro_batch_tokens={budget}, {repeats} repeats"
+        f"\n{workload.name}: SmolLM2 + LoRA r16, {workload.prompts} x {workload.group} GSM8K "
+        f"completions of up to {workload.new_tokens} tokens (not forced; lengths {lengths}), "
+        f"the update with micro-batches of {workload.micro_batch} rows vs "
+        f"micro_batch_tokens={budget}, {repeats} process(es) each, median of 3 updates"
     )
-    for mode, s in sides.items():
-        print(f"  {mode:<7} update {s.update:6.2f} s  step {s.step:6.2f} s  peak RSS "
-              f"{s.rss / 1024:.2f} GB  mean length {s.mean_length:.0f}")  # fmt: skip
-    fixed, tokens = sides["fixed"], sides["tokens"]
-    print(f"  tokens/fixed: update time {tokens.update / fixed.update:.2f}x, "
-          f"peak RSS {tokens.rss / fixed.rss:.2f}x")  # fmt: skip
+    sides = {}
+    for mode, r in runs.items():
+        assert all(x["lengths"] == lengths for x in r), "the modes must update the same rollout"
+        sides[mode] = (
+            statistics.median(x["update_s"] for x in r),
+            statistics.median(x["peak_rss_mb"] for x in r),
+        )
+        print(
+            f"  {mode:<7} update {sides[mode][0]:6.2f} s  peak RSS {sides[mode][1] / 1024:.2f} GB"
+        )
+    (fixed, fixed_rss), (tokens, tokens_rss) = sides["fixed"], sides["tokens"]
+    print(
+        f"  tokens/fixed: update time {tokens / fixed:.2f}x, peak RSS {tokens_rss / fixed_rss:.2f}x"
+    )
 
 
 def scaling(repeats: int, threads: int, extra: list[str]) -> None:
