@@ -13,7 +13,9 @@ plus reference forward, and the policy update. Also: the machine's fp32 matmul c
 SmolLM2 step as a multiple of its FLOP floor, and how our step time grows with G x length.
 
 `--quick` runs the tiny workload only (under 3 minutes); its last line reads
-`ratio tiny completions/s ours/trl: X.XX`.
+`ratio tiny completions/s ours/trl: X.XX`. `--micro-batches` compares our update with fixed
+micro-batches and with `trainer.micro_batch_tokens` on one GSM8K rollout of varied lengths
+(needs ../shared/data/gsm8k or GRPO_GSM8K_DIR).
 """
 
 from __future__ import annotations
