@@ -239,8 +239,22 @@ def _token_budget_plan(rollout: Rollout, max_tokens: int) -> list[tuple[slice, l
                 micro[-1].append(row)
             else:
                 micro.append([row])
-        plan.append((slice(begin, end), [sorted(rows) for rows in micro]))
-    return plan
+        plan.append((slice(begin, end), micro))
+    _same_count_on_every_rank([micro for _, micro in plan])
+    return [(chunk, [sorted(rows) for rows in micro]) for chunk, micro in plan]
+
+
+def _same_count_on_every_rank(chunks: list[list[list[int]]]) -> None:
+    """Split micro-batches (in place) until this rank has as many as the rank with the most:
+    FSDP's ranks must run the same forward passes, and token-budget plans can differ by rank.
+    The largest is split in two each time; a rank has as many rows as any other, so it always
+    can. One process: nothing to agree."""
+    count = distributed.max_over_ranks(sum(len(micro) for micro in chunks))
+    while sum(len(micro) for micro in chunks) < count:
+        micro = max(chunks, key=lambda m: max(map(len, m)))
+        largest = max(micro, key=len)
+        index = micro.index(largest)
+        micro[index : index + 1] = [largest[: len(largest) // 2], largest[len(largest) // 2 :]]
 
 
 @torch.no_grad()

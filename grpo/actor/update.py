@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from grpo import distributed
-from grpo.actor.logprobs import Rows, SharedPrompts, batch_logprobs, micro_batches
+from grpo.actor.logprobs import SharedPrompts, batch_logprobs, micro_batches
 from grpo.actor.reference import Reference
 from grpo.algorithm.kl import sequence_kl_penalty
 from grpo.algorithm.loss import GRPOLoss
@@ -143,9 +143,7 @@ class Actor:
         s, model, loss_fn = self.settings, self.policy.model, self.loss_fn
         totals: dict[str, float] = {}
         alone = distributed.world_size() == 1  # several ranks run the same forwards (FSDP)
-        for chunk, micro in _same_count_on_every_rank(
-            micro_batches(batch, s.micro_batch_size, s.micro_batch_tokens)
-        ):
+        for chunk, micro in micro_batches(batch, s.micro_batch_size, s.micro_batch_tokens):
             if alone and not mask[chunk].any():
                 continue  # no loss tokens: a zero gradient, skip the forward passes
             prompts = SharedPrompts(model, batch, chunk, s.temperature, s.share_prompts)
@@ -199,27 +197,6 @@ def reward_kl_penalty(scores: TokenScores, rollout: Rollout, kl: Any) -> torch.T
     mask = rollout.completion_mask.bool()
     mine = sequence_kl_penalty(kl.estimator, scores.old, scores.ref, mask, kl.coef).cpu()
     return torch.cat(distributed.all_gather(mine))
-
-
-def _same_count_on_every_rank(
-    plan: list[tuple[slice, list[Rows]]],
-) -> list[tuple[slice, list[Rows]]]:
-    """`plan` with as many micro-batches as the rank with the most: FSDP's ranks must run the
-    same forward passes. Token-budget plans can differ by rank; the micro-batches with the most
-    rows are split in two until the counts agree (a rank has as many rows as any other, so it
-    always can). One process: `plan` itself."""
-    count = distributed.max_over_ranks(sum(len(micro) for _, micro in plan))
-    while sum(len(micro) for _, micro in plan) < count:
-        _, micro = max(plan, key=lambda item: max(len(_as_list(r)) for r in item[1]))
-        rows = _as_list(max(micro, key=lambda r: len(_as_list(r))))
-        index = next(i for i, r in enumerate(micro) if _as_list(r) == rows)
-        half = len(rows) // 2
-        micro[index : index + 1] = [rows[:half], rows[half:]]
-    return plan
-
-
-def _as_list(rows: Rows) -> list[int]:
-    return list(range(rows.start, rows.stop)) if isinstance(rows, slice) else rows
 
 
 def loss_mask(rollout: Rollout, mask_truncated: bool) -> torch.Tensor:

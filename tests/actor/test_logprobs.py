@@ -245,3 +245,16 @@ def test_token_budget_micro_batches_pack_rows_of_similar_length():
             assert longest == sorted(longest, reverse=True)  # longest completions first
     assert len(micro_batches(rollout, 8, max_tokens=10_000)) == 1  # all in one chunk
     assert all(len(m) == 1 for _, micro in micro_batches(rollout, 8, 1) for m in micro)
+
+
+def test_a_token_budget_plan_splits_to_the_count_another_rank_has(monkeypatch):
+    """FSDP's ranks must run as many micro-batches: given a larger count from the other ranks
+    (the collective's answer, here as another rank would give it), the largest micro-batches
+    split until the counts agree, every row still once."""
+    rollout = varied_rollout(tiny_policy())
+    own = len([m for _, micro in micro_batches(rollout, 8, max_tokens=10_000) for m in micro])
+    monkeypatch.setattr("grpo.distributed.max_over_ranks", lambda value: value + 3)
+    plan = micro_batches(rollout, 8, max_tokens=10_000)
+    micro = [m for _, chunk in plan for m in chunk]
+    assert len(micro) == own + 3 and all(micro)
+    assert sorted(r for m in micro for r in m) == list(range(8))
