@@ -9,8 +9,9 @@ loss_type="grpo"), no gradient checkpointing, torch threads pinned.
 
 Figures per side: median step time after warm-up (and its range over repeats), completions/s,
 generated tokens/s, peak RSS of the process, and the split of a step into generation, scoring
-plus reference forward, and the policy update. Also: the machine's fp32 matmul ceiling, the
-SmolLM2 step as a multiple of its FLOP floor, and how our step time grows with G x length.
+plus reference forward, and the policy update. Also: the machine's fp32 matmul ceiling and
+memory bandwidth (a STREAM triad), each phase's physical floor on this machine with each side's
+measured/floor ratio (scripts/floors.py), and how our step time grows with G x length.
 
 `--quick` runs the tiny workload only (under 3 minutes); its last line reads
 `ratio tiny completions/s ours/trl: X.XX`. `--micro-batches` compares our update with fixed
@@ -34,6 +35,8 @@ from dataclasses import asdict, dataclass, replace
 from importlib import metadata
 from pathlib import Path
 
+from floors import Machine, Model, Step, phase_floors
+
 REPO = Path(__file__).resolve().parents[1]
 REQUIREMENTS = REPO / "requirements-bench.txt"
 TRL_VERSION = "1.16.0"
@@ -41,6 +44,9 @@ SEED = 42
 LEARNING_RATE = 1e-5
 KL_COEF = 0.04
 NUM_TRAIN = 64  # training problems (arithmetic); the steps draw from them in a seeded order
+# The LoRA rows' adapters, as conf/model/_shared/defaults.yaml sets ours: rank, adapted modules.
+LORA_RANK = 16
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 @dataclass(frozen=True)
@@ -299,8 +305,8 @@ def run_trl(workload: Workload, threads: int) -> dict:
         )
         lora = None
         if workload.lora:
-            targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
-            lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=targets)
+            targets = list(LORA_TARGETS)
+            lora = LoraConfig(r=LORA_RANK, lora_alpha=32, lora_dropout=0.05, target_modules=targets)
         trainer = Timed(
             model=folder,
             reward_funcs=reward,
@@ -324,8 +330,10 @@ def run_trl(workload: Workload, threads: int) -> dict:
     }
 
 
-def run_matmul(threads: int, size: int = 4096, repeats: int = 3) -> dict:
-    """GFLOP/s of the best of `repeats` fp32 (size x size) @ (size x size) products."""
+def run_machine(threads: int, size: int = 4096, repeats: int = 3) -> dict:
+    """The machine's two limits: GFLOP/s of the best of `repeats` fp32 (size x size) @
+    (size x size) products, and memory GB/s of the best of `repeats` STREAM triads
+    (`triad_gbs`); the kernels torch dispatches to."""
     import torch
 
     torch.set_num_threads(threads)
@@ -335,10 +343,24 @@ def run_matmul(threads: int, size: int = 4096, repeats: int = 3) -> dict:
     blas = re.search(r"BLAS_INFO=(\w+)", torch.__config__.show())
     return {
         "gflops": 2 * size**3 / best / 1e9,
+        "gbs": triad_gbs(repeats),
         "capability": torch.backends.cpu.get_cpu_capability(),
         "blas": blas.group(1) if blas else "unknown",
         "mkl_instructions": os.environ.get("MKL_ENABLE_INSTRUCTIONS", "(default: the best)"),
     }
+
+
+def triad_gbs(repeats: int = 3, mib: int = 128) -> float:
+    """Memory bandwidth, GB/s: the best of `repeats` STREAM triads a = b + 3 c on fp32 arrays
+    of `mib` MiB each (3 x 128 MiB, far past any cache), counted as STREAM counts them: two
+    arrays read and one written per element (a write's cache-line fill not counted)."""
+    import torch
+
+    n = mib * 2**20 // 4
+    a, b, c = torch.empty(n), torch.rand(n), torch.rand(n)
+    torch.add(b, c, alpha=3.0, out=a)  # warm-up: the pages are touched
+    best = min(_timed(lambda: torch.add(b, c, alpha=3.0, out=a)) for _ in range(repeats))
+    return 3 * 4 * n / best / 1e9
 
 
 def cpu_model() -> str:
@@ -357,25 +379,44 @@ def _timed(fn) -> float:
 
 
 def run_floor(workload: Workload) -> dict:
-    """N (parameters doing matmuls, LM head included) and tokens per step of `workload`."""
+    """What `floors` needs of `workload`: its model's shape (`floors.Model`'s fields, from the
+    config on the meta device) and the token count of each measured step's prompts."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from grpo.model.loading import load_tokenizer
 
     folder = model_folder(workload)
+    config = AutoConfig.from_pretrained(folder)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+        model = AutoModelForCausalLM.from_config(config)
     embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-    n = sum(p.numel() for p in model.parameters()) - embed.numel()
-    n += head.numel() if head is embed else 0  # a tied head is counted once, as the head
+    total = sum(p.numel() for p in model.parameters())  # a tied head counted once
+    tied = head is embed
+    adapter = 0
+    if workload.lora:  # r (in + out) per adapted Linear
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in LORA_TARGETS:
+                adapter += LORA_RANK * (module.in_features + module.out_features)
+    heads = config.num_attention_heads
+    shape = {
+        "body": total - embed.numel() - (0 if tied else head.numel()),
+        "head": head.numel(),
+        "layers": config.num_hidden_layers,
+        "heads": heads,
+        "kv_heads": getattr(config, "num_key_value_heads", None) or heads,
+        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
+        "trainable": adapter or total,
+        "adapter": adapter,
+        # vllm_engine.hf_weights: the checkpoint's tensors, and the head again when tied
+        "synced": (total + head.numel() * tied) * (workload.backend == "vllm"),
+    }
     tokenizer = load_tokenizer(folder)
-    rows = step_prompts(workload, workload.model != "tiny", tokenizer)[workload.warmup :]
-    prompt_tokens = sum(
-        len(tokenizer(r["prompt"], add_special_tokens=False).input_ids) for r in rows
-    )
-    tokens = workload.group * prompt_tokens + len(rows) * workload.group * workload.new_tokens
-    return {"params": n, "tokens_per_step": tokens / workload.steps}
+    rows = step_prompts(workload, workload.model != "tiny", tokenizer)
+    lengths = [len(tokenizer(r["prompt"], add_special_tokens=False).input_ids) for r in rows]
+    b = workload.prompts
+    steps = [lengths[i : i + b] for i in range(workload.warmup * b, len(rows), b)]
+    return {"model": shape, "prompts": steps}
 
 
 def _policy_and_rollout(workload: Workload, threads: int):
@@ -483,8 +524,8 @@ def run_update_piece(workload: Workload, threads: int, repeats: int = 3) -> dict
     torch.set_num_threads(threads)
     folder = os.environ.get("GRPO_GSM8K_DIR", str(REPO.parent / "shared" / "data" / "gsm8k"))
     task = GSM8K(path=folder, max_train_samples=NUM_TRAIN, max_test_samples=2)
-    lora = {"enabled": True, "r": 16, "alpha": 32, "dropout": 0.0}
-    lora["target_modules"] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    lora = {"enabled": True, "r": LORA_RANK, "alpha": 32, "dropout": 0.0}
+    lora["target_modules"] = list(LORA_TARGETS)
     policy = load_policy(model_folder(workload), tokenizer={"use_chat_template": True}, lora=lora)
     settings = SamplingSettings(workload.new_tokens, 256, stop_pattern=task.stop_pattern)
     prompts = render_prompts(policy.tokenizer, task, task.train[: workload.prompts], True)
@@ -508,8 +549,8 @@ def worker(args: argparse.Namespace) -> None:
         result = run_ours(workload, args.threads, args.set)
     elif args.worker == "trl":
         result = run_trl(workload, args.threads)
-    elif args.worker == "matmul":
-        result = run_matmul(args.threads)
+    elif args.worker == "machine":
+        result = run_machine(args.threads)
     elif args.worker == "generation":
         result = run_generation_pieces(workload, args.threads)
     elif args.worker == "update":
@@ -630,6 +671,55 @@ def row(label: str, side: str, s: Summary, workload: Workload) -> str:
     )
 
 
+def workload_floors(
+    workload: Workload, threads: int, limits: Machine
+) -> tuple[dict[str, float], str]:
+    """`workload`'s phase floors in seconds (`floors.phase_floors`, the mean over its measured
+    steps' prompts; every completion T tokens, as both sides force), and a line on what they
+    count."""
+    spec = spawn("floor", workload, threads)
+    model, t = Model(**spec["model"]), workload.new_tokens
+    # One no-gradient pass, the reference's: one optimiser step per batch needs no old log-probs.
+    steps = [
+        phase_floors(model, Step(tuple(p), (t,) * (len(p) * workload.group)), limits, forwards=1)
+        for p in spec["prompts"]
+    ]
+    lengths = [n for p in spec["prompts"] for n in p]
+    note = (
+        f"N = {(model.body + model.head) / 1e6:.1f}M (layers {model.body / 1e6:.1f}M + LM head "
+        f"{model.head / 1e6:.1f}M), {model.layers} layers, {model.heads} heads "
+        f"({model.kv_heads} key/value) x {model.head_dim}; {workload.prompts} prompts of "
+        f"{min(lengths)}-{max(lengths)} tokens a step, each shared by G={workload.group} "
+        f"completions of {t}; AdamW over {model.trainable / 1e6:.2f}M parameters"
+        + (f"; sync {model.synced / 1e6:.1f}M parameters" if model.synced else "")
+    )
+    return {k: statistics.mean(s[k] for s in steps) for k in steps[0]}, note
+
+
+def floor_row(floor: dict[str, float], workload: Workload) -> str:
+    """The floors in the table's columns (ms; completions/s and tokens/s at the floor)."""
+    completions = workload.completions / floor["step"]
+    return (
+        f"{'  floor (physical minimum)':<44}{floor['step'] * 1e3:>24.1f}{completions:>9.1f}"
+        f"{completions * workload.new_tokens:>8.0f}{floor['generate'] * 1e3:>9.1f}"
+        f"{floor['score_ref'] * 1e3:>10.1f}{floor['update'] * 1e3:>9.1f}"
+        f"{floor['sync'] * 1e3:>7.0f}"
+    )
+
+
+def ratio_row(side: str, s: Summary, floor: dict[str, float]) -> str:
+    """Each measured phase over its floor, in the table's columns."""
+
+    def times(measured: float, key: str) -> str:
+        return f"{measured / floor[key]:.1f}x" if floor[key] else "-"
+
+    return (
+        f"{'  measured / floor':<38}{side:<6}{times(s.step, 'step'):>24}{'':>17}"
+        f"{times(s.generate, 'generate'):>9}{times(s.score_ref, 'score_ref'):>10}"
+        f"{times(s.update, 'update'):>9}{times(s.sync, 'sync'):>7}"
+    )
+
+
 def ensure_trl(install: bool) -> None:
     """Check that trl==TRL_VERSION is installed; install it (pinned, constrained) if asked."""
     try:
@@ -688,7 +778,7 @@ def main() -> None:
     # Worker mode (internal): run one measurement and write JSON.
     parser.add_argument(
         "--worker",
-        choices=["ours", "trl", "matmul", "floor", "generation", "logprobs", "update"],
+        choices=["ours", "trl", "machine", "floor", "generation", "logprobs", "update"],
     )
     parser.add_argument("--spec", help="the workload as JSON")
     parser.add_argument("--out")
@@ -724,8 +814,8 @@ def main() -> None:
         f"1-min load at start {load():.2f}",
         flush=True,
     )
-    machine = spawn("matmul", TINY, args.threads)
-    ceiling = machine["gflops"]
+    machine = spawn("machine", TINY, args.threads)
+    limits = Machine(flops=machine["gflops"] * 1e9, bandwidth=machine["gbs"] * 1e9)
     forced = " ".join(f"{k}={v}" for k, v in DISPATCH_ENV.items())
     print(
         f"dispatch: torch CPU capability {machine['capability']}, BLAS {machine['blas']}, MKL "
@@ -733,12 +823,15 @@ def main() -> None:
         flush=True,
     )
     print(
-        f"fp32 matmul ceiling (4096^3, {args.threads} threads): {ceiling:.0f} GFLOP/s", flush=True
+        f"fp32 matmul ceiling (4096^3, {args.threads} threads): {machine['gflops']:.0f} GFLOP/s; "
+        f"memory bandwidth (STREAM triad, 3 x 128 MiB): {machine['gbs']:.1f} GB/s",
+        flush=True,
     )
     results = {}
     for name in names:
         workload = WORKLOADS[name]
         results[name] = compare(workload, args.repeats, args.threads, args.set)
+    notes = []
     print(f"\n{HEADER}")
     for name, sides in results.items():
         workload = WORKLOADS[name]
@@ -746,25 +839,24 @@ def main() -> None:
         label += " shared" * workload.share_prompts + " offload" * workload.offload_reference
         label += f" {workload.backend}" * (workload.backend != "lean")
         ours, trl = sides["ours"], sides["trl"]
+        floor, note = workload_floors(workload, args.threads, limits)
+        notes.append(f"{name}: {note}")
         print(row(label, "ours", ours, workload))
         print(row(label, "trl", trl, workload))
+        print(floor_row(floor, workload))
+        print(ratio_row("ours", ours, floor))
+        print(ratio_row("trl", trl, floor))
         print(
             f"{'':<38}{'ours/trl':<10} completions/s {trl.step / ours.step:.2f}x, "
             f"step time {ours.step / trl.step:.2f}x, peak RSS {ours.rss / trl.rss:.2f}x; "
             f"mean length ours {ours.mean_length:.1f} trl {trl.mean_length:.1f}"
         )
-    if "smollm2" in results:
-        floor = spawn("floor", SMOLLM2, args.threads)
-        flops = 10 * floor["params"] * floor["tokens_per_step"]  # 2N gen + 2N ref + 6N update
-        floor_s = flops / (ceiling * 1e9)
-        ours, trl = results["smollm2"]["ours"], results["smollm2"]["trl"]
-        print(
-            f"\nSmolLM2 FLOP floor: N = {floor['params'] / 1e6:.1f}M (LM head included), "
-            f"{floor['tokens_per_step']:.0f} tokens/step, 10N FLOPs/token (2N generation, "
-            f"2N reference, 6N policy forward+backward) = {flops / 1e12:.2f} TFLOP "
-            f"= {floor_s:.2f} s at the ceiling; ours {ours.step / floor_s:.1f}x the floor, "
-            f"TRL {trl.step / floor_s:.1f}x"
-        )
+    print(
+        f"\nfloors (scripts/floors.py, docs/performance.md): each phase's least time at "
+        f"{machine['gflops']:.0f} GFLOP/s and {machine['gbs']:.1f} GB/s, mean over the measured "
+        "steps; a shared prompt counted once per group; score+ref = the reference's forward"
+    )
+    print("\n".join(notes))
     if not args.quick and not args.no_scaling:
         scaling(args.repeats, args.threads, args.set)
     if "tiny" in results:
