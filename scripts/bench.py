@@ -686,14 +686,19 @@ def workload_floors(
     ]
     lengths = [n for p in spec["prompts"] for n in p]
     note = (
-        f"N = {(model.body + model.head) / 1e6:.1f}M (layers {model.body / 1e6:.1f}M + LM head "
-        f"{model.head / 1e6:.1f}M), {model.layers} layers, {model.heads} heads "
+        f"N = {_count(model.body + model.head)} (layers {_count(model.body)} + LM head "
+        f"{_count(model.head)}), {model.layers} layers, {model.heads} heads "
         f"({model.kv_heads} key/value) x {model.head_dim}; {workload.prompts} prompts of "
         f"{min(lengths)}-{max(lengths)} tokens a step, each shared by G={workload.group} "
-        f"completions of {t}; AdamW over {model.trainable / 1e6:.2f}M parameters"
-        + (f"; sync {model.synced / 1e6:.1f}M parameters" if model.synced else "")
+        f"completions of {t}; AdamW over {_count(model.trainable)} parameters"
+        + (f"; sync {_count(model.synced)} parameters" if model.synced else "")
     )
     return {k: statistics.mean(s[k] for s in steps) for k in steps[0]}, note
+
+
+def _count(n: int) -> str:
+    """A parameter count as 134.5M or 156.0k."""
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
 
 
 def floor_row(floor: dict[str, float], workload: Workload) -> str:
