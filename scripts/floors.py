@@ -84,6 +84,11 @@ class Step:
     prompts: tuple[int, ...]  # P of each distinct prompt
     completions: tuple[int, ...]  # c of each completion, G per prompt, grouped by prompt
 
+    @property
+    def fed(self) -> int:
+        """Tokens a scoring pass feeds: each prompt once, all but the last of each completion."""
+        return sum(self.prompts) + sum(c - 1 for c in self.completions)
+
     def rows(self) -> list[tuple[int, int]]:
         """(P, c) of every completion."""
         group = len(self.completions) // len(self.prompts)
@@ -93,8 +98,7 @@ class Step:
 def forward_flops(model: Model, step: Step) -> tuple[int, int]:
     """(linear, attention) FLOPs of one pass that scores every completion token: each prompt
     fed once, c - 1 completion tokens fed per row, the LM head at the c scored positions."""
-    fed = sum(step.prompts) + sum(c - 1 for c in step.completions)
-    linear = 2 * model.body * fed + 2 * model.head * sum(step.completions)
+    linear = 2 * model.body * step.fed + 2 * model.head * sum(step.completions)
     attention = sum(model.attention_flops(0, p) for p in step.prompts)
     attention += sum(model.attention_flops(p, p + c - 1) for p, c in step.rows())
     return linear, attention
@@ -125,8 +129,7 @@ def update(model: Model, step: Step, machine: Machine) -> float:
     """Seconds: the policy's forward and backward passes, then AdamW's pass over its state."""
     linear, attention = forward_flops(model, step)
     if model.adapter:  # frozen weights: input gradients only; the adapters' own 3 products
-        fed = sum(step.prompts) + sum(c - 1 for c in step.completions)
-        flops = 2 * linear + 3 * attention + 6 * model.adapter * fed
+        flops = 2 * linear + 3 * attention + 6 * model.adapter * step.fed
     else:
         flops = 3 * (linear + attention)
     optimiser = ADAMW_BYTES * model.trainable / machine.bandwidth
