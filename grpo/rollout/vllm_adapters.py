@@ -16,6 +16,7 @@ the folder costs a few milliseconds for a 135M model's r16 adapter, so the folde
 
 from __future__ import annotations
 
+import copy
 import shutil
 import tempfile
 import weakref
@@ -49,20 +50,29 @@ def adapters_active(model: PreTrainedModel) -> bool:
     return any(not layer.disable_adapters for layer in layers)
 
 
+def adapter_weights(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """The active adapter's LoRA weights under the names peft saves them by (the adapter's name
+    dropped), as `peft.get_peft_model_state_dict` gives them for LoRA, read from the parameters
+    alone (that function walks the whole state dict: 40 ms of SmolLM2's 80 ms sync)."""
+    tag = f".{model.active_adapter}"
+    return {
+        name.replace(tag, ""): p.detach().to("cpu").contiguous()
+        for name, p in model.named_parameters()
+        if "lora_" in name and tag in name
+    }
+
+
 def write_adapter(model: PreTrainedModel, folder: str | Path) -> str:
     """Write `model`'s active LoRA adapter to `folder` in peft's format (safetensors weights,
     adapter_config.json), which vLLM loads; returns the folder."""
-    from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = get_peft_model_state_dict(model, adapter_name=model.active_adapter)
-    save_file(
-        {name: t.detach().to("cpu").contiguous() for name, t in state.items()},
-        folder / "adapter_model.safetensors",
-    )
-    model.peft_config[model.active_adapter].save_pretrained(str(folder))
+    save_file(adapter_weights(model), folder / "adapter_model.safetensors")
+    config = copy.copy(model.peft_config[model.active_adapter])
+    config.inference_mode = True  # as peft's save_pretrained marks a saved adapter
+    config.save_pretrained(str(folder))
     return str(folder)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import typing
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from grpo.rollout import vllm_engine
 from grpo.rollout.backends import build_backend
 from grpo.rollout.settings import SamplingSettings
 from grpo.rollout.source import render_prompts
-from grpo.rollout.vllm_adapters import LORA_RANKS, engine_rank
+from grpo.rollout.vllm_adapters import LORA_RANKS, engine_rank, write_adapter
 from grpo.run.config import ConfigError, one_line, validate_config
 from grpo.train import train
 
@@ -242,6 +243,29 @@ def test_with_the_adapters_off_the_engine_samples_the_base_model():
     engine.sync(policy.model)
     on = engine_logprobs(engine, rollout)
     torch.testing.assert_close(on, adapted[mask], atol=1e-4, rtol=0)
+
+
+def test_the_adapter_is_written_as_peft_saves_it(tmp_path):
+    """`write_adapter`'s folder holds what peft's own `save_pretrained` writes: the same
+    tensors under the same names, the same config."""
+    from safetensors.torch import load_file
+
+    cfg = compose_config("model=tiny", "model.lora.enabled=true")
+    torch.manual_seed(0)
+    policy = instantiate(cfg.model)
+    with torch.no_grad():
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn_like(p))
+    ours = Path(write_adapter(policy.model, tmp_path / "ours"))
+    policy.model.save_pretrained(tmp_path / "peft")
+    mine, peft = (load_file(f / "adapter_model.safetensors") for f in (ours, tmp_path / "peft"))
+    assert mine.keys() == peft.keys() and len(mine) == 4 * 2 * 2  # q k v o, A B, 2 layers
+    assert all(torch.equal(mine[k], peft[k]) for k in mine)
+    config = (
+        json.loads((f / "adapter_config.json").read_text()) for f in (ours, tmp_path / "peft")
+    )
+    assert next(config) == next(config)
 
 
 def test_the_adapter_ranks_are_vllms():
