@@ -16,7 +16,9 @@ measured/floor ratio (scripts/floors.py), and how our step time grows with G x l
 `--quick` runs the tiny workload only (under 3 minutes); its last line reads
 `ratio tiny completions/s ours/trl: X.XX`. `--micro-batches` compares our update with fixed
 micro-batches and with `trainer.micro_batch_tokens` on one GSM8K rollout of varied lengths
-(needs ../shared/data/gsm8k or GRPO_GSM8K_DIR).
+(needs ../shared/data/gsm8k or GRPO_GSM8K_DIR). `--weight-sync` times vLLM's weight sync per
+step for SmolLM2 + LoRA r16, the adapter alone against the merged weights
+(`rollout.vllm.lora_sync`; needs vLLM).
 """
 
 from __future__ import annotations
@@ -507,6 +509,15 @@ def run_logprobs_piece(workload: Workload, threads: int, chunk: int | None, micr
     return {"time": _median_time(forward_backward, 3)}
 
 
+def lora_policy(workload: Workload):
+    """Our policy with LoRA r16 (alpha 32) on q, k, v, o and no dropout, chat template on."""
+    from grpo.model.loading import load_policy
+
+    lora = {"enabled": True, "r": LORA_RANK, "alpha": 32, "dropout": 0.0}
+    lora["target_modules"] = list(LORA_TARGETS)
+    return load_policy(model_folder(workload), tokenizer={"use_chat_template": True}, lora=lora)
+
+
 def run_update_piece(workload: Workload, threads: int, repeats: int = 3) -> dict:
     """`--micro-batches`, the update alone: SmolLM2 + LoRA r16, one seeded rollout of GSM8K-varied
     (the same tokens in every process), then the actor's update timed `repeats` times after a
@@ -515,7 +526,6 @@ def run_update_piece(workload: Workload, threads: int, repeats: int = 3) -> dict
 
     from grpo.actor.update import Actor, UpdateSettings
     from grpo.algorithm.loss import GRPOLoss
-    from grpo.model.loading import load_policy
     from grpo.rollout.lean import LeanBackend
     from grpo.rollout.settings import SamplingSettings
     from grpo.rollout.source import render_prompts, tokenize_prompts
@@ -524,9 +534,7 @@ def run_update_piece(workload: Workload, threads: int, repeats: int = 3) -> dict
     torch.set_num_threads(threads)
     folder = os.environ.get("GRPO_GSM8K_DIR", str(REPO.parent / "shared" / "data" / "gsm8k"))
     task = GSM8K(path=folder, max_train_samples=NUM_TRAIN, max_test_samples=2)
-    lora = {"enabled": True, "r": LORA_RANK, "alpha": 32, "dropout": 0.0}
-    lora["target_modules"] = list(LORA_TARGETS)
-    policy = load_policy(model_folder(workload), tokenizer={"use_chat_template": True}, lora=lora)
+    policy = lora_policy(workload)
     settings = SamplingSettings(workload.new_tokens, 256, stop_pattern=task.stop_pattern)
     prompts = render_prompts(policy.tokenizer, task, task.train[: workload.prompts], True)
     ids, mask = tokenize_prompts(policy.tokenizer, prompts, 256, "cpu")
@@ -542,6 +550,31 @@ def run_update_piece(workload: Workload, threads: int, repeats: int = 3) -> dict
     return {"update_s": wall, "lengths": lengths}
 
 
+def run_sync_piece(workload: Workload, threads: int, lora_sync: str, syncs: int = 5) -> dict:
+    """`--weight-sync`: SmolLM2 + LoRA r16 in a vLLM engine (`rollout.vllm.lora_sync`); the
+    seconds of `syncs` weight syncs after the engine's first (which loads the base weights),
+    each after the adapter changed as a step changes it (small noise on every LoRA weight)."""
+    import torch
+
+    from grpo.rollout.backends import build_backend
+    from grpo.rollout.settings import SamplingSettings
+
+    torch.set_num_threads(threads)
+    policy = lora_policy(workload)
+    settings = SamplingSettings(workload.new_tokens, max_prompt_length=256)
+    options = {"kv_cache_gib": 0.1, "lora_sync": lora_sync}
+    backend = build_backend("vllm", policy, settings, options)
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    times = []
+    for _ in range(syncs):
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn_like(p), alpha=1e-3)
+        times.append(backend.sync(policy.model))
+    every = sum(p.numel() for p in policy.model.parameters())
+    return {"sync_s": times, "adapter_params": sum(p.numel() for p in params), "params": every}
+
+
 def worker(args: argparse.Namespace) -> None:
     """Run one measurement in this process and write its JSON to `args.out`."""
     workload = Workload(**json.loads(args.spec))
@@ -555,6 +588,8 @@ def worker(args: argparse.Namespace) -> None:
         result = run_generation_pieces(workload, args.threads)
     elif args.worker == "update":
         result = run_update_piece(workload, args.threads)
+    elif args.worker == "sync":
+        result = run_sync_piece(workload, args.threads, args.set[0])
     elif args.worker == "logprobs":
         chunk, micro = json.loads(args.set[0])
         result = run_logprobs_piece(workload, args.threads, chunk, micro)
@@ -774,6 +809,11 @@ def main() -> None:
         "../shared/data/gsm8k or GRPO_GSM8K_DIR)",
     )
     parser.add_argument(
+        "--weight-sync",
+        action="store_true",
+        help="ours only: vLLM weight-sync seconds per step, LoRA adapter vs merged (needs vLLM)",
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -783,7 +823,7 @@ def main() -> None:
     # Worker mode (internal): run one measurement and write JSON.
     parser.add_argument(
         "--worker",
-        choices=["ours", "trl", "machine", "floor", "generation", "logprobs", "update"],
+        choices=["ours", "trl", "machine", "floor", "generation", "logprobs", "update", "sync"],
     )
     parser.add_argument("--spec", help="the workload as JSON")
     parser.add_argument("--out")
@@ -807,6 +847,11 @@ def main() -> None:
         return
     if args.micro_batches:
         micro_batch_modes(args.repeats, args.threads)
+        return
+    if args.weight_sync:
+        if not available():
+            raise SystemExit("--weight-sync needs vLLM: run `make install-vllm`")
+        weight_sync_modes(args.repeats, args.threads)
         return
     ensure_trl(args.install)
     import torch
@@ -904,6 +949,33 @@ def micro_batch_modes(repeats: int, threads: int) -> None:
     print(
         f"  tokens/fixed: update time {tokens / fixed:.2f}x, peak RSS {tokens_rss / fixed_rss:.2f}x"
     )
+
+
+def weight_sync_modes(repeats: int, threads: int) -> None:
+    """`--weight-sync`: the seconds vLLM's weight sync takes per step for SmolLM2 + LoRA r16,
+    the adapter alone against the merged state dict (`rollout.vllm.lora_sync`), each mode in its
+    own process (one engine per process), alternating; medians over every process's syncs."""
+    workload = SMOLLM2_LORA_VLLM
+    runs: dict[str, list[dict]] = {"adapter": [], "merged": []}
+    for _ in range(repeats):
+        for mode in runs:
+            runs[mode].append(spawn("sync", workload, threads, [mode]))
+    first = runs["adapter"][0]
+    print(
+        f"\nweight sync, SmolLM2-135M-Instruct + LoRA r16 on q, k, v, o "
+        f"({first['adapter_params'] / 1e6:.2f}M adapter parameters of "
+        f"{first['params'] / 1e6:.1f}M), vLLM in the process, {threads} thread(s), "
+        f"{repeats} process(es) per mode x {len(first['sync_s'])} syncs; 1-min load {load():.2f}"
+    )
+    medians = {}
+    for mode, r in runs.items():
+        times = [t for x in r for t in x["sync_s"]]
+        medians[mode] = statistics.median(times)
+        print(
+            f"  {mode:<8} {medians[mode]:.4f} s per sync (range {min(times):.4f}-"
+            f"{max(times):.4f}), peak RSS {statistics.median(x['peak_rss_mb'] for x in r):.0f} MB"
+        )
+    print(f"  merged/adapter: {medians['merged'] / medians['adapter']:.1f}x")
 
 
 def scaling(repeats: int, threads: int, extra: list[str]) -> None:

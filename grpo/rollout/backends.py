@@ -5,7 +5,7 @@ Each backend is one module with one class (`grpo.rollout.base.Backend`) and one 
   for other models;
 - `transformers`: transformers' `generate` (`grpo.rollout.hf_generate`);
 - `vllm`: vLLM's offline engine in the training process (`grpo.rollout.vllm_engine`,
-  `make install-vllm`), fed the policy's weights after every optimiser step.
+  `make install-vllm`), fed the policy's weights (or its LoRA adapter) after every optimiser step.
 """
 
 from __future__ import annotations

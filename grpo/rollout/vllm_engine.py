@@ -1,12 +1,18 @@
 """Generation with vLLM's offline engine inside the training process (TRL calls it "colocate").
 
 `VLLMBackend` holds one `vllm.LLM` built from the policy's checkpoint and fed the policy's weights
-after every optimiser step (`sync`): the whole state dict in the checkpoint's names, LoRA adapters
-merged into the weights they adapt (W + B A scaling, computed without touching the policy; none
-while the adapters are disabled, as for the comparison's original model), the
-tied LM head given explicitly, through the worker's `reload_weights` (on CPU vLLM repacks its
-linear layers, so `model.load_weights` cannot write into them). Prefix caching is off, so no
-cache outlives a weight change.
+after every optimiser step (`sync`). Full fine-tuning, and LoRA with `lora_sync="merged"`: the
+whole state dict in the checkpoint's names, LoRA adapters merged into the weights they adapt
+(W + B A scaling, computed without touching the policy; none while the adapters are disabled, as
+for the comparison's original model), the tied LM head given explicitly, through the worker's
+`reload_weights` (on CPU vLLM repacks its linear layers, so `model.load_weights` cannot write
+into them). LoRA with `lora_sync="adapter"` (the default): the engine is built with vLLM's LoRA
+support, the first sync loads the policy's base weights (so the engine's base is the policy's,
+whatever the checkpoint file holds), and every sync after it hands over only the adapter, as a
+new version (`grpo.rollout.vllm_adapters`) that generation then names; while the adapters are
+disabled, generation names none and samples the base. No 4-bit base: vLLM 0.32 dropped
+bitsandbytes (refused in `grpo.run.config`). Prefix caching is off, so no cache outlives a
+weight change.
 
 Sampling follows the other backends: the same prompt tokens (our tokenizer, our chat template,
 `TokensPrompt`), n = G per prompt, temperature, top-p, top-k, min/max new tokens, and one seed per
@@ -44,6 +50,7 @@ from grpo.batch import Rollout
 from grpo.model.loading import Policy, causal_lm
 from grpo.rollout.base import Backend
 from grpo.rollout.settings import SamplingSettings
+from grpo.rollout.vllm_adapters import AdapterVersions, adapter_rank, engine_rank
 
 INSTALL_HINT = "rollout.backend=vllm needs vLLM: run `make install-vllm`"
 
@@ -53,14 +60,14 @@ def available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def hf_weights(model: PreTrainedModel) -> Iterator[tuple[str, torch.Tensor]]:
+def hf_weights(model: PreTrainedModel, merged: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """The policy's weights as the checkpoint names them, active LoRA adapters merged
-    (W + delta; disabled adapters add nothing)."""
+    (W + delta; disabled adapters add nothing; `merged=False`: the base weights alone)."""
     lm = causal_lm(model)
     deltas = {}
     for name, module in lm.named_modules():
         lora = hasattr(module, "get_delta_weight") and hasattr(module, "base_layer")
-        if lora and not module.disable_adapters:
+        if lora and merged and not module.disable_adapters:
             for adapter in module.active_adapters:
                 delta = module.get_delta_weight(adapter).detach()
                 deltas[f"{name}.weight"] = deltas.get(f"{name}.weight", 0) + delta
@@ -125,7 +132,8 @@ def _regex_stop_processor():
 
 class VLLMBackend(Backend):
     """The `vllm` backend: vLLM's offline engine on the policy's checkpoint, fed the policy's
-    weights (see the module docstring); `rollout.vllm` gives its keyword settings."""
+    weights or adapters (see the module docstring); `rollout.vllm` gives its keyword
+    settings."""
 
     def __init__(
         self,
@@ -136,6 +144,7 @@ class VLLMBackend(Backend):
         gpu_memory_utilization: float = 0.3,
         enforce_eager: bool = True,
         sleep: bool = False,
+        lora_sync: str = "adapter",
     ) -> None:
         super().__init__(policy, settings)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process
@@ -149,6 +158,11 @@ class VLLMBackend(Backend):
             else {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)}
         )
         os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override the size above
+        as_adapters = policy.uses_lora and lora_sync == "adapter"
+        lora = {}
+        if as_adapters:  # one adapter at a time, of the policy's rank rounded up to vLLM's
+            rank = engine_rank(adapter_rank(policy.model))
+            lora = {"enable_lora": True, "max_lora_rank": rank, "max_loras": 1}
         with _undone_side_effects():
             self.llm = LLM(
                 model=policy.checkpoint,
@@ -160,20 +174,29 @@ class VLLMBackend(Backend):
                 logits_processors=[_regex_stop_processor()],
                 seed=0,
                 **memory,
+                **lora,
             )
+        self.adapters = AdapterVersions(self.llm.llm_engine) if as_adapters else None
+        self.base_loaded = False
         self.sleeps = cuda and sleep
         if self.sleeps:
             self.llm.sleep(level=1)
 
     def sync(self, model: PreTrainedModel) -> float:
-        """Load `model`'s current weights into the engine; returns the seconds it took."""
+        """Load `model`'s current weights into the engine (with adapter sync: the base weights
+        the first time, then its adapter alone); returns the seconds it took."""
         start = time.perf_counter()
         if self.sleeps:
             self.llm.wake_up()
-        weights = iter(list(hf_weights(model)))
-        self.llm.collective_rpc(
-            "reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True}
-        )
+        if self.adapters is None or not self.base_loaded:
+            weights = iter(list(hf_weights(model, merged=self.adapters is None)))
+            self.llm.collective_rpc(
+                "reload_weights",
+                kwargs={"weights_iterator": weights, "is_checkpoint_format": True},
+            )
+            self.base_loaded = True
+        if self.adapters is not None:
+            self.adapters.update(model)
         if self.sleeps:
             self.llm.sleep(level=1)
         return time.perf_counter() - start
@@ -195,7 +218,8 @@ class VLLMBackend(Backend):
             kept = [t for t, m in zip(ids, mask, strict=True) if m]
             requests.append(TokensPrompt(prompt_token_ids=kept))
             params.append(_sampling_params(n, settings))
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        adapter = self.adapters.request if self.adapters is not None else None
+        outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=adapter)
         if self.sleeps:
             self.llm.sleep(level=1)
         tokens, logprobs, truncated = [], [], []

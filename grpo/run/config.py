@@ -27,7 +27,7 @@ from grpo.algorithm.policy_losses import POLICY_LOSSES
 from grpo.algorithm.rollout_correction import ROLLOUT_CORRECTIONS
 from grpo.distributed import launched_world_size
 from grpo.registry import import_function
-from grpo.rollout import vllm_engine
+from grpo.rollout import vllm_adapters, vllm_engine
 from grpo.rollout.backends import BACKENDS
 from grpo.run.schema import Strategy
 from grpo.tasks.dataset import CheckerReward, DatasetTask, build_checker
@@ -186,8 +186,7 @@ def validate_config(cfg: DictConfig) -> None:
         _require(vllm_engine.available(), "rollout.backend", vllm_engine.INSTALL_HINT, "vllm")
         why = "the engine serves one process for now: run vLLM without torchrun"
         _require(world == 1, "rollout.backend", why, "vllm")
-        why = "vLLM is fed full-precision weights: no 4-bit base with rollout.backend=vllm"
-        _require(not model.load_in_4bit, "model.load_in_4bit", why, model.load_in_4bit)
+        _check_lora_sync(cfg)
     if tr.strategy == Strategy.fsdp and world > 1:
         why = "FSDP shards whole weights only in fp32 or bf16 without 4-bit quantization"
         _require(not model.load_in_4bit, "trainer.strategy", why, tr.strategy)
@@ -204,6 +203,20 @@ def validate_config(cfg: DictConfig) -> None:
         "null, auto, or an existing checkpoint or run folder",
         resume,
     )
+
+
+def _check_lora_sync(cfg: DictConfig) -> None:
+    """rollout.backend=vllm with LoRA: the adapter's rank fits vLLM's; no 4-bit base."""
+    model = cfg.model
+    if model.lora.enabled and cfg.rollout.vllm.lora_sync == "adapter":
+        top = vllm_adapters.LORA_RANKS[-1]
+        why = f"vLLM serves adapters of rank <= {top} (or set rollout.vllm.lora_sync=merged)"
+        _require(model.lora.r <= top, "model.lora.r", why, model.lora.r)
+    why = (
+        "vLLM 0.32 cannot load a bitsandbytes 4-bit base (it dropped bitsandbytes): "
+        "use rollout.backend=lean with a 4-bit base"
+    )
+    _require(not model.load_in_4bit, "model.load_in_4bit", why, model.load_in_4bit)
 
 
 def _registry_check(registry: Any, name: str, settings: dict[str, Any], key: str) -> None:

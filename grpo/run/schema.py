@@ -33,6 +33,11 @@ class Dtype(StrEnum):
     float16 = "float16"
 
 
+class LoraSync(StrEnum):
+    adapter = "adapter"
+    merged = "merged"
+
+
 class PaddingSide(StrEnum):
     left = "left"
     right = "right"
@@ -121,6 +126,7 @@ class VLLMSchema:
     gpu_memory_utilization: float = MISSING
     enforce_eager: bool = MISSING
     sleep: bool = MISSING
+    lora_sync: LoraSync = MISSING
 
 
 @dataclass

