@@ -33,6 +33,11 @@ class Dtype(StrEnum):
     float16 = "float16"
 
 
+class VLLMMode(StrEnum):
+    colocate = "colocate"
+    server = "server"
+
+
 class PaddingSide(StrEnum):
     left = "left"
     right = "right"
@@ -117,10 +122,18 @@ class AlgorithmSchema:
 
 @dataclass
 class VLLMSchema:
+    mode: VLLMMode = MISSING
     kv_cache_gib: float = MISSING
     gpu_memory_utilization: float = MISSING
     enforce_eager: bool = MISSING
     sleep: bool = MISSING
+    servers: Any = MISSING  # auto, a count, or a list of host:port (checked in config.py)
+    host: str = MISSING
+    port: int = MISSING
+    connect_timeout_s: float = MISSING
+    start_timeout_s: float = MISSING
+    request_timeout_s: float = MISSING
+    weights_dir: str | None = MISSING
 
 
 @dataclass
