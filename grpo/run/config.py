@@ -189,16 +189,16 @@ def validate_config(cfg: DictConfig) -> None:
         _require(every == 0, "algorithm.reference_update.every", why, every)
     if ro.backend == "vllm":
         _require(vllm_engine.available(), "rollout.backend", vllm_engine.INSTALL_HINT, "vllm")
+        if ro.vllm.mode == VLLMMode.server:
+            servers = OmegaConf.to_container(ro.vllm, resolve=True)["servers"]
+            why = "auto, a count of local servers >= 1, or a list of host:port"
+            _require(server_addresses(servers) is not None, "rollout.vllm.servers", why, servers)
+            why = "vLLM servers take one trainer process for now: run it without torchrun"
+            _require(world == 1, "rollout.vllm.mode", why, "server")
         why = "the engine serves one process for now: run vLLM without torchrun"
         _require(world == 1, "rollout.backend", why, "vllm")
         why = "vLLM is fed full-precision weights: no 4-bit base with rollout.backend=vllm"
         _require(not model.load_in_4bit, "model.load_in_4bit", why, model.load_in_4bit)
-    if ro.backend == "vllm" and ro.vllm.mode == VLLMMode.server:
-        servers = OmegaConf.to_container(ro.vllm, resolve=True)["servers"]
-        why = "auto, a count of local servers >= 1, or a list of host:port"
-        _require(server_addresses(servers) is not None, "rollout.vllm.servers", why, servers)
-        why = "vLLM servers take one trainer process for now: run it without torchrun"
-        _require(world == 1, "rollout.vllm.mode", why, "server")
     if tr.strategy == Strategy.fsdp and world > 1:
         why = "FSDP shards whole weights only in fp32 or bf16 without 4-bit quantization"
         _require(not model.load_in_4bit, "trainer.strategy", why, tr.strategy)
