@@ -81,8 +81,10 @@ def request(address: str, path: str, body: dict[str, Any] | None, timeout: float
     except urllib.error.HTTPError as error:
         detail = " ".join(error.read().decode(errors="replace").split())[:300]
         raise RuntimeError(f"rollout server {address}{path}: HTTP {error.code}: {detail}") from None
-    except (OSError, http.client.HTTPException) as error:
-        reason = getattr(error, "reason", None) or error or type(error).__name__
+    except (OSError, http.client.HTTPException) as error:  # refused, reset, closed, timed out
+        reason = getattr(error, "reason", error)
+        if isinstance(reason, TimeoutError):
+            reason = f"no answer within {timeout:g} s"
         raise BackendLost(f"rollout server {address}: {reason}") from None
     return json.loads(text) if text else None
 

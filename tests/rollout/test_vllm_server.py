@@ -3,13 +3,15 @@
 client's completions (stop rule, log-probs equal to the training forward pass); two training
 steps against it, after which the server holds the trained weights; a server killed mid-run
 (one line and a checkpoint, then the run resumes with `servers=auto`, which starts and stops
-its own server); a wrong address and a wrong model refused before the policy loads. vLLM's CPU
+its own server); a hung server given up after the request timeout; a wrong address, a wrong
+model and bad server settings refused before the policy loads. vLLM's CPU
 attention needs head_dim >= 32: the tiny model has 2 heads of 32 here (`WIDE_HEADS`)."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -26,7 +28,7 @@ from grpo.rollout.backends import build_backend
 from grpo.rollout.base import BackendLost
 from grpo.rollout.settings import SamplingSettings
 from grpo.rollout.source import render_prompts, tokenize_prompts
-from grpo.rollout.vllm_server import request, wait_until_healthy
+from grpo.rollout.vllm_server import VLLMServerBackend, request, wait_until_healthy
 from grpo.run.config import validate_config
 from grpo.run.servers import free_port
 from grpo.train import train
@@ -264,3 +266,19 @@ def test_server_mode_under_torchrun_is_refused_naming_the_key(monkeypatch):
     cfg = compose_config(*TINY, *server_overrides("auto"))
     with pytest.raises(ValueError, match="rollout.vllm.mode='server': vLLM servers take one"):
         validate_config(cfg)
+
+
+def test_a_server_that_stops_answering_is_lost_after_the_request_timeout():
+    """A peer that accepts connections and never answers (a hung server): the weight sync gives
+    up after `request_timeout_s` with one line naming it, instead of hanging."""
+    policy, _ = tiny_policy_and_prompts()
+    settings = SamplingSettings(max_new_tokens=8, max_prompt_length=256)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        backend = VLLMServerBackend(policy, settings, servers=[address], request_timeout_s=1)
+        start = time.monotonic()
+        with pytest.raises(BackendLost, match=f"rollout server {address}: no answer within 1 s"):
+            backend.sync(policy.model)
+        assert time.monotonic() - start < 30
