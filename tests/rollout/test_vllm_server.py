@@ -4,8 +4,8 @@ client's completions (stop rule, log-probs equal to the training forward pass); 
 steps against it, after which the server holds the trained weights; a server killed mid-run
 (one line and a checkpoint, then the run resumes with `servers=auto`, which starts and stops
 its own server); a hung server given up after the request timeout; a wrong address, a wrong
-model and bad server settings refused before the policy loads. vLLM's CPU
-attention needs head_dim >= 32: the tiny model has 2 heads of 32 here (`WIDE_HEADS`)."""
+model and bad server settings refused before the policy loads. vLLM's CPU attention needs
+head_dim >= 32: the tiny model has 2 heads of 32 here (`WIDE_HEADS`)."""
 
 from __future__ import annotations
 
