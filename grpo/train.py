@@ -55,6 +55,7 @@ from grpo.run.config import ConfigError, one_line, validate_config
 from grpo.run.loggers import NullLogger
 from grpo.run.metrics import sample_records, step_metrics
 from grpo.run.records import job_threads
+from grpo.run.servers import rollout_servers
 
 
 def seed_everything(seed: int) -> None:
@@ -77,6 +78,14 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     """Run GRPO as configured, writing into `run_dir`; returns `cfg.objective` from the end."""
     distributed.adopt_slurm()  # SLURM tasks without torchrun: ranks from SLURM's variables
     validate_config(cfg)  # every rule, before anything loads
+    # rollout.vllm.mode=server: the vLLM servers answer and serve this model before the policy
+    # loads (servers=auto: started here, and stopped however the run ends).
+    with rollout_servers(cfg, run_dir):
+        return run(cfg, run_dir)
+
+
+def run(cfg: DictConfig, run_dir: Path) -> float:
+    """`train` once the config is checked and the rollout servers, if any, are up."""
     alg, tr = cfg.algorithm, cfg.trainer
     g = alg.num_responses_per_prompt
     if threads := job_threads(tr.num_threads):  # null: the job's share of cores in a sweep
@@ -138,47 +147,48 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     if resume is None:
         start_step, before = 0, run_eval()  # kept in summary.json, not a step of metrics.jsonl
     after: dict[str, float] = {}
-    ckpt.catch_signals()  # SIGTERM/SIGINT: finish the step, checkpoint, exit
-    for step in range(start_step + 1, tr.max_steps + 1):
-        t0 = time.perf_counter()
-        # 1-3. Sample prompts, generate G completions each, score (all ranks' groups); DAPO's
-        # dynamic sampling drops groups whose rewards all agree and samples more to refill.
-        with distributed.gathered(policy.model):  # FSDP: generate with the whole weights
-            batch, stats = sample_groups(draw, tr.batch_size, g, **alg.dynamic_sampling)
-        mine = distributed.my_part(batch, device)  # this rank's groups
-        t1 = time.perf_counter()
-        # 4. Token log-probs without gradient (reference, old policy), then the advantages.
-        scores = actor.score(mine.rollout)
-        t2 = time.perf_counter()
-        rewards = batch.rewards
-        if alg.kl.in_reward:  # the KL penalty in the reward (InstructGPT, verl)
-            rewards = rewards - reward_kl_penalty(scores, mine.rollout, alg.kl)
-        advantages = estimate_advantages(alg.advantage, rewards, g, batch.scores.part_tensors)
-        t3 = time.perf_counter()
-        # 5. Policy update: mu epochs over mini-batches; then a reference update, if one is due.
-        stats |= actor.update(mine.rollout, distributed.my_rows(advantages).to(device), scores)
-        if reference is not None:
-            reference.maybe_update(step)
-        scheduler.step()
-        t4 = time.perf_counter()
-        # 6. Log, evaluate, checkpoint; the backend then samples from the updated policy.
-        seconds = {
-            "generate": batch.generate_s,
-            "reward": batch.reward_s,
-            "logprobs": t2 - t1,
-            "advantages": t3 - t2,
-            "update": t4 - t3,
-            "step": t4 - t0,
-        }
-        metrics = step_metrics(stats, batch, g, scheduler, trainable, sampler, seconds)
-        metrics["time/weight_sync_s"] = source.backend.sync(policy.model)
-        if step == tr.max_steps or (cfg.eval.every and step % cfg.eval.every == 0):
-            after = run_eval()
-            metrics.update(after)
-        logger.log(step, metrics)
-        logger.log_samples(step, sample_records(task, batch, advantages))
-        ckpt.step_end(step, before)  # a checkpoint every save_every steps, or on a signal
-    ckpt.release_signals()
+    # SIGTERM/SIGINT: finish the step, checkpoint, exit; a lost rollout server: checkpoint the
+    # last step whose update is done, exit with one line.
+    with ckpt.guard(before):
+        for step in range(start_step + 1, tr.max_steps + 1):
+            t0 = time.perf_counter()
+            # 1-3. Sample prompts, generate G completions each, score (all ranks' groups); DAPO's
+            # dynamic sampling drops groups whose rewards all agree and samples more to refill.
+            with distributed.gathered(policy.model):  # FSDP: generate with the whole weights
+                batch, stats = sample_groups(draw, tr.batch_size, g, **alg.dynamic_sampling)
+            mine = distributed.my_part(batch, device)  # this rank's groups
+            t1 = time.perf_counter()
+            # 4. Token log-probs without gradient (reference, old policy), then the advantages.
+            scores = actor.score(mine.rollout)
+            t2 = time.perf_counter()
+            rewards = batch.rewards
+            if alg.kl.in_reward:  # the KL penalty in the reward (InstructGPT, verl)
+                rewards = rewards - reward_kl_penalty(scores, mine.rollout, alg.kl)
+            advantages = estimate_advantages(alg.advantage, rewards, g, batch.scores.part_tensors)
+            t3 = time.perf_counter()
+            # 5. Policy update: mu epochs over mini-batches; then a reference update, if one is due.
+            stats |= actor.update(mine.rollout, distributed.my_rows(advantages).to(device), scores)
+            if reference is not None:
+                reference.maybe_update(step)
+            scheduler.step()
+            t4 = time.perf_counter()
+            # 6. Log, evaluate, checkpoint; the backend then samples from the updated policy.
+            seconds = {
+                "generate": batch.generate_s,
+                "reward": batch.reward_s,
+                "logprobs": t2 - t1,
+                "advantages": t3 - t2,
+                "update": t4 - t3,
+                "step": t4 - t0,
+            }
+            metrics = step_metrics(stats, batch, g, scheduler, trainable, sampler, seconds)
+            metrics["time/weight_sync_s"] = source.backend.sync(policy.model)
+            if step == tr.max_steps or (cfg.eval.every and step % cfg.eval.every == 0):
+                after = run_eval()
+                metrics.update(after)
+            logger.log(step, metrics)
+            logger.log_samples(step, sample_records(task, batch, advantages))
+            ckpt.step_end(step, before)  # a checkpoint every save_every steps, or on a signal
 
     summary = {**after, "before": before, "after": after, "steps": tr.max_steps}
     weights = distributed.full_state_dict(policy.model)  # FSDP: from all ranks' shards

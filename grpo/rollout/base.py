@@ -9,7 +9,8 @@ comparison's original model), returning the seconds it took.
 A completion ends at EOS, at the settings' stop pattern (e.g. the `#### N` answer line), or at
 `max_new_tokens`, in which case it is marked truncated. Its mask covers exactly the tokens the
 policy sampled, the EOS included. With `keep_logprobs` the rollout keeps each sampled token's
-log-prob under the backend, for the rollout-vs-training correction.
+log-prob under the backend, for the rollout-vs-training correction. A backend outside this
+process raises `BackendLost` when it goes away.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCrite
 from grpo.batch import Rollout
 from grpo.model.loading import Policy
 from grpo.rollout.settings import SamplingSettings
+
+
+class BackendLost(RuntimeError):
+    """The backend cannot generate any more (a vLLM server went away): one line naming what was
+    lost. The run's own state is whole, so the trainer stops with a checkpoint."""
 
 
 class Backend(ABC):

@@ -17,12 +17,15 @@ weight change.
 Sampling follows the other backends: the same prompt tokens (our tokenizer, our chat template,
 `TokensPrompt`), n = G per prompt, temperature, top-p, top-k, min/max new tokens, and one seed per
 prompt drawn from torch's generator, so runs reproduce. The task's stop pattern is a regex, which
-vLLM's `stop` (plain strings) cannot express: `RegexStop`, a logits processor, forces EOS once the
-decoded completion matches; that EOS was not sampled and is dropped, so the completion ends where
-the text matched, as with the lean decoder. The engine returns each sampled token's log-prob of
-the distribution it sampled from (`logprobs_mode="processed_logprobs"`: after temperature, top-k,
-top-p and min_tokens), kept as `Rollout.sampling_logprobs` for the rollout-vs-training
-correction.
+vLLM's `stop` (plain strings) cannot express: `RegexStop` (`grpo.rollout.vllm_stop`), a logits
+processor, forces EOS once the decoded completion matches; that EOS was not sampled and is
+dropped, so the completion ends where the text matched, as with the lean decoder. The engine
+returns each sampled token's log-prob of the distribution it sampled from
+(`logprobs_mode="processed_logprobs"`: after temperature, top-k, top-p and min_tokens), kept as
+`Rollout.sampling_logprobs` for the rollout-vs-training correction. The engine's settings
+(`engine_args`), the requests (`sampling_requests`) and the completions they give
+(`finished_completions`, `to_rollout`) are shared with the client of vLLM servers
+(`grpo.rollout.vllm_server`).
 
 Side effects of `vllm.LLM` that are undone here: it reseeds python, numpy and torch (their states
 are restored) and makes `torch.set_num_threads` a no-op (the original is put back). Its threads
@@ -38,7 +41,7 @@ import os
 import random
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -53,6 +56,8 @@ from grpo.rollout.settings import SamplingSettings
 from grpo.rollout.vllm_adapters import AdapterVersions, adapter_rank, engine_rank
 
 INSTALL_HINT = "rollout.backend=vllm needs vLLM: run `make install-vllm`"
+# The task's regex stop rule as a logits processor, named for vLLM to import (in a server too).
+REGEX_STOP = "grpo.rollout.vllm_stop:RegexStop"
 
 
 def available() -> bool:
@@ -96,38 +101,43 @@ def _undone_side_effects() -> Iterator[None]:
         torch.set_rng_state(states[2])
 
 
-def _regex_stop_processor():
-    """A vLLM (V1) logits processor that forces EOS once the decoded completion matches the
-    request's `extra_args["stop_regex"]`."""
-    from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
-
-    class RegexStop(AdapterLogitsProcessor):
-        def __init__(self, vllm_config, device, is_pin_memory) -> None:
-            super().__init__(vllm_config, device, is_pin_memory)
-            from transformers import AutoTokenizer
-
-            self.tokenizer = AutoTokenizer.from_pretrained(vllm_config.model_config.tokenizer)
-            self.eos = self.tokenizer.eos_token_id
-
-        def is_argmax_invariant(self) -> bool:
-            return False  # it changes which token wins
-
-        def new_req_logits_processor(self, params):
-            pattern = (params.extra_args or {}).get("stop_regex")
-            if not pattern:
-                return None
-            regex, decode, eos = re.compile(pattern), self.tokenizer.decode, self.eos
-
-            def force_eos(output_ids, logits):
-                if output_ids and regex.search(decode(output_ids, skip_special_tokens=True)):
-                    forced = torch.full_like(logits, -torch.inf)
-                    forced[eos] = 0.0
-                    return forced
-                return logits
-
-            return force_eos
-
-    return RegexStop
+def engine_args(
+    checkpoint: str,
+    dtype: torch.dtype | str,
+    settings: SamplingSettings,
+    *,
+    kv_cache_gib: float,
+    gpu_memory_utilization: float,
+    enforce_eager: bool,
+    sleep: bool = False,
+    lora_rank: int | None = None,
+) -> dict[str, Any]:
+    """The engine's settings, in one place for the engine in this process (`vllm.LLM(**args)`)
+    and for a server (`grpo.rollout.vllm_server.server_command` turns them into its flags):
+    the checkpoint's model and tokenizer, the policy's dtype, room for the longest prompt and
+    completion, the log-probs of the distribution sampled from, the regex stop rule, no prefix
+    cache (no cache outlives a weight change); the KV cache in GiB on CPU, a fraction of the
+    GPU on CUDA; with `lora_rank`, vLLM's LoRA support for one adapter of that rank (rounded up
+    to a rank vLLM is built for)."""
+    memory = (
+        {"gpu_memory_utilization": gpu_memory_utilization, "enable_sleep_mode": sleep}
+        if torch.cuda.is_available()
+        else {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)}
+    )
+    args = {
+        "model": checkpoint,
+        "dtype": str(dtype).removeprefix("torch."),
+        "max_model_len": settings.max_prompt_length + settings.max_new_tokens,
+        "enforce_eager": enforce_eager,
+        "enable_prefix_caching": False,
+        "logprobs_mode": "processed_logprobs",
+        "logits_processors": [REGEX_STOP],
+        "seed": 0,
+        **memory,
+    }
+    if lora_rank is not None:
+        args |= {"enable_lora": True, "max_lora_rank": engine_rank(lora_rank), "max_loras": 1}
+    return args
 
 
 class VLLMBackend(Backend):
@@ -151,34 +161,23 @@ class VLLMBackend(Backend):
         os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
         from vllm import LLM
 
-        cuda = torch.cuda.is_available()
-        memory = (
-            {"gpu_memory_utilization": gpu_memory_utilization, "enable_sleep_mode": sleep}
-            if cuda
-            else {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)}
-        )
-        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override the size above
+        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override kv_cache_gib
         as_adapters = policy.uses_lora and lora_sync == "adapter"
-        lora = {}
-        if as_adapters:  # one adapter at a time, of the policy's rank rounded up to vLLM's
-            rank = engine_rank(adapter_rank(policy.model))
-            lora = {"enable_lora": True, "max_lora_rank": rank, "max_loras": 1}
+        args = engine_args(
+            policy.checkpoint,
+            policy.model.dtype,
+            settings,
+            kv_cache_gib=kv_cache_gib,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=enforce_eager,
+            sleep=sleep,
+            lora_rank=adapter_rank(policy.model) if as_adapters else None,
+        )
         with _undone_side_effects():
-            self.llm = LLM(
-                model=policy.checkpoint,
-                dtype=str(policy.model.dtype).removeprefix("torch."),
-                max_model_len=settings.max_prompt_length + settings.max_new_tokens,
-                enforce_eager=enforce_eager,
-                enable_prefix_caching=False,
-                logprobs_mode="processed_logprobs",
-                logits_processors=[_regex_stop_processor()],
-                seed=0,
-                **memory,
-                **lora,
-            )
+            self.llm = LLM(**args)
         self.adapters = AdapterVersions(self.llm.llm_engine) if as_adapters else None
         self.base_loaded = False
-        self.sleeps = cuda and sleep
+        self.sleeps = torch.cuda.is_available() and sleep
         if self.sleeps:
             self.llm.sleep(level=1)
 
@@ -209,56 +208,76 @@ class VLLMBackend(Backend):
         n: int,
         settings: SamplingSettings,
     ) -> Rollout:
-        from vllm import TokensPrompt
+        from vllm import SamplingParams, TokensPrompt
 
         if self.sleeps:
             self.llm.wake_up()
-        requests, params = [], []
-        for ids, mask in zip(prompt_ids.tolist(), prompt_mask.tolist(), strict=True):
-            kept = [t for t, m in zip(ids, mask, strict=True) if m]
-            requests.append(TokensPrompt(prompt_token_ids=kept))
-            params.append(_sampling_params(n, settings))
-        adapter = self.adapters.request if self.adapters is not None else None
-        outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=adapter)
+        requests = sampling_requests(prompt_ids, prompt_mask, n, settings)
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=ids) for ids, _ in requests],
+            [SamplingParams(**fields, detokenize=False) for _, fields in requests],
+            use_tqdm=False,
+            lora_request=self.adapters.request if self.adapters is not None else None,
+        )
         if self.sleeps:
             self.llm.sleep(level=1)
-        tokens, logprobs, truncated = [], [], []
-        regex = re.compile(settings.stop_pattern) if settings.stop_pattern else None
-        eos = self.tokenizer.eos_token_id
+        samples = []
         for output in outputs:
             for sample in output.outputs:
                 ids = list(sample.token_ids)
                 logp = [step[t].logprob for step, t in zip(sample.logprobs, ids, strict=True)]
-                forced = (
-                    regex is not None
-                    and ids[-1:] == [eos]
-                    and regex.search(self.tokenizer.decode(ids[:-1], skip_special_tokens=True))
-                )
-                if forced:  # the EOS the stop pattern forced was not sampled
-                    ids, logp = ids[:-1], logp[:-1]
-                tokens.append(ids)
-                logprobs.append(logp)
-                truncated.append(sample.finish_reason == "length" and not forced)
-        return to_rollout(self.tokenizer, prompt_ids, prompt_mask, n, (tokens, logprobs, truncated))
+                samples.append((ids, logp, sample.finish_reason))
+        completions = finished_completions(self.tokenizer, settings, samples)
+        return to_rollout(self.tokenizer, prompt_ids, prompt_mask, n, completions)
 
 
-def _sampling_params(n: int, settings: SamplingSettings) -> Any:
-    """vLLM's `SamplingParams` for `n` completions of one prompt, seeded from torch's generator."""
-    from vllm import SamplingParams
-
+def sampling_requests(
+    prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, n: int, settings: SamplingSettings
+) -> list[tuple[list[int], dict[str, Any]]]:
+    """Each prompt's token ids (padding dropped) and the fields of vLLM's `SamplingParams` for
+    its `n` completions (also those of a completion request to a server), each prompt seeded
+    from torch's generator in turn; the stop regex rides in `extra_args`."""
     s = settings
-    return SamplingParams(
-        n=n,
-        temperature=s.temperature if s.do_sample else 0.0,
-        top_p=s.top_p if s.do_sample else 1.0,
-        top_k=s.top_k if s.do_sample and s.top_k > 0 else -1,
-        max_tokens=s.max_new_tokens,
-        min_tokens=s.min_new_tokens,
-        logprobs=0,
-        seed=int(torch.randint(2**31 - 1, ())),
-        extra_args={"stop_regex": s.stop_pattern} if s.stop_pattern else None,
-        detokenize=False,
-    )
+    requests = []
+    for ids, mask in zip(prompt_ids.tolist(), prompt_mask.tolist(), strict=True):
+        fields = {
+            "n": n,
+            "temperature": s.temperature if s.do_sample else 0.0,
+            "top_p": s.top_p if s.do_sample else 1.0,
+            "top_k": s.top_k if s.do_sample and s.top_k > 0 else -1,
+            "max_tokens": s.max_new_tokens,
+            "min_tokens": s.min_new_tokens,
+            "logprobs": 0,
+            "seed": int(torch.randint(2**31 - 1, ())),
+            "extra_args": {"stop_regex": s.stop_pattern} if s.stop_pattern else None,
+        }
+        requests.append(([t for t, m in zip(ids, mask, strict=True) if m], fields))
+    return requests
+
+
+def finished_completions(
+    tokenizer: PreTrainedTokenizerBase,
+    settings: SamplingSettings,
+    samples: Iterable[tuple[list[int], list[float], str]],
+) -> tuple[list[list[int]], list[list[float]], list[bool]]:
+    """The engine's samples (token ids, their log-probs, finish reason) as completions for
+    `to_rollout`: the EOS that the stop pattern forced is dropped (it was not sampled, and the
+    completion ends where the text matched), and a completion cut at the budget is truncated."""
+    regex = re.compile(settings.stop_pattern) if settings.stop_pattern else None
+    eos = tokenizer.eos_token_id
+    tokens, logprobs, truncated = [], [], []
+    for ids, logp, finish_reason in samples:
+        forced = (
+            regex is not None
+            and ids[-1:] == [eos]
+            and regex.search(tokenizer.decode(ids[:-1], skip_special_tokens=True))
+        )
+        if forced:
+            ids, logp = ids[:-1], logp[:-1]
+        tokens.append(ids)
+        logprobs.append(logp)
+        truncated.append(finish_reason == "length" and not forced)
+    return tokens, logprobs, truncated
 
 
 def to_rollout(

@@ -31,6 +31,8 @@ import signal
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from grpo import distributed
+from grpo.rollout.base import BackendLost
 from grpo.run.config import ConfigError
 from grpo.run.records import record_run
 
@@ -237,6 +240,7 @@ class Checkpointer:
         # A reference policy that moves during training (full fine-tuning) is state too.
         self.reference = reference if getattr(reference, "every", 0) else None
         self.stop_signal: int | None = None
+        self.finished, self.finished_state = 0, {}  # the last finished step (`guard`)
         self._previous: dict[int, Any] = {}
 
     def _weights(self) -> dict[str, Any]:
@@ -345,6 +349,7 @@ class Checkpointer:
     def step_end(self, step: int, before: dict[str, float]) -> None:
         """After step `step`: checkpoint every `save_every` steps, and when a stop signal came,
         then exit. The last step saves none: the run ends with model/ and summary.json."""
+        self._finished(step)
         due = self.save_every and step % self.save_every == 0
         stop = distributed.max_over_ranks(self.stop_signal or 0)  # all ranks stop together
         if step < self.max_steps and (due or stop):
@@ -357,6 +362,40 @@ class Checkpointer:
                     file=sys.stderr,
                 )
                 raise SystemExit(128 + stop)
+
+    @contextmanager
+    def guard(self, before: dict[str, float]) -> Iterator[None]:
+        """Around the step loop: SIGTERM/SIGINT finish the step, checkpoint and exit
+        (`step_end`); a lost rollout backend (`BackendLost`, a vLLM server gone) stops the run
+        at once with a checkpoint and one line. That checkpoint is the last finished step's
+        (the prompts and random draws of the step that failed undone), or, when the failing
+        step's update is done (the server was lost in the weight sync or an evaluation), that
+        step's, whose metrics line is then missing. One process only: the other ranks would
+        not know."""
+        self.catch_signals()
+        self._finished(self.stateful["scheduler"].last_epoch)
+        try:
+            yield
+        except BackendLost as error:
+            updated = self.stateful["scheduler"].last_epoch  # it steps once per update
+            if updated == self.finished:  # weights of the finished step: undo the draws
+                self.stateful["sampler"].load_state_dict(self.finished_state["sampler"])
+                _set_rng_state(self.finished_state["rng"])
+            path = self.save(updated, before)
+            raise BackendLost(
+                f"{error}; stopped with checkpoint {path} (step {updated}); once it is back, "
+                f"continue with trainer.resume=auto hydra.run.dir={self.run_dir}"
+            ) from None
+        finally:
+            self.release_signals()
+
+    def _finished(self, step: int) -> None:
+        """Remember that `step` is finished, with the sampler and RNG states it left."""
+        self.finished = step
+        self.finished_state = {
+            "sampler": self.stateful["sampler"].state_dict(),
+            "rng": _rng_state(),
+        }
 
     def catch_signals(self) -> None:
         """SIGTERM/SIGINT from now on: finish the step, checkpoint, exit (a second one, at once)."""

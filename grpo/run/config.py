@@ -29,7 +29,8 @@ from grpo.distributed import launched_world_size
 from grpo.registry import import_function
 from grpo.rollout import vllm_adapters, vllm_engine
 from grpo.rollout.backends import BACKENDS
-from grpo.run.schema import Strategy
+from grpo.rollout.base import BackendLost
+from grpo.run.schema import Strategy, VLLMMode
 from grpo.tasks.dataset import CheckerReward, DatasetTask, build_checker
 from grpo.tasks.rewards import FunctionReward
 
@@ -75,6 +76,10 @@ RANGES: list[tuple[str, str, Any]] = [
     ("rollout.max_prompt_length", "must be > 0", lambda v: v > 0),
     ("rollout.vllm.kv_cache_gib", "must be > 0", lambda v: v > 0),
     ("rollout.vllm.gpu_memory_utilization", "must be in (0, 1)", lambda v: 0 < v < 1),
+    ("rollout.vllm.port", "must be in [1, 65535]", lambda v: 1 <= v <= 65535),
+    ("rollout.vllm.connect_timeout_s", "must be > 0", lambda v: v > 0),
+    ("rollout.vllm.start_timeout_s", "must be > 0", lambda v: v > 0),
+    ("rollout.vllm.request_timeout_s", "must be > 0", lambda v: v > 0),
     ("trainer.learning_rate", "must be > 0", lambda v: v > 0),
     ("trainer.batch_size", "must be >= 1", lambda v: v >= 1),
     ("trainer.max_steps", "must be >= 1", lambda v: v >= 1),
@@ -184,6 +189,12 @@ def validate_config(cfg: DictConfig) -> None:
         _require(every == 0, "algorithm.reference_update.every", why, every)
     if ro.backend == "vllm":
         _require(vllm_engine.available(), "rollout.backend", vllm_engine.INSTALL_HINT, "vllm")
+        if ro.vllm.mode == VLLMMode.server:
+            servers = OmegaConf.to_container(ro.vllm, resolve=True)["servers"]
+            why = "auto, a count of local servers >= 1, or a list of host:port"
+            _require(server_addresses(servers) is not None, "rollout.vllm.servers", why, servers)
+            why = "vLLM servers take one trainer process for now: run it without torchrun"
+            _require(world == 1, "rollout.vllm.mode", why, "server")
         why = "the engine serves one process for now: run vLLM without torchrun"
         _require(world == 1, "rollout.backend", why, "vllm")
         _check_lora_sync(cfg)
@@ -217,6 +228,24 @@ def _check_lora_sync(cfg: DictConfig) -> None:
         "use rollout.backend=lean with a 4-bit base"
     )
     _require(not model.load_in_4bit, "model.load_in_4bit", why, model.load_in_4bit)
+
+
+def server_addresses(servers: Any) -> list[str] | int | None:
+    """`rollout.vllm.servers` read: the host:port list, the count of local servers to start
+    (auto: 1), or None when it is neither."""
+    if servers == "auto":
+        return 1
+    if isinstance(servers, int) and not isinstance(servers, bool):
+        return servers if servers >= 1 else None
+    if isinstance(servers, str):
+        servers = [servers]
+    if not isinstance(servers, list) or not servers:
+        return None
+    for address in servers:
+        host, _, port = str(address).rpartition(":")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            return None
+    return [str(address) for address in servers]
 
 
 def _registry_check(registry: Any, name: str, settings: dict[str, Any], key: str) -> None:
@@ -264,9 +293,9 @@ def _check_named_functions(cfg: DictConfig) -> None:
 
 # ------------------------------------------------------------------------------------ errors
 def one_line(error: BaseException) -> str | None:
-    """A config error as one line naming the key, the value and the rule; None when `error`
-    is not a config error (a bug, which keeps its traceback)."""
-    if isinstance(error, ConfigError):
+    """A config error as one line naming the key, the value and the rule (a lost rollout
+    server as its line); None for any other error (a bug, which keeps its traceback)."""
+    if isinstance(error, ConfigError | BackendLost):  # a rollout server gone: one line too
         return str(error)
     if isinstance(error, ConfigCompositionException):
         cause = error.__cause__

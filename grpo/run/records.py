@@ -41,6 +41,12 @@ RESUMABLE_KEYS = (
     "trainer.keep_checkpoints",
     "trainer.num_threads",
     "logging.progress_bar",
+    # where the vLLM servers run and how long they may take (mode=server)
+    "rollout.vllm.servers",
+    "rollout.vllm.connect_timeout_s",
+    "rollout.vllm.start_timeout_s",
+    "rollout.vllm.request_timeout_s",
+    "rollout.vllm.weights_dir",
 )
 # Logged numbers that measure speed, not results: left out when two runs are compared.
 TIMING_KEY = re.compile(r"^time/|tokens_per_s|tokens/s")

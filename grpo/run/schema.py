@@ -38,6 +38,11 @@ class LoraSync(StrEnum):
     merged = "merged"
 
 
+class VLLMMode(StrEnum):
+    colocate = "colocate"
+    server = "server"
+
+
 class PaddingSide(StrEnum):
     left = "left"
     right = "right"
@@ -122,11 +127,19 @@ class AlgorithmSchema:
 
 @dataclass
 class VLLMSchema:
+    mode: VLLMMode = MISSING
     kv_cache_gib: float = MISSING
     gpu_memory_utilization: float = MISSING
     enforce_eager: bool = MISSING
     sleep: bool = MISSING
     lora_sync: LoraSync = MISSING
+    servers: Any = MISSING  # auto, a count, or a list of host:port (checked in config.py)
+    host: str = MISSING
+    port: int = MISSING
+    connect_timeout_s: float = MISSING
+    start_timeout_s: float = MISSING
+    request_timeout_s: float = MISSING
+    weights_dir: str | None = MISSING
 
 
 @dataclass

@@ -208,6 +208,7 @@ def test_the_schema_enumerates_choice_keys():
         "model.dtype": ["float32", "bfloat16", "float16"],
         "model.tokenizer.padding_side": ["left", "right"],
         "rollout.vllm.lora_sync": ["adapter", "merged"],
+        "rollout.vllm.mode": ["colocate", "server"],
         "trainer.device": ["auto", "cpu", "cuda"],
         "trainer.strategy": ["ddp", "fsdp"],
     }

@@ -1,0 +1,257 @@
+"""Generation by vLLM servers (`rollout.backend=vllm rollout.vllm.mode=server`): the client
+backend, the checks a server passes before training, and the command that starts one.
+
+A server is vLLM's own OpenAI-compatible server, `python -m vllm.entrypoints.openai.api_server`
+(`vllm serve` fails with the CPU wheel, which lacks the `vllm` package metadata), started with
+`VLLM_SERVER_DEV_MODE=1` for its RL endpoints (`/pause`, `/resume`, `/collective_rpc`) and with
+the engine settings of the colocated engine: `server_command` turns
+`grpo.rollout.vllm_engine.engine_args` into its flags, so model, tokenizer, dtype, length limits,
+log-probs and the regex stop rule cannot drift. `python -m grpo.serve` starts one from the
+training config; `rollout.vllm.servers=auto` has the trainer start its own (`grpo.run.servers`).
+
+`VLLMServerBackend` is the client. `generate` sends one `/v1/completions` request per prompt:
+its token ids and the colocated engine's sampling fields (`sampling_requests`: n = G, one seed
+per prompt from torch's generator, the stop regex in `vllm_xargs`), `logprobs=0` (the sampled
+token's log-prob) and `return_token_ids`. Prompts go to the servers in turn (data parallel), all
+at once from threads; the answers become the `Rollout` the colocated engine would give
+(`finished_completions`, `to_rollout`).
+
+`sync` hands the weights over as files: `write_weights` writes them (`hf_weights`: LoRA merged)
+as safetensors into a folder renamed into place once whole; then each server pauses
+(`/pause?mode=wait`: requests in flight finish, new ones wait), loads the folder
+(`/collective_rpc` `reload_weights`) and resumes, so no request is served with half-updated
+weights; the previous folder is then removed. The file handoff is the transport on every device:
+on CUDA, NCCL between trainer and servers (vLLM's weight-transfer API) would be faster and is not
+implemented. Servers on other hosts need `weights_dir` on a file system they share.
+
+Faults: `check_server` refuses a server that does not answer `/health` in time, serves another
+model or tokenizer, has room for fewer tokens than the config's prompts and completions, or lacks
+the RL endpoints. A server that stops answering mid-run (connection refused or reset, or no
+answer in `request_timeout_s`) raises `BackendLost` naming its address.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import weakref
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from grpo.batch import Rollout
+from grpo.model.loading import Policy
+from grpo.rollout.base import Backend, BackendLost
+from grpo.rollout.settings import SamplingSettings
+from grpo.rollout.vllm_engine import (
+    finished_completions,
+    hf_weights,
+    sampling_requests,
+    to_rollout,
+)
+
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+# A text the server's tokenizer must split into the same token ids as the config's.
+TOKENIZER_PROBE = "Tokenizer check: 12 + 345 = 357, so the answer is\n#### 357"
+MAX_THREADS = 64  # requests in flight at once (vLLM batches them)
+
+
+def request(address: str, path: str, body: dict[str, Any] | None, timeout: float) -> Any:
+    """The JSON answer of the server at `address` (host:port) to `path`: a POST of `body` as
+    JSON, a GET when it is None. `BackendLost` when the server cannot be reached or does not
+    answer within `timeout` seconds; RuntimeError with its message for an error answer."""
+    data = None if body is None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    req = urllib.request.Request(f"http://{address}{path}", data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as answer:
+            text = answer.read()
+    except urllib.error.HTTPError as error:
+        detail = " ".join(error.read().decode(errors="replace").split())[:300]
+        raise RuntimeError(f"rollout server {address}{path}: HTTP {error.code}: {detail}") from None
+    except (OSError, http.client.HTTPException) as error:  # refused, reset, closed, timed out
+        reason = getattr(error, "reason", error)
+        if isinstance(reason, TimeoutError):
+            reason = f"no answer within {timeout:g} s"
+        raise BackendLost(f"rollout server {address}: {reason}") from None
+    return json.loads(text) if text else None
+
+
+def wait_until_healthy(
+    address: str, timeout_s: float, alive: Callable[[], bool] = lambda: True
+) -> None:
+    """Wait until the server at `address` answers `/health`; `BackendLost` once `timeout_s`
+    seconds have passed or `alive()` turns false (a server process that exited)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            request(address, "/health", None, timeout=max(0.5, min(5.0, timeout_s)))
+            return
+        except (BackendLost, RuntimeError) as error:  # not listening yet, or still loading
+            if time.monotonic() >= deadline or not alive():
+                raise BackendLost(f"{error} (waited {timeout_s:g} s for /health)") from None
+        time.sleep(0.5)
+
+
+def check_server(
+    address: str,
+    checkpoint: str,
+    tokenizer: PreTrainedTokenizerBase,
+    max_model_len: int,
+    timeout_s: float,
+) -> None:
+    """Refuse, with one line (ValueError), a server at `address` that serves another model
+    than `checkpoint` or another tokenizer than `tokenizer`, has room for fewer than
+    `max_model_len` tokens, or lacks the RL endpoints (started without VLLM_SERVER_DEV_MODE=1);
+    `BackendLost` when it does not answer `/health` within `timeout_s`."""
+    wait_until_healthy(address, timeout_s)
+    models = request(address, "/v1/models", None, timeout_s)["data"]
+    served = sorted({m["id"] for m in models} | {m.get("root") or m["id"] for m in models})
+    if served != [checkpoint]:
+        raise ValueError(f"{address} serves {', '.join(served)}, not the config's {checkpoint}")
+    room = models[0].get("max_model_len")
+    if room is not None and room < max_model_len:
+        raise ValueError(
+            f"{address} has room for {room} tokens; the config's longest prompt and "
+            f"completion take {max_model_len}"
+        )
+    probe = {"model": checkpoint, "prompt": TOKENIZER_PROBE, "add_special_tokens": False}
+    tokens = request(address, "/tokenize", probe, timeout_s)["tokens"]
+    if tokens != tokenizer(TOKENIZER_PROBE, add_special_tokens=False).input_ids:
+        raise ValueError(f"{address} tokenizes text unlike the config's tokenizer ({checkpoint})")
+    try:
+        request(address, "/is_paused", None, timeout_s)
+    except RuntimeError:
+        raise ValueError(
+            f"{address} has no /pause, /resume, /collective_rpc for the weight sync: start it "
+            "with VLLM_SERVER_DEV_MODE=1 (python -m grpo.serve does)"
+        ) from None
+
+
+def server_command(args: dict[str, Any], host: str, port: int) -> list[str]:
+    """The command that runs vLLM's OpenAI server on `host:port` with the engine settings
+    `args` (`engine_args`) as its flags (booleans as `--flag` / `--no-flag`)."""
+    argv = [sys.executable, "-m", SERVER_MODULE, "--host", host, "--port", str(port)]
+    for key, value in args.items():
+        flag = key.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(f"--{flag}" if value else f"--no-{flag}")
+        elif isinstance(value, list | tuple):
+            argv += [f"--{flag}", *map(str, value)]
+        else:
+            argv += [f"--{flag}", str(value)]
+    return argv
+
+
+def server_env() -> dict[str, str]:
+    """A server's environment: this process's, with the RL endpoints on
+    (VLLM_SERVER_DEV_MODE=1), grpo importable (the stop rule's logits processor), the engine in
+    its own process, and no VLLM_CPU_KVCACHE_SPACE (it would override `kv_cache_gib`)."""
+    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1")
+    for name in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING"):
+        env.pop(name, None)
+    root = str(Path(__file__).resolve().parents[2])  # the folder holding the grpo package
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def write_weights(model: PreTrainedModel, folder: Path) -> Path:
+    """Write `model`'s weights as the checkpoint names them (`hf_weights`: LoRA merged) into
+    `folder/model.safetensors`, the form the servers' `reload_weights` reads: written in a
+    hidden folder beside it and renamed to `folder` once whole. The one step of the sync that
+    decides what the servers load."""
+    tmp = folder.with_name(f".tmp-{folder.name}")
+    tmp.mkdir(parents=True)
+    tensors, stored = {}, set()
+    for name, tensor in hf_weights(model):
+        tensor = tensor.detach().to("cpu").contiguous()
+        if tensor.data_ptr() in stored:  # a tied weight: safetensors stores each tensor once
+            tensor = tensor.clone()
+        stored.add(tensor.data_ptr())
+        tensors[name] = tensor
+    save_file(tensors, tmp / "model.safetensors")
+    os.replace(tmp, folder)
+    return folder
+
+
+class VLLMServerBackend(Backend):
+    """The client of vLLM servers at `servers` (host:port each), which serve the policy's
+    checkpoint (see the module docstring). Weights pass through a folder under `weights_dir`
+    (null: the system's temporary folder), removed with the backend."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        settings: SamplingSettings,
+        *,
+        servers: Sequence[str],
+        request_timeout_s: float = 600.0,
+        weights_dir: str | None = None,
+    ) -> None:
+        super().__init__(policy, settings)
+        self.servers, self.timeout = list(servers), request_timeout_s
+        self.model_name = policy.checkpoint  # what the servers were checked to serve
+        root = Path(weights_dir).expanduser() if weights_dir else None
+        if root is not None:
+            root.mkdir(parents=True, exist_ok=True)
+        self.handoff = Path(tempfile.mkdtemp(prefix="grpo-weights-", dir=root))
+        weakref.finalize(self, shutil.rmtree, self.handoff, ignore_errors=True)
+        self.version = 0  # weight versions sent so far
+
+    def _each(self, call: Callable[..., Any], *args: Sequence[Any]) -> list[Any]:
+        """`call` on each tuple of `args`, all at once from threads; answers in order."""
+        with ThreadPoolExecutor(min(MAX_THREADS, len(args[0]))) as pool:
+            return list(pool.map(call, *args))
+
+    def sync(self, model: PreTrainedModel) -> float:
+        """Hand `model`'s weights to every server (pause, reload, resume); returns the seconds
+        it took, the writing included."""
+        start = time.perf_counter()
+        self.version += 1
+        folder = write_weights(model, self.handoff / f"v{self.version:06d}")
+        self._each(self._reload, self.servers, [folder] * len(self.servers))
+        shutil.rmtree(self.handoff / f"v{self.version - 1:06d}", ignore_errors=True)
+        return time.perf_counter() - start
+
+    def _reload(self, address: str, folder: Path) -> None:
+        """Server `address` loads the weights in `folder`; no request runs in between."""
+        request(address, "/pause?mode=wait", {}, self.timeout)
+        rpc = {"method": "reload_weights", "kwargs": {"weights_path": str(folder)}}
+        request(address, "/collective_rpc", rpc, self.timeout)
+        request(address, "/resume", {}, self.timeout)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        n: int,
+        settings: SamplingSettings,
+    ) -> Rollout:
+        bodies = []
+        for ids, fields in sampling_requests(prompt_ids, prompt_mask, n, settings):
+            extra = fields.pop("extra_args")
+            body = {"model": self.model_name, "prompt": ids, **fields, "return_token_ids": True}
+            bodies.append(body | ({"vllm_xargs": extra} if extra else {}))
+        servers = [self.servers[i % len(self.servers)] for i in range(len(bodies))]
+        paths = ["/v1/completions"] * len(bodies)
+        answers = self._each(request, servers, paths, bodies, [self.timeout] * len(bodies))
+        samples = [
+            (c["token_ids"], c["logprobs"]["token_logprobs"], c["finish_reason"])
+            for answer in answers
+            for c in sorted(answer["choices"], key=lambda c: c["index"])
+        ]
+        completions = finished_completions(self.tokenizer, settings, samples)
+        return to_rollout(self.tokenizer, prompt_ids, prompt_mask, n, completions)

