@@ -20,7 +20,12 @@ at once from threads; the answers become the `Rollout` the colocated engine woul
 as safetensors into a folder renamed into place once whole; then each server pauses
 (`/pause?mode=wait`: requests in flight finish, new ones wait), loads the folder
 (`/collective_rpc` `reload_weights`) and resumes, so no request is served with half-updated
-weights; the previous folder is then removed. The file handoff is the transport on every device:
+weights; the previous folder is then removed. LoRA with `lora_sync="adapter"` (the default): the
+servers run with vLLM's LoRA support (`engine_args`), the first sync loads the policy's base
+weights, and each later one writes only the adapter (`write_adapter`) and, paused, has every
+server load it under a new name (`/v1/load_lora_adapter`, `policy-vN`; the previous name is
+unloaded), which requests then name; while the adapters are disabled they name the base.
+The file handoff is the transport on every device:
 on CUDA, NCCL between trainer and servers (vLLM's weight-transfer API) would be faster and is not
 implemented. Servers on other hosts need `weights_dir` on a file system they share.
 
@@ -55,6 +60,7 @@ from grpo.batch import Rollout
 from grpo.model.loading import Policy
 from grpo.rollout.base import Backend, BackendLost
 from grpo.rollout.settings import SamplingSettings
+from grpo.rollout.vllm_adapters import adapters_active, write_adapter
 from grpo.rollout.vllm_engine import (
     finished_completions,
     hf_weights,
@@ -69,15 +75,16 @@ MAX_THREADS = 64  # requests in flight at once (vLLM batches them)
 
 
 def request(address: str, path: str, body: dict[str, Any] | None, timeout: float) -> Any:
-    """The JSON answer of the server at `address` (host:port) to `path`: a POST of `body` as
-    JSON, a GET when it is None. `BackendLost` when the server cannot be reached or does not
-    answer within `timeout` seconds; RuntimeError with its message for an error answer."""
+    """The answer of the server at `address` (host:port) to `path` (JSON read, other text as
+    it is): a POST of `body` as JSON, a GET when it is None. `BackendLost` when the server
+    cannot be reached or does not answer within `timeout` seconds; RuntimeError with its
+    message for an error answer."""
     data = None if body is None else json.dumps(body).encode()
     headers = {"Content-Type": "application/json"}
     req = urllib.request.Request(f"http://{address}{path}", data=data, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as answer:
-            text = answer.read()
+            text, kind = answer.read(), answer.headers.get_content_type()
     except urllib.error.HTTPError as error:
         detail = " ".join(error.read().decode(errors="replace").split())[:300]
         raise RuntimeError(f"rollout server {address}{path}: HTTP {error.code}: {detail}") from None
@@ -86,6 +93,8 @@ def request(address: str, path: str, body: dict[str, Any] | None, timeout: float
         if isinstance(reason, TimeoutError):
             reason = f"no answer within {timeout:g} s"
         raise BackendLost(f"rollout server {address}: {reason}") from None
+    if kind != "application/json":  # e.g. the adapter endpoints' plain-text answers
+        return text.decode(errors="replace")
     return json.loads(text) if text else None
 
 
@@ -117,7 +126,8 @@ def check_server(
     `max_model_len` tokens, or lacks the RL endpoints (started without VLLM_SERVER_DEV_MODE=1);
     `BackendLost` when it does not answer `/health` within `timeout_s`."""
     wait_until_healthy(address, timeout_s)
-    models = request(address, "/v1/models", None, timeout_s)["data"]
+    answer = request(address, "/v1/models", None, timeout_s)["data"]
+    models = [m for m in answer if not m.get("parent")]  # LoRA adapters name their base
     served = sorted({m["id"] for m in models} | {m.get("root") or m["id"] for m in models})
     if served != [checkpoint]:
         raise ValueError(f"{address} serves {', '.join(served)}, not the config's {checkpoint}")
@@ -157,9 +167,10 @@ def server_command(args: dict[str, Any], host: str, port: int) -> list[str]:
 
 def server_env() -> dict[str, str]:
     """A server's environment: this process's, with the RL endpoints on
-    (VLLM_SERVER_DEV_MODE=1), grpo importable (the stop rule's logits processor), the engine in
-    its own process, and no VLLM_CPU_KVCACHE_SPACE (it would override `kv_cache_gib`)."""
-    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1")
+    (VLLM_SERVER_DEV_MODE=1), adapters loaded at run time (VLLM_ALLOW_RUNTIME_LORA_UPDATING),
+    grpo importable (the stop rule's logits processor), the engine in its own process, and no
+    VLLM_CPU_KVCACHE_SPACE (it would override `kv_cache_gib`)."""
+    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", VLLM_ALLOW_RUNTIME_LORA_UPDATING="1")
     for name in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING"):
         env.pop(name, None)
     root = str(Path(__file__).resolve().parents[2])  # the folder holding the grpo package
@@ -167,15 +178,14 @@ def server_env() -> dict[str, str]:
     return env
 
 
-def write_weights(model: PreTrainedModel, folder: Path) -> Path:
-    """Write `model`'s weights as the checkpoint names them (`hf_weights`: LoRA merged) into
-    `folder/model.safetensors`, the form the servers' `reload_weights` reads: written in a
-    hidden folder beside it and renamed to `folder` once whole. The one step of the sync that
-    decides what the servers load."""
+def write_weights(model: PreTrainedModel, folder: Path, merged: bool = True) -> Path:
+    """Write `model`'s weights as the checkpoint names them (`hf_weights`: LoRA merged, or the
+    base alone) into `folder/model.safetensors`, the form the servers' `reload_weights` reads:
+    written in a hidden folder beside it and renamed to `folder` once whole."""
     tmp = folder.with_name(f".tmp-{folder.name}")
     tmp.mkdir(parents=True)
     tensors, stored = {}, set()
-    for name, tensor in hf_weights(model):
+    for name, tensor in hf_weights(model, merged=merged):
         tensor = tensor.detach().to("cpu").contiguous()
         if tensor.data_ptr() in stored:  # a tied weight: safetensors stores each tensor once
             tensor = tensor.clone()
@@ -199,10 +209,14 @@ class VLLMServerBackend(Backend):
         servers: Sequence[str],
         request_timeout_s: float = 600.0,
         weights_dir: str | None = None,
+        lora_sync: str = "adapter",
     ) -> None:
         super().__init__(policy, settings)
         self.servers, self.timeout = list(servers), request_timeout_s
-        self.model_name = policy.checkpoint  # what the servers were checked to serve
+        self.checkpoint = policy.checkpoint  # what the servers were checked to serve
+        self.model_name = self.checkpoint  # what requests name: the base or an adapter version
+        self.as_adapters = policy.uses_lora and lora_sync == "adapter"
+        self.base_loaded = False
         root = Path(weights_dir).expanduser() if weights_dir else None
         if root is not None:
             root.mkdir(parents=True, exist_ok=True)
@@ -216,21 +230,55 @@ class VLLMServerBackend(Backend):
             return list(pool.map(call, *args))
 
     def sync(self, model: PreTrainedModel) -> float:
-        """Hand `model`'s weights to every server (pause, reload, resume); returns the seconds
-        it took, the writing included."""
+        """Hand `model`'s weights to every server (pause, reload, resume); with adapter sync the
+        base weights the first time, then only its adapter (none while the adapters are
+        disabled: requests name the base). Returns the seconds it took, the writing included."""
         start = time.perf_counter()
         self.version += 1
-        folder = write_weights(model, self.handoff / f"v{self.version:06d}")
-        self._each(self._reload, self.servers, [folder] * len(self.servers))
+        folder = self.handoff / f"v{self.version:06d}"
+        if not self.as_adapters or not self.base_loaded:
+            write_weights(model, folder, merged=not self.as_adapters)
+            self._on_every_server(self._reload_weights, folder)
+            self.base_loaded = True
+        if self.as_adapters:
+            name = self.checkpoint
+            if adapters_active(model):
+                name = f"policy-v{self.version}"  # a new name and folder per version
+                write_adapter(model, folder)
+            self._on_every_server(self._swap_adapter, name)
+            self.model_name = name
         shutil.rmtree(self.handoff / f"v{self.version - 1:06d}", ignore_errors=True)
         return time.perf_counter() - start
 
-    def _reload(self, address: str, folder: Path) -> None:
-        """Server `address` loads the weights in `folder`; no request runs in between."""
+    def _on_every_server(self, change: Callable[[str, Any], None], arg: Any) -> None:
+        """`change(address, arg)` on every server at once, each paused meanwhile."""
+        count = len(self.servers)
+        self._each(self._paused, self.servers, [change] * count, [arg] * count)
+
+    def _paused(self, address: str, change: Callable[[str, Any], None], arg: Any) -> None:
+        """`change(address, arg)` while server `address` is paused (`/pause?mode=wait`:
+        requests in flight finish, new ones wait): no request sees half of it."""
         request(address, "/pause?mode=wait", {}, self.timeout)
+        change(address, arg)
+        request(address, "/resume", {}, self.timeout)
+
+    def _reload_weights(self, address: str, folder: Path) -> None:
+        """Server `address` loads the weights in `folder` (the worker's `reload_weights`)."""
         rpc = {"method": "reload_weights", "kwargs": {"weights_path": str(folder)}}
         request(address, "/collective_rpc", rpc, self.timeout)
-        request(address, "/resume", {}, self.timeout)
+
+    def _swap_adapter(self, address: str, name: str) -> None:
+        """Server `address` drops the adapter requests named so far and, unless `name` is the
+        base, loads adapter `name` from this version's folder (the engine holds one adapter:
+        loading the new one evicts the old from its cache)."""
+        if self.model_name != self.checkpoint:
+            request(
+                address, "/v1/unload_lora_adapter", {"lora_name": self.model_name}, self.timeout
+            )
+        if name != self.checkpoint:
+            folder = str(self.handoff / f"v{self.version:06d}")
+            body = {"lora_name": name, "lora_path": folder}
+            request(address, "/v1/load_lora_adapter", body, self.timeout)
 
     @torch.no_grad()
     def generate(

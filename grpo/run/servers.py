@@ -51,6 +51,9 @@ def server_args(cfg: DictConfig, checkpoint: str) -> dict[str, Any]:
         kv_cache_gib=vllm.kv_cache_gib,
         gpu_memory_utilization=vllm.gpu_memory_utilization,
         enforce_eager=vllm.enforce_eager,
+        lora_rank=cfg.model.lora.r
+        if cfg.model.lora.enabled and vllm.lora_sync == "adapter"
+        else None,
     )
 
 

@@ -68,8 +68,10 @@ def stop_server(process: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """The address of one server for the module (`python -m grpo.serve`, the tiny model)."""
-    process, address = start_server(tmp_path_factory.mktemp("serve") / "server")
+    """The address of one server for the module (`python -m grpo.serve`, the tiny model), with
+    vLLM's LoRA support on (the LoRA config's), which full fine-tuning runs ignore."""
+    run_dir = tmp_path_factory.mktemp("serve") / "server"
+    process, address = start_server(run_dir, "model.lora.enabled=true")
     yield address
     stop_server(process)
 
@@ -167,6 +169,37 @@ def test_two_steps_against_a_server_leave_it_holding_the_trained_weights(server,
     prompt = tokenize_prompts(original.tokenizer, texts, 256, "cpu")[0][0].tolist()
     completion = original.tokenizer(" 12 + 30 = 42\n#### 42", add_special_tokens=False).input_ids
     seen = engine_logprobs(server, original.checkpoint, prompt, completion)
+    expected = forward_logprobs(trained.model, prompt, completion)
+    torch.testing.assert_close(seen, expected, atol=1e-4, rtol=0)
+    assert (expected - forward_logprobs(original.model, prompt, completion)).abs().max() > 0.01
+
+
+def test_lora_runs_hand_the_server_only_their_adapter(server, tiny_train):
+    """LoRA, 2 steps with adapter sync: each step's rollout log-probs match the training
+    forward (step 2 samples from the adapter synced after step 1), the server then serves the
+    newest adapter version under its own name, and it scores a fixed completion as the trained
+    policy does."""
+    run_dir, _ = tiny_train(
+        *SHARED[1:],
+        *server_overrides(server),
+        "model.lora.enabled=true",
+        "model.lora.dropout=0.0",  # the training forward then equals the engine's
+        "reward=hybrid",
+        "algorithm.num_responses_per_prompt=4",
+        "trainer.learning_rate=3e-2",
+        "eval.comparison.at_end=false",
+    )
+    lines = step_lines(run_dir)
+    assert len(lines) == 2
+    assert all(m["time/weight_sync_s"] > 0 and m["train/rollout_kl_k3"] < 1e-4 for m in lines)
+    served = request(server, "/v1/models", None, 30)["data"]
+    adapters = [m["id"] for m in served if m.get("parent")]
+    assert len(adapters) == 1 and adapters[0].startswith("policy-v"), served
+    original, texts = tiny_policy_and_prompts(1)
+    trained = load_policy(str(run_dir / "model"))
+    prompt = tokenize_prompts(original.tokenizer, texts, 256, "cpu")[0][0].tolist()
+    completion = original.tokenizer(" 12 + 30 = 42\n#### 42", add_special_tokens=False).input_ids
+    seen = engine_logprobs(server, adapters[0], prompt, completion)
     expected = forward_logprobs(trained.model, prompt, completion)
     torch.testing.assert_close(seen, expected, atol=1e-4, rtol=0)
     assert (expected - forward_logprobs(original.model, prompt, completion)).abs().max() > 0.01
