@@ -4,8 +4,11 @@ No hub access is assumed: a Qwen2.5-0.5B-architecture model (24 layers, hidden 8
 2 key/value heads, intermediate 4864) with random bf16 weights is built with the tiny test
 tokenizer. Prints, for 8 prompts x 4 completions x 128 forced tokens in bf16: generation time of
 the lean decoder, transformers' `generate` and vLLM, and the engine's log-probs against the
-training forward; then 3 training steps with `rollout.backend=vllm` and their time split
-(generation, scoring, update, weight sync).
+training forward; then 3 training steps with `rollout.backend=vllm` per mode (`MODES`: the
+engine in the process with full fine-tuning, LoRA adapter sync and merged sync; a vLLM server the
+trainer starts on the same GPU, full and LoRA; with 2 GPUs, an engine on each of 2 ranks), each
+step's time split (generation, scoring, update, weight sync) and the engine's mismatch with the
+training forward.
 """
 
 from __future__ import annotations
@@ -81,25 +84,53 @@ def measure(folder: str) -> None:
     print(f"weight sync: {engine.sync(policy.model):.2f} s", flush=True)
 
 
+# Every training run below: the random Qwen2.5-0.5B shape in bf16, 3 steps of 8 prompts x 4
+# completions of up to 128 tokens, vLLM generating.
+RUN_ARGS = [
+    "model=qwen2_5_0_5b", "model.dtype=bfloat16", "model.lm_head_fp32=true",
+    "rollout.backend=vllm", "trainer.max_steps=3", "trainer.batch_size=8",
+    "trainer.learning_rate=1e-6", "trainer.device=cuda", "rollout.max_new_tokens=128",
+    "task.num_test=8", "eval.comparison.at_end=false", "logging.progress_bar=false",
+]  # fmt: skip
+NO_DROPOUT = "model.lora.dropout=0.0"  # LoRA: the training forward then equals the engine's
+# Each mode: (name, launcher prefix, overrides), run when the machine has the GPUs it needs.
+MODES = [
+    ("colocate, full fine-tuning", [], ["model.lora.enabled=false"]),
+    ("colocate, LoRA, adapter sync", [], ["rollout.vllm.lora_sync=adapter", NO_DROPOUT]),
+    ("colocate, LoRA, merged sync", [], ["rollout.vllm.lora_sync=merged", NO_DROPOUT]),
+    # The trainer and the server it starts (servers=auto) share the GPU.
+    ("server, full fine-tuning", [], ["model.lora.enabled=false", "rollout.vllm.mode=server"]),
+    ("server, LoRA, adapter sync", [], ["rollout.vllm.mode=server", NO_DROPOUT]),
+]  # fmt: skip
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+TWO_RANKS = ("colocate on 2 ranks, full fine-tuning", TORCHRUN, ["model.lora.enabled=false"])
+
+
+def train_run(folder: str, name: str, launcher: list[str], overrides: list[str]) -> None:
+    """Three training steps in mode `name`; prints each step's time split and the engine's
+    mismatch with the training forward (`train/rollout_kl_k3`)."""
+    run = Path(tempfile.mkdtemp()) / "run"
+    command = launcher or [sys.executable]
+    args = [*RUN_ARGS, f"model.checkpoint={folder}", *overrides, f"hydra.run.dir={run}"]
+    start = time.perf_counter()
+    subprocess.run([*command, "-m", "grpo.train", *args], cwd=REPO, check=True)
+    print(f"\n== {name}: {time.perf_counter() - start:.0f} s in all", flush=True)
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        split = {
+            k.removeprefix("time/"): round(v, 2) for k, v in m.items() if k.startswith("time/")
+        }
+        print(f"  step {m['step']}: {split}, rollout_kl_k3 {m.get('train/rollout_kl_k3'):.2e}")
+
+
 def main() -> None:
     assert torch.cuda.is_available(), "a CUDA GPU is needed"
     folder = build(Path(tempfile.mkdtemp()) / "qwen2.5-0.5b-random")
     measure(folder)
     torch.cuda.empty_cache()
-    run = Path(tempfile.mkdtemp()) / "run"
-    subprocess.run(
-        [sys.executable, "-m", "grpo.train", f"model.checkpoint={folder}", "model=qwen2_5_0_5b",
-         "model.dtype=bfloat16", "model.lora.enabled=false", "model.lm_head_fp32=true",
-         "rollout.backend=vllm", "trainer.max_steps=3", "trainer.batch_size=8",
-         "trainer.learning_rate=1e-6", "trainer.device=cuda", "rollout.max_new_tokens=128",
-         "task.num_test=8", "eval.comparison.at_end=false", "logging.progress_bar=false",
-         f"hydra.run.dir={run}"],
-        cwd=REPO, check=True,
-    )  # fmt: skip
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        m = json.loads(line)
-        split = {k: round(v, 2) for k, v in m.items() if k.startswith("time/")}
-        print(f"step {m['step']}: {split}, rollout_kl_k3 {m.get('train/rollout_kl_k3')}")
+    modes = MODES + ([TWO_RANKS] if torch.cuda.device_count() >= 2 else [])
+    for name, launcher, overrides in modes:
+        train_run(folder, name, launcher, overrides)
 
 
 if __name__ == "__main__":
