@@ -27,6 +27,7 @@ cache while the policy trains (vLLM's sleep mode: CUDA only).
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
 import random
@@ -38,8 +39,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from grpo import distributed
 from grpo.batch import Rollout
 from grpo.model.loading import Policy, causal_lm
 from grpo.rollout.base import Backend
@@ -55,7 +58,8 @@ def available() -> bool:
 
 def hf_weights(model: PreTrainedModel) -> Iterator[tuple[str, torch.Tensor]]:
     """The policy's weights as the checkpoint names them, active LoRA adapters merged
-    (W + delta; disabled adapters add nothing)."""
+    (W + delta; disabled adapters add nothing). Read as parameters: FSDP's state-dict hook
+    would reshard a gathered model."""
     lm = causal_lm(model)
     deltas = {}
     for name, module in lm.named_modules():
@@ -65,7 +69,7 @@ def hf_weights(model: PreTrainedModel) -> Iterator[tuple[str, torch.Tensor]]:
                 delta = module.get_delta_weight(adapter).detach()
                 deltas[f"{name}.weight"] = deltas.get(f"{name}.weight", 0) + delta
     names = set()
-    for name, tensor in lm.state_dict().items():
+    for name, tensor in lm.named_parameters():
         if "lora_" in name:
             continue
         name = name.replace(".base_layer.", ".")
@@ -123,6 +127,27 @@ def _regex_stop_processor():
     return RegexStop
 
 
+def cpu_head_sizes() -> list[int]:
+    """The attention head sizes vLLM's CPU attention serves (its kernels are built per size)."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    return CPUAttentionBackend.get_supported_head_sizes()
+
+
+def parallel_args(tensor_parallel_size: int) -> dict[str, Any]:
+    """vLLM's arguments placing this process's engine: in one process, its own; under
+    torch.distributed (torchrun, accelerate, SLURM) vLLM's external launcher, which builds one
+    engine per `tensor_parallel_size` consecutive ranks on the running process group (it reads
+    RANK and LOCAL_RANK), seeded alike within an engine."""
+    if distributed.world_size() == 1:
+        return {"seed": 0}
+    return {
+        "distributed_executor_backend": "external_launcher",
+        "tensor_parallel_size": tensor_parallel_size,
+        "seed": distributed.rank() // tensor_parallel_size,
+    }
+
+
 class VLLMBackend(Backend):
     """The `vllm` backend: vLLM's offline engine on the policy's checkpoint, fed the policy's
     weights (see the module docstring); `rollout.vllm` gives its keyword settings."""
@@ -136,8 +161,16 @@ class VLLMBackend(Backend):
         gpu_memory_utilization: float = 0.3,
         enforce_eager: bool = True,
         sleep: bool = False,
+        tensor_parallel_size: int = 1,
     ) -> None:
         super().__init__(policy, settings)
+        self.ranks_per_engine = tensor_parallel_size
+        # The ranks of one engine, to gather their prompts (all ranks make the groups together).
+        self.engine_ranks = (
+            dist.new_subgroups(tensor_parallel_size, backend="gloo")[0]
+            if tensor_parallel_size > 1
+            else None
+        )
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process
         os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
         from vllm import LLM
@@ -158,22 +191,28 @@ class VLLMBackend(Backend):
                 enable_prefix_caching=False,
                 logprobs_mode="processed_logprobs",
                 logits_processors=[_regex_stop_processor()],
-                seed=0,
+                **parallel_args(tensor_parallel_size),
                 **memory,
             )
+        if distributed.world_size() > 1:
+            # Before the process group goes (at exit): the engine's groups are destroyed with it.
+            atexit.register(self.llm.llm_engine.engine_core.shutdown)
         self.sleeps = cuda and sleep
         if self.sleeps:
             self.llm.sleep(level=1)
 
     def sync(self, model: PreTrainedModel) -> float:
-        """Load `model`'s current weights into the engine; returns the seconds it took."""
+        """Load `model`'s current weights into the engine (every rank at once; FSDP: the whole
+        weights, gathered); returns the seconds it took."""
         start = time.perf_counter()
         if self.sleeps:
             self.llm.wake_up()
-        weights = iter(list(hf_weights(model)))
-        self.llm.collective_rpc(
-            "reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True}
-        )
+        with distributed.gathered(model):
+            weights = iter(list(hf_weights(model)))
+            self.llm.collective_rpc(
+                "reload_weights",
+                kwargs={"weights_iterator": weights, "is_checkpoint_format": True},
+            )
         if self.sleeps:
             self.llm.sleep(level=1)
         return time.perf_counter() - start
@@ -195,7 +234,7 @@ class VLLMBackend(Backend):
             kept = [t for t, m in zip(ids, mask, strict=True) if m]
             requests.append(TokensPrompt(prompt_token_ids=kept))
             params.append(_sampling_params(n, settings))
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        outputs = self._generate(requests, params)
         if self.sleeps:
             self.llm.sleep(level=1)
         tokens, logprobs, truncated = [], [], []
@@ -216,6 +255,23 @@ class VLLMBackend(Backend):
                 logprobs.append(logp)
                 truncated.append(sample.finish_reason == "length" and not forced)
         return to_rollout(self.tokenizer, prompt_ids, prompt_mask, n, (tokens, logprobs, truncated))
+
+
+    def _generate(self, requests: list[Any], params: list[Any]) -> list[Any]:
+        """The engine's outputs for `requests`. The ranks of a tensor-parallel engine must send
+        it the same requests: each sends all of theirs (gathered, seeds included) and keeps its
+        own outputs."""
+        if self.engine_ranks is None:
+            return self.llm.generate(requests, params, use_tqdm=False)
+        everyone: list[Any] = [None] * dist.get_world_size(self.engine_ranks)
+        dist.all_gather_object(everyone, (requests, params), group=self.engine_ranks)
+        outputs = self.llm.generate(
+            [r for rs, _ in everyone for r in rs],
+            [p for _, ps in everyone for p in ps],
+            use_tqdm=False,
+        )
+        start = sum(len(rs) for rs, _ in everyone[: dist.get_rank(self.engine_ranks)])
+        return outputs[start : start + len(requests)]
 
 
 def _sampling_params(n: int, settings: SamplingSettings) -> Any:

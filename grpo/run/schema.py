@@ -121,6 +121,7 @@ class VLLMSchema:
     gpu_memory_utilization: float = MISSING
     enforce_eager: bool = MISSING
     sleep: bool = MISSING
+    tensor_parallel_size: int = MISSING
 
 
 @dataclass

