@@ -67,8 +67,9 @@ def torchrun_command(nproc: int, *args: str) -> list[str]:
 
 
 def torchrun_env(env: dict[str, str] | None = None) -> dict[str, str]:
-    tests = str(REPO / "tests")  # a rank running this file imports conftest
-    return {**cli_env(), "PYTHONPATH": tests, **(env or {})}
+    # A rank running a test file imports conftest, and grpo from this checkout.
+    path = os.pathsep.join([str(REPO / "tests"), str(REPO)])
+    return {**cli_env(), "PYTHONPATH": path, **(env or {})}
 
 
 def torchrun(nproc: int, *args: str, env: dict[str, str] | None = None, check: bool = True):
