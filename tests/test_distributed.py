@@ -207,7 +207,7 @@ def dynamic_batch(max_extra_rounds: int) -> dict:
     ("override", "line"),
     [
         ("algorithm.update_epochs=0", "error: algorithm.update_epochs=0: must be >= 1"),
-        ("rollout.backend=vllm", "error: rollout.backend='vllm': "),
+        ("trainer.batch_size=3", "error: trainer.batch_size=3: must be a multiple of the 2"),
     ],
 )
 def test_a_config_error_under_torchrun_reaches_the_user(tmp_path, override, line):

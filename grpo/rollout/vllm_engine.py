@@ -1,12 +1,21 @@
 """Generation with vLLM's offline engine inside the training process (TRL calls it "colocate").
 
 `VLLMBackend` holds one `vllm.LLM` built from the policy's checkpoint and fed the policy's weights
-after every optimiser step (`sync`): the whole state dict in the checkpoint's names, LoRA adapters
+after every optimiser step (`sync`): the whole weights in the checkpoint's names, LoRA adapters
 merged into the weights they adapt (W + B A scaling, computed without touching the policy; none
 while the adapters are disabled, as for the comparison's original model), the
 tied LM head given explicitly, through the worker's `reload_weights` (on CPU vLLM repacks its
 linear layers, so `model.load_weights` cannot write into them). Prefix caching is off, so no
 cache outlives a weight change.
+
+Under torchrun, accelerate or SLURM (`grpo.distributed`) every rank holds an engine: vLLM's
+external launcher builds them all at once on the running process group, one engine per
+`tensor_parallel_size` consecutive ranks (`parallel_args`; vLLM reads RANK and LOCAL_RANK). Each
+rank generates its own share of the groups with its own seeds; the ranks of a tensor-parallel
+engine must send it the same requests, so they gather theirs (seeds included) and each keeps its
+own outputs (`_generate`, as TRL's colocate mode does), and every rank syncs after each step,
+with FSDP from the gathered whole weights. The engines are shut down at exit before the process
+group goes. vLLM's CPU build runs both layouts over gloo (tested with 2 processes).
 
 Sampling follows the other backends: the same prompt tokens (our tokenizer, our chat template,
 `TokensPrompt`), n = G per prompt, temperature, top-p, top-k, min/max new tokens, and one seed per
@@ -255,7 +264,6 @@ class VLLMBackend(Backend):
                 logprobs.append(logp)
                 truncated.append(sample.finish_reason == "length" and not forced)
         return to_rollout(self.tokenizer, prompt_ids, prompt_mask, n, (tokens, logprobs, truncated))
-
 
     def _generate(self, requests: list[Any], params: list[Any]) -> list[Any]:
         """The engine's outputs for `requests`. The ranks of a tensor-parallel engine must send

@@ -30,6 +30,7 @@ from grpo.rollout.source import render_prompts
 from grpo.run.config import ConfigError, validate_config
 from grpo.train import train
 
+
 @pytest.fixture(scope="module", autouse=True)
 def vllm_installed():
     if not vllm_engine.available():
@@ -297,22 +298,26 @@ def each_rank_follows_the_steps(strategy: str, tp: int, out: Path) -> None:
     (out / f"rank{rank}.json").write_text(json.dumps(steps))
 
 
+# What torchrun sets for rank 0 of 2 processes.
+LAUNCHED = dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="h", MASTER_PORT="1")
+
+
 @pytest.mark.parametrize(
     ("overrides", "env", "message"),
     [
         (
             ["rollout.vllm.tensor_parallel_size=3"],
-            {"WORLD_SIZE": "2"},
+            LAUNCHED,
             "rollout.vllm.tensor_parallel_size=3: must divide the 2 processes",
         ),
         (
             ["rollout.vllm.tensor_parallel_size=2"],
-            {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "x", "MASTER_PORT": "1"},
+            LAUNCHED,
             "eval.comparison.at_end=True: the comparison runs on rank 0 alone",
         ),
         (
             [],
-            {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "x", "MASTER_PORT": "1"},
+            {k: v for k, v in LAUNCHED.items() if k != "LOCAL_RANK"},
             "rollout.backend='vllm': an engine on every rank needs LOCAL_RANK",
         ),
         (
