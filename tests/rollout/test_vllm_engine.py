@@ -248,6 +248,21 @@ def test_every_ranks_engine_follows_each_optimiser_step(tmp_path, strategy, tp):
             assert step["moved"] > 0.05, (rank, step)  # a stale engine would show it
 
 
+def test_an_engine_over_two_ranks_evaluates_fewer_problems_than_ranks(tmp_path):
+    """One held-out problem for 2 ranks: the rank without one completes it too, unrecorded, so
+    both ranks of the engine generate equally often (else they would wait on each other)."""
+    run_dir = tmp_path / "run"
+    overrides = [o for o in TINY if not o.startswith(("trainer.max_steps", "task.num_test"))]
+    torchrun(
+        2, "-m", "grpo.train", *overrides, "trainer.max_steps=1", "task.num_test=1",
+        "rollout.backend=vllm", "rollout.vllm.kv_cache_gib=0.02",
+        "rollout.vllm.tensor_parallel_size=2", "eval.comparison.at_end=false",
+        f"hydra.run.dir={run_dir}",
+    )  # fmt: skip
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["after"]["eval/avg_response_length"] > 0  # the one problem, completed
+
+
 def each_rank_follows_the_steps(strategy: str, tp: int, out: Path) -> None:
     """A rank of the test above: 2 steps of Adam on its own completions' log-likelihood; what
     it measured goes to OUT/rank<r>.json."""
