@@ -105,8 +105,14 @@ def init(device: str) -> str:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-        atexit.register(dist.destroy_process_group)
+        atexit.register(_leave)
     return device
+
+
+def _leave() -> None:
+    """Destroy the process group at exit, unless another user did (vLLM's engine does)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank() -> int:
@@ -308,10 +314,11 @@ def gathered(model: torch.nn.Module) -> Iterator[None]:
     """Within: an FSDP-sharded model holds its whole weights on every rank, as plain tensors.
 
     Generation, evaluation and saving run on them with no collective, so ranks may make
-    different numbers of forward passes. No-op for a model that is not sharded.
+    different numbers of forward passes. No-op for a model that is not sharded, or whole
+    already (nested: the outer one reshards).
     """
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    if not units:
+    if not units or not any(sharded(p) for p in model.parameters()):
         yield
         return
     for unit in units:

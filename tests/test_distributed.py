@@ -67,8 +67,9 @@ def torchrun_command(nproc: int, *args: str) -> list[str]:
 
 
 def torchrun_env(env: dict[str, str] | None = None) -> dict[str, str]:
-    tests = str(REPO / "tests")  # a rank running this file imports conftest
-    return {**cli_env(), "PYTHONPATH": tests, **(env or {})}
+    # A rank running a test file imports conftest, and grpo from this checkout.
+    path = os.pathsep.join([str(REPO / "tests"), str(REPO)])
+    return {**cli_env(), "PYTHONPATH": path, **(env or {})}
 
 
 def torchrun(nproc: int, *args: str, env: dict[str, str] | None = None, check: bool = True):
@@ -206,7 +207,7 @@ def dynamic_batch(max_extra_rounds: int) -> dict:
     ("override", "line"),
     [
         ("algorithm.update_epochs=0", "error: algorithm.update_epochs=0: must be >= 1"),
-        ("rollout.backend=vllm", "error: rollout.backend='vllm': "),
+        ("trainer.batch_size=3", "error: trainer.batch_size=3: must be a multiple of the 2"),
     ],
 )
 def test_a_config_error_under_torchrun_reaches_the_user(tmp_path, override, line):

@@ -85,7 +85,8 @@ class Evaluator:
     n > 0, n more per problem are sampled at `temperature` / `top_p` for pass@k and maj@k
     (k <= n). `max_new_tokens` None is the rollout's budget. With several processes each rank
     completes every N-th problem and the records are gathered, so the metrics are one
-    process's.
+    process's; where several ranks drive one engine (`Backend.ranks_per_engine`), the shorter
+    shares complete one more problem, unrecorded, so those ranks generate equally often.
     """
 
     def __init__(
@@ -119,9 +120,12 @@ class Evaluator:
 
     def __call__(self, rows: list[Row]) -> dict[str, float]:
         """`eval/*` metrics on `rows`, split over the ranks (see the class docstring)."""
-        mine = rows[distributed.rank() :: distributed.world_size()]
-        records = self.records(mine) if mine else []
-        if distributed.world_size() > 1:
+        world = distributed.world_size()
+        mine, extra = rows[distributed.rank() :: world], []
+        if self.source.backend.ranks_per_engine > 1:  # keep the engine's ranks in step
+            extra = rows[: -(-len(rows) // world) - len(mine)]  # equal shares; records dropped
+        records = self.records(mine + extra)[: len(mine)] if mine or extra else []
+        if world > 1:
             records = [record for part in distributed.all_gather(records) for record in part]
         return self.metrics(records)
 

@@ -4,7 +4,7 @@ Each backend is one module with one class (`grpo.rollout.base.Backend`) and one 
 - `lean`: the lean decoder (`grpo.rollout.lean`) for Llama/Qwen2/Qwen3, transformers' `generate`
   for other models;
 - `transformers`: transformers' `generate` (`grpo.rollout.hf_generate`);
-- `vllm`: vLLM's offline engine in the training process (`grpo.rollout.vllm_engine`,
+- `vllm`: vLLM's offline engine in every training process (`grpo.rollout.vllm_engine`,
   `make install-vllm`), fed the policy's weights (or its LoRA adapter) after every optimiser
   step; with `rollout.vllm.mode=server`, the client of vLLM servers
   (`grpo.rollout.vllm_server`) instead. `rollout.vllm` holds the settings of both (and of

@@ -34,6 +34,10 @@ class BackendLost(RuntimeError):
 class Backend(ABC):
     """A generation backend on `policy` (see the module docstring)."""
 
+    # Ranks that drive one engine together (vLLM's tensor parallel): they must call `generate`
+    # equally often.
+    ranks_per_engine: int = 1
+
     def __init__(self, policy: Policy, settings: SamplingSettings) -> None:
         self.model, self.tokenizer = policy.model, policy.tokenizer
 

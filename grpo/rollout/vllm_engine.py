@@ -14,6 +14,15 @@ disabled, generation names none and samples the base. No 4-bit base: vLLM 0.32 d
 bitsandbytes (refused in `grpo.run.config`). Prefix caching is off, so no cache outlives a
 weight change.
 
+Under torchrun, accelerate or SLURM (`grpo.distributed`) every rank holds an engine: vLLM's
+external launcher builds them all at once on the running process group, one engine per
+`tensor_parallel_size` consecutive ranks (`parallel_args`; vLLM reads RANK and LOCAL_RANK). Each
+rank generates its own share of the groups with its own seeds; the ranks of a tensor-parallel
+engine must send it the same requests, so they gather theirs (seeds included) and each keeps its
+own outputs (`_generate`, as TRL's colocate mode does), and every rank syncs after each step,
+with FSDP from the gathered whole weights. The engines are shut down at exit before the process
+group goes. vLLM's CPU build runs both layouts over gloo (tested with 2 processes).
+
 Sampling follows the other backends: the same prompt tokens (our tokenizer, our chat template,
 `TokensPrompt`), n = G per prompt, temperature, top-p, top-k, min/max new tokens, and one seed per
 prompt drawn from torch's generator, so runs reproduce. The task's stop pattern is a regex, which
@@ -36,6 +45,7 @@ cache while the policy trains (vLLM's sleep mode: CUDA only).
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
 import random
@@ -47,8 +57,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from grpo import distributed
 from grpo.batch import Rollout
 from grpo.model.loading import Policy, causal_lm
 from grpo.rollout.base import Backend
@@ -67,7 +79,8 @@ def available() -> bool:
 
 def hf_weights(model: PreTrainedModel, merged: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """The policy's weights as the checkpoint names them, active LoRA adapters merged
-    (W + delta; disabled adapters add nothing; `merged=False`: the base weights alone)."""
+    (W + delta; disabled adapters add nothing; `merged=False`: the base weights alone). Read as
+    parameters: FSDP's state-dict hook would reshard a gathered model."""
     lm = causal_lm(model)
     deltas = {}
     for name, module in lm.named_modules():
@@ -77,7 +90,7 @@ def hf_weights(model: PreTrainedModel, merged: bool = True) -> Iterator[tuple[st
                 delta = module.get_delta_weight(adapter).detach()
                 deltas[f"{name}.weight"] = deltas.get(f"{name}.weight", 0) + delta
     names = set()
-    for name, tensor in lm.state_dict().items():
+    for name, tensor in lm.named_parameters():
         if "lora_" in name:
             continue
         name = name.replace(".base_layer.", ".")
@@ -140,6 +153,27 @@ def engine_args(
     return args
 
 
+def cpu_head_sizes() -> list[int]:
+    """The attention head sizes vLLM's CPU attention serves (its kernels are built per size)."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    return CPUAttentionBackend.get_supported_head_sizes()
+
+
+def parallel_args(tensor_parallel_size: int) -> dict[str, Any]:
+    """vLLM's arguments placing this process's engine: in one process, its own; under
+    torch.distributed (torchrun, accelerate, SLURM) vLLM's external launcher, which builds one
+    engine per `tensor_parallel_size` consecutive ranks on the running process group (it reads
+    RANK and LOCAL_RANK), seeded alike within an engine."""
+    if distributed.world_size() == 1:
+        return {"seed": 0}
+    return {
+        "distributed_executor_backend": "external_launcher",
+        "tensor_parallel_size": tensor_parallel_size,
+        "seed": distributed.rank() // tensor_parallel_size,
+    }
+
+
 class VLLMBackend(Backend):
     """The `vllm` backend: vLLM's offline engine on the policy's checkpoint, fed the policy's
     weights or adapters (see the module docstring); `rollout.vllm` gives its keyword
@@ -155,8 +189,16 @@ class VLLMBackend(Backend):
         enforce_eager: bool = True,
         sleep: bool = False,
         lora_sync: str = "adapter",
+        tensor_parallel_size: int = 1,
     ) -> None:
         super().__init__(policy, settings)
+        self.ranks_per_engine = tensor_parallel_size
+        # The ranks of one engine, to gather their prompts (all ranks make the groups together).
+        self.engine_ranks = (
+            dist.new_subgroups(tensor_parallel_size, backend="gloo")[0]
+            if tensor_parallel_size > 1
+            else None
+        )
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process
         os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
         from vllm import LLM
@@ -174,7 +216,10 @@ class VLLMBackend(Backend):
             lora_rank=adapter_rank(policy.model) if as_adapters else None,
         )
         with _undone_side_effects():
-            self.llm = LLM(**args)
+            self.llm = LLM(**args | parallel_args(tensor_parallel_size))
+        if distributed.world_size() > 1:
+            # Before the process group goes (at exit): the engine's groups are destroyed with it.
+            atexit.register(self.llm.llm_engine.engine_core.shutdown)
         self.adapters = AdapterVersions(self.llm.llm_engine) if as_adapters else None
         self.base_loaded = False
         self.sleeps = torch.cuda.is_available() and sleep
@@ -182,20 +227,22 @@ class VLLMBackend(Backend):
             self.llm.sleep(level=1)
 
     def sync(self, model: PreTrainedModel) -> float:
-        """Load `model`'s current weights into the engine (with adapter sync: the base weights
-        the first time, then its adapter alone); returns the seconds it took."""
+        """Load `model`'s current weights into the engine (every rank at once; FSDP: the whole
+        weights, gathered; with adapter sync: the base weights the first time, then its adapter
+        alone); returns the seconds it took."""
         start = time.perf_counter()
         if self.sleeps:
             self.llm.wake_up()
-        if self.adapters is None or not self.base_loaded:
-            weights = iter(list(hf_weights(model, merged=self.adapters is None)))
-            self.llm.collective_rpc(
-                "reload_weights",
-                kwargs={"weights_iterator": weights, "is_checkpoint_format": True},
-            )
-            self.base_loaded = True
-        if self.adapters is not None:
-            self.adapters.update(model)
+        with distributed.gathered(model):
+            if self.adapters is None or not self.base_loaded:
+                weights = iter(list(hf_weights(model, merged=self.adapters is None)))
+                self.llm.collective_rpc(
+                    "reload_weights",
+                    kwargs={"weights_iterator": weights, "is_checkpoint_format": True},
+                )
+                self.base_loaded = True
+            if self.adapters is not None:
+                self.adapters.update(model)
         if self.sleeps:
             self.llm.sleep(level=1)
         return time.perf_counter() - start
@@ -213,11 +260,9 @@ class VLLMBackend(Backend):
         if self.sleeps:
             self.llm.wake_up()
         requests = sampling_requests(prompt_ids, prompt_mask, n, settings)
-        outputs = self.llm.generate(
+        outputs = self._generate(
             [TokensPrompt(prompt_token_ids=ids) for ids, _ in requests],
             [SamplingParams(**fields, detokenize=False) for _, fields in requests],
-            use_tqdm=False,
-            lora_request=self.adapters.request if self.adapters is not None else None,
         )
         if self.sleeps:
             self.llm.sleep(level=1)
@@ -229,6 +274,24 @@ class VLLMBackend(Backend):
                 samples.append((ids, logp, sample.finish_reason))
         completions = finished_completions(self.tokenizer, settings, samples)
         return to_rollout(self.tokenizer, prompt_ids, prompt_mask, n, completions)
+
+    def _generate(self, requests: list[Any], params: list[Any]) -> list[Any]:
+        """The engine's outputs for `requests`. The ranks of a tensor-parallel engine must send
+        it the same requests: each sends all of theirs (gathered, seeds included) and keeps its
+        own outputs."""
+        adapter = self.adapters.request if self.adapters is not None else None
+        if self.engine_ranks is None:
+            return self.llm.generate(requests, params, use_tqdm=False, lora_request=adapter)
+        everyone: list[Any] = [None] * dist.get_world_size(self.engine_ranks)
+        dist.all_gather_object(everyone, (requests, params), group=self.engine_ranks)
+        outputs = self.llm.generate(
+            [r for rs, _ in everyone for r in rs],
+            [p for _, ps in everyone for p in ps],
+            use_tqdm=False,
+            lora_request=adapter,
+        )
+        start = sum(len(rs) for rs, _ in everyone[: dist.get_rank(self.engine_ranks)])
+        return outputs[start : start + len(requests)]
 
 
 def sampling_requests(

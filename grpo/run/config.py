@@ -13,9 +13,11 @@ code 2 (`one_line`, used by `grpo.train`).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.errors import ConfigCompositionException, InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -80,6 +82,7 @@ RANGES: list[tuple[str, str, Any]] = [
     ("rollout.vllm.connect_timeout_s", "must be > 0", lambda v: v > 0),
     ("rollout.vllm.start_timeout_s", "must be > 0", lambda v: v > 0),
     ("rollout.vllm.request_timeout_s", "must be > 0", lambda v: v > 0),
+    ("rollout.vllm.tensor_parallel_size", "must be >= 1", lambda v: v >= 1),
     ("trainer.learning_rate", "must be > 0", lambda v: v > 0),
     ("trainer.batch_size", "must be >= 1", lambda v: v >= 1),
     ("trainer.max_steps", "must be >= 1", lambda v: v >= 1),
@@ -188,16 +191,7 @@ def validate_config(cfg: DictConfig) -> None:
         every = alg.reference_update.every
         _require(every == 0, "algorithm.reference_update.every", why, every)
     if ro.backend == "vllm":
-        _require(vllm_engine.available(), "rollout.backend", vllm_engine.INSTALL_HINT, "vllm")
-        if ro.vllm.mode == VLLMMode.server:
-            servers = OmegaConf.to_container(ro.vllm, resolve=True)["servers"]
-            why = "auto, a count of local servers >= 1, or a list of host:port"
-            _require(server_addresses(servers) is not None, "rollout.vllm.servers", why, servers)
-            why = "vLLM servers take one trainer process for now: run it without torchrun"
-            _require(world == 1, "rollout.vllm.mode", why, "server")
-        why = "the engine serves one process for now: run vLLM without torchrun"
-        _require(world == 1, "rollout.backend", why, "vllm")
-        _check_lora_sync(cfg)
+        _check_vllm(cfg, world)
     if tr.strategy == Strategy.fsdp and world > 1:
         why = "FSDP shards whole weights only in fp32 or bf16 without 4-bit quantization"
         _require(not model.load_in_4bit, "trainer.strategy", why, tr.strategy)
@@ -246,6 +240,57 @@ def server_addresses(servers: Any) -> list[str] | int | None:
         if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
             return None
     return [str(address) for address in servers]
+
+
+# What vLLM's external launcher reads to place an engine on each rank.
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _check_vllm(cfg: DictConfig, world: int) -> None:
+    """rollout.backend=vllm: installed, engines the processes can hold, a model it serves."""
+    _require(vllm_engine.available(), "rollout.backend", vllm_engine.INSTALL_HINT, "vllm")
+    tp, model = cfg.rollout.vllm.tensor_parallel_size, cfg.model
+    why = f"must divide the {world} processes (WORLD_SIZE): each engine spans that many ranks"
+    _require(world % tp == 0, "rollout.vllm.tensor_parallel_size", why, tp)
+    why = (
+        "the comparison runs on rank 0 alone, and an engine split over ranks needs them all: "
+        "set it false with rollout.vllm.tensor_parallel_size > 1"
+    )
+    _require(tp == 1 or not cfg.eval.comparison.at_end, "eval.comparison.at_end", why, True)
+    missing = [v for v in LAUNCHER_VARIABLES if v not in os.environ] if world > 1 else []
+    why = f"an engine on every rank needs {', '.join(missing)} (torchrun, accelerate, srun)"
+    _require(not missing, "rollout.backend", why, "vllm")
+    if cfg.rollout.vllm.mode == VLLMMode.server:
+        servers = OmegaConf.to_container(cfg.rollout.vllm, resolve=True)["servers"]
+        why = "auto, a count of local servers >= 1, or a list of host:port"
+        _require(server_addresses(servers) is not None, "rollout.vllm.servers", why, servers)
+        why = "vLLM servers take one trainer process for now: run it without torchrun"
+        _require(world == 1, "rollout.vllm.mode", why, "server")
+    _check_lora_sync(cfg)
+    if not torch.cuda.is_available():
+        _check_cpu_head_size(model.checkpoint)
+
+
+def _check_cpu_head_size(checkpoint: Any) -> None:
+    """The model's attention head size is one vLLM's CPU attention serves, read from its config
+    (no weights load): the tiny model's settings, or a folder's or hub id's config.json."""
+    if isinstance(checkpoint, str):
+        from transformers import AutoConfig
+
+        try:
+            text = AutoConfig.from_pretrained(checkpoint).get_text_config()
+        except (OSError, ValueError):  # not readable now: loading the model will say why
+            return
+        key, value = "model.checkpoint", checkpoint
+        head = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    elif "hidden_size" in checkpoint and "num_heads" in checkpoint:  # the tiny model's
+        key, value = "model.checkpoint.num_heads", checkpoint.num_heads
+        head = checkpoint.hidden_size // checkpoint.num_heads
+    else:
+        return
+    sizes = vllm_engine.cpu_head_sizes()
+    why = f"head_dim {head}: vLLM's CPU attention serves head sizes {sizes}"
+    _require(head in sizes, key, why, value)
 
 
 def _registry_check(registry: Any, name: str, settings: dict[str, Any], key: str) -> None:

@@ -140,6 +140,7 @@ class VLLMSchema:
     start_timeout_s: float = MISSING
     request_timeout_s: float = MISSING
     weights_dir: str | None = MISSING
+    tensor_parallel_size: int = MISSING
 
 
 @dataclass

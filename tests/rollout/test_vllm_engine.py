@@ -2,22 +2,28 @@
 lean decoder's, sampling log-probs equal the training forward pass, the engine samples from the
 updated weights after a sync (full fine-tuning, merged LoRA, LoRA as adapters), adapter sync
 against merged sync after an optimiser step, the base sampled with the adapters off, the regex
-stop rule, and a short run that learns. vLLM's CPU attention needs head_dim >= 32, so the tiny
-model here has 2 heads of 32 (`model.checkpoint.num_heads=2`)."""
+stop rule, a short run that learns, an engine on every rank of a torchrun job (DDP, and FSDP with
+one engine split over the two ranks) following each optimiser step, and the settings refused
+before any model loads."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 import typing
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, compose_config, generate, step_lines
+from conftest import TINY, compose_config, generate, run_train, step_lines
 from hydra.utils import instantiate
+from test_distributed import torchrun
 
+from grpo import distributed
 from grpo.actor.logprobs import token_logprobs
+from grpo.batch import take
 from grpo.model.loading import smollm2_checkpoint
 from grpo.rollout import vllm_engine
 from grpo.rollout.backends import build_backend
@@ -26,8 +32,6 @@ from grpo.rollout.source import render_prompts
 from grpo.rollout.vllm_adapters import LORA_RANKS, engine_rank, write_adapter
 from grpo.run.config import ConfigError, one_line, validate_config
 from grpo.train import train
-
-WIDE_HEADS = "model.checkpoint.num_heads=2"  # head_dim 32
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -51,9 +55,9 @@ def engine_for(
 
 
 def tiny(lora: bool = False, lora_sync: str = "adapter"):
-    """The tiny policy (2 heads of 32) and its own vLLM engine (vLLM keeps one engine's state
+    """The tiny policy and its own vLLM engine (vLLM keeps one engine's state
     per process: an engine made by another test is gone)."""
-    cfg = compose_config("model=tiny", WIDE_HEADS, f"model.lora.enabled={lora}")
+    cfg = compose_config("model=tiny", f"model.lora.enabled={lora}")
     torch.manual_seed(0)
     policy = instantiate(cfg.model)
     return policy, engine_for(policy, lora_sync=lora_sync)
@@ -316,7 +320,6 @@ def test_a_short_run_with_vllm_learns(tmp_path):
     overrides = [o for o in TINY if not o.startswith(("trainer.max_steps", "rollout.max"))]
     cfg = compose_config(
         *overrides,
-        WIDE_HEADS,
         "rollout.backend=vllm",
         "rollout.vllm.kv_cache_gib=0.02",
         "rollout.max_new_tokens=24",
@@ -344,7 +347,6 @@ def test_a_lora_run_syncs_adapters_and_its_comparison_samples_the_base(tmp_path)
     for sync in ("adapter", "merged"):
         cfg = compose_config(
             *TINY,
-            WIDE_HEADS,
             "model.lora.enabled=true",
             "model.lora.dropout=0.0",  # the training's log-prob pass draws adapter dropout
             "rollout.backend=vllm",
@@ -384,3 +386,155 @@ def test_disabled_adapters_hand_the_engine_the_base_weights():
         plain = state.get(name, state.get(name.replace(".weight", ".base_layer.weight")))
         if plain is not None:
             assert torch.equal(tensor, plain), name
+
+
+@pytest.mark.parametrize(("strategy", "tp"), [("ddp", 1), ("fsdp", 2)], ids=["ddp", "fsdp-tp2"])
+def test_every_ranks_engine_follows_each_optimiser_step(tmp_path, strategy, tp):
+    """2 ranks under torchrun, each generating its own prompts: with ddp each owns an engine,
+    with fsdp-tp2 one engine spans both (vLLM's tensor parallel on CPU). Each step the engine
+    sampled from the current weights, and after the step and the sync (FSDP: the gathered
+    weights) it scores a fixed completion as the training forward pass does, though the step
+    moved those log-probs."""
+    torchrun(2, __file__, strategy, str(tp), str(tmp_path))
+    for rank in range(2):
+        steps = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert len(steps) == 2
+        for step in steps:
+            assert step["sampled"] < 1e-4 and step["synced"] < 1e-4, (rank, step)
+            assert step["moved"] > 0.05, (rank, step)  # a stale engine would show it
+
+
+def test_an_engine_over_two_ranks_evaluates_fewer_problems_than_ranks(tmp_path):
+    """One held-out problem for 2 ranks: the rank without one completes it too, unrecorded, so
+    both ranks of the engine generate equally often (else they would wait on each other)."""
+    run_dir = tmp_path / "run"
+    overrides = [o for o in TINY if not o.startswith(("trainer.max_steps", "task.num_test"))]
+    torchrun(
+        2, "-m", "grpo.train", *overrides, "trainer.max_steps=1", "task.num_test=1",
+        "rollout.backend=vllm", "rollout.vllm.kv_cache_gib=0.02",
+        "rollout.vllm.tensor_parallel_size=2", "eval.comparison.at_end=false",
+        f"hydra.run.dir={run_dir}",
+    )  # fmt: skip
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["after"]["eval/avg_response_length"] > 0  # the one problem, completed
+
+
+def each_rank_follows_the_steps(strategy: str, tp: int, out: Path) -> None:
+    """A rank of the test above: 2 steps of Adam on its own completions' log-likelihood; what
+    it measured goes to OUT/rank<r>.json."""
+    distributed.init("cpu")
+    cfg = compose_config(
+        "model=tiny",
+        "model.lora.enabled=false",
+        "rollout.backend=vllm",
+        "rollout.vllm.kv_cache_gib=0.02",
+        f"rollout.vllm.tensor_parallel_size={tp}",
+        f"trainer.strategy={strategy}",
+        "eval.comparison.at_end=false",
+    )
+    validate_config(cfg)  # the launcher's variables, the engine layout
+    rank = distributed.rank()
+    torch.manual_seed(0)
+    policy = instantiate(cfg.model)
+    distributed.prepare(policy.model, strategy)
+    settings = SamplingSettings(max_new_tokens=12, max_prompt_length=64)
+    engine = build_backend("vllm", policy, settings, dict(cfg.rollout.vllm))
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    texts = prompts(policy, 4)[2 * rank : 2 * rank + 2]  # each rank its own prompts
+    steps = []
+    for _ in range(2):
+        rollout = generate(policy, texts, 2, engine=engine, max_new_tokens=12)
+        fixed = distributed.share(take(rollout, slice(0, 1)))  # rank 0's first completion
+        mask, fixed_mask = rollout.completion_mask.bool(), fixed.completion_mask.bool()
+        with torch.no_grad():
+            before = token_logprobs(policy.model, fixed)[0][fixed_mask]
+        logp, _ = token_logprobs(policy.model, rollout)
+        sampled = (logp.detach()[mask] - rollout.sampling_logprobs[mask]).abs().max()
+        (-logp[mask].sum()).backward()
+        distributed.sum_gradients(params)  # ddp (fsdp's reduce-scatter summed them already)
+        optimizer.step()
+        optimizer.zero_grad()
+        engine.sync(policy.model)
+        with torch.no_grad():
+            after = token_logprobs(policy.model, fixed)[0][fixed_mask]
+        seen = engine_logprobs(engine, fixed)
+        steps.append(
+            {
+                "sampled": sampled.item(),
+                "synced": (seen - after).abs().max().item(),
+                "moved": (after - before).abs().max().item(),
+            }
+        )
+    (out / f"rank{rank}.json").write_text(json.dumps(steps))
+
+
+# What torchrun sets for rank 0 of 2 processes.
+LAUNCHED = dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="h", MASTER_PORT="1")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "env", "message"),
+    [
+        (
+            ["rollout.vllm.tensor_parallel_size=3"],
+            LAUNCHED,
+            "rollout.vllm.tensor_parallel_size=3: must divide the 2 processes",
+        ),
+        (
+            ["rollout.vllm.tensor_parallel_size=2"],
+            LAUNCHED,
+            "eval.comparison.at_end=True: the comparison runs on rank 0 alone",
+        ),
+        (
+            [],
+            {k: v for k, v in LAUNCHED.items() if k != "LOCAL_RANK"},
+            "rollout.backend='vllm': an engine on every rank needs LOCAL_RANK",
+        ),
+        (
+            ["model.checkpoint.num_heads=4"],
+            {},
+            "model.checkpoint.num_heads=4: head_dim 16: vLLM's CPU attention serves head sizes",
+        ),
+    ],
+    ids=["tp-divides-world", "tp-comparison", "launcher-variables", "head-size"],
+)
+def test_settings_vllm_cannot_run_are_refused_before_any_model_loads(
+    overrides, env, message, monkeypatch
+):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    cfg = compose_config("model=tiny", "rollout.backend=vllm", "trainer.batch_size=2", *overrides)
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        validate_config(cfg)
+
+
+def test_a_folder_model_with_heads_vllm_cannot_serve_is_refused_in_one_line(tmp_path):
+    """The head size of a folder (or hub) model comes from its config.json alone: no weights
+    are written here, so a run that went on to load the model would fail otherwise."""
+    from transformers import LlamaConfig
+
+    folder = tmp_path / "model"
+    LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=4).save_pretrained(
+        folder
+    )
+    run_dir = tmp_path / "run"
+    proc = run_train(
+        "model=tiny",
+        f"model.checkpoint={folder}",
+        "rollout.backend=vllm",
+        f"hydra.run.dir={run_dir}",
+        check=False,
+    )
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line == (
+        f"error: model.checkpoint='{folder}': head_dim 16: vLLM's CPU attention serves head "
+        f"sizes {vllm_engine.cpu_head_sizes()}"
+    )
+
+
+if __name__ == "__main__":  # a rank started by torchrun: STRATEGY TP OUT
+    each_rank_follows_the_steps(sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]))

