@@ -247,25 +247,28 @@ LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def _check_vllm(cfg: DictConfig, world: int) -> None:
-    """rollout.backend=vllm: installed, engines the processes can hold, a model it serves."""
+    """rollout.backend=vllm: installed; servers the trainer can use, or engines the processes
+    can hold; adapters and a model it serves."""
     _require(vllm_engine.available(), "rollout.backend", vllm_engine.INSTALL_HINT, "vllm")
-    tp, model = cfg.rollout.vllm.tensor_parallel_size, cfg.model
-    why = f"must divide the {world} processes (WORLD_SIZE): each engine spans that many ranks"
-    _require(world % tp == 0, "rollout.vllm.tensor_parallel_size", why, tp)
-    why = (
-        "the comparison runs on rank 0 alone, and an engine split over ranks needs them all: "
-        "set it false with rollout.vllm.tensor_parallel_size > 1"
-    )
-    _require(tp == 1 or not cfg.eval.comparison.at_end, "eval.comparison.at_end", why, True)
-    missing = [v for v in LAUNCHER_VARIABLES if v not in os.environ] if world > 1 else []
-    why = f"an engine on every rank needs {', '.join(missing)} (torchrun, accelerate, srun)"
-    _require(not missing, "rollout.backend", why, "vllm")
-    if cfg.rollout.vllm.mode == VLLMMode.server:
-        servers = OmegaConf.to_container(cfg.rollout.vllm, resolve=True)["servers"]
+    vllm, model = cfg.rollout.vllm, cfg.model
+    if vllm.mode == VLLMMode.server:
+        servers = OmegaConf.to_container(vllm, resolve=True)["servers"]
         why = "auto, a count of local servers >= 1, or a list of host:port"
         _require(server_addresses(servers) is not None, "rollout.vllm.servers", why, servers)
         why = "vLLM servers take one trainer process for now: run it without torchrun"
         _require(world == 1, "rollout.vllm.mode", why, "server")
+    else:
+        tp = vllm.tensor_parallel_size
+        why = f"must divide the {world} processes (WORLD_SIZE): each engine spans that many ranks"
+        _require(world % tp == 0, "rollout.vllm.tensor_parallel_size", why, tp)
+        why = (
+            "the comparison runs on rank 0 alone, and an engine split over ranks needs them all: "
+            "set it false with rollout.vllm.tensor_parallel_size > 1"
+        )
+        _require(tp == 1 or not cfg.eval.comparison.at_end, "eval.comparison.at_end", why, True)
+        missing = [v for v in LAUNCHER_VARIABLES if v not in os.environ] if world > 1 else []
+        why = f"an engine on every rank needs {', '.join(missing)} (torchrun, accelerate, srun)"
+        _require(not missing, "rollout.backend", why, "vllm")
     _check_lora_sync(cfg)
     if not torch.cuda.is_available():
         _check_cpu_head_size(model.checkpoint)
