@@ -22,9 +22,8 @@ from omegaconf import DictConfig
 
 from grpo.rollout import vllm_engine
 from grpo.rollout.vllm_server import server_command, server_env
-from grpo.run.config import ConfigError, validate_config
+from grpo.run.config import ConfigError, command_line, exit_on_config_error, validate_config
 from grpo.run.servers import checkpoint_folder, server_args
-from grpo.train import exit_on_config_error
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
@@ -43,9 +42,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises composition errors to us
-    try:
-        main()
-    except Exception as error:
-        exit_on_config_error(error)
-        raise
+    command_line(main)

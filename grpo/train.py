@@ -23,7 +23,6 @@ Departures from the paper, by default (each is a config switch):
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
 import time
@@ -51,7 +50,7 @@ from grpo.run.build import (
     update_settings,
 )
 from grpo.run.checkpoint import Checkpointer, start_run
-from grpo.run.config import ConfigError, one_line, validate_config
+from grpo.run.config import ConfigError, command_line, exit_on_config_error, validate_config
 from grpo.run.loggers import NullLogger
 from grpo.run.metrics import sample_records, step_metrics
 from grpo.run.records import job_threads
@@ -211,18 +210,6 @@ def print_before_after(before: dict[str, float], after: dict[str, float]) -> Non
         print(f"  {key:<30} {before[key]:8.3f} {after[key]:8.3f}")
 
 
-def exit_on_config_error(error: Exception) -> None:
-    """A config error: print it as one line naming the key and exit with code 2. Any other
-    error returns, to be raised with its traceback."""
-    line = one_line(error)
-    if line is None:
-        return
-    # Every rank prints it: under torchrun the first rank to exit ends the others, so a line
-    # left to rank 0 alone could be lost.
-    print(f"error: {line}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
-
-
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     try:
@@ -236,12 +223,7 @@ def cli() -> None:
     """The command line: `main`, with composition errors also reported as one line."""
     distributed.adopt_slurm()
     sys.argv += distributed.hydra_overrides()  # ranks > 0: no run folder of their own
-    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises composition errors to us
-    try:
-        main()
-    except Exception as error:
-        exit_on_config_error(error)
-        raise
+    command_line(main)
 
 
 if __name__ == "__main__":

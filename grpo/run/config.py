@@ -14,6 +14,8 @@ code 2 (`one_line`, used by `grpo.train`).
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -340,6 +342,29 @@ def _check_named_functions(cfg: DictConfig) -> None:
 
 
 # ------------------------------------------------------------------------------------ errors
+def exit_on_config_error(error: Exception) -> None:
+    """A config error: print it as one line naming the key and exit with code 2. Any other
+    error returns, to be raised with its traceback."""
+    line = one_line(error)
+    if line is None:
+        return
+    # Every rank prints it: under torchrun the first rank to exit ends the others, so a line
+    # left to rank 0 alone could be lost.
+    print(f"error: {line}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def command_line(main: Callable[[], Any]) -> None:
+    """Run a `hydra.main` function with composition errors, as config errors, reported as one
+    line (exit code 2); any other error keeps its traceback."""
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises composition errors to us
+    try:
+        main()
+    except Exception as error:
+        exit_on_config_error(error)
+        raise
+
+
 def one_line(error: BaseException) -> str | None:
     """A config error as one line naming the key, the value and the rule (a lost rollout
     server as its line); None for any other error (a bug, which keeps its traceback)."""
