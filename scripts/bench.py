@@ -67,6 +67,7 @@ class Workload:
     share_prompts: bool = True  # ours: each prompt's pass shared by its G completions
     offload_reference: bool = False  # ours: the frozen reference waits in a file (full FT)
     backend: str = "lean"  # ours: rollout.backend (vllm: the engine in the process)
+    vllm_mode: str = "colocate"  # ours, backend vllm: rollout.vllm.mode (server: servers=auto)
     micro_batch_tokens: int | None = None  # ours: update micro-batches by token budget
 
     @property
@@ -87,7 +88,21 @@ SMOLLM2_LORA = replace(
 # vLLM rows (make install-vllm): our step with vLLM generating, the weight sync in the split.
 SMOLLM2_VLLM = replace(SMOLLM2, name="smollm2-vllm", backend="vllm")
 SMOLLM2_LORA_VLLM = replace(SMOLLM2_LORA, name="smollm2-lora-vllm", backend="vllm")
-WORKLOADS = {w.name: w for w in (TINY, SMOLLM2, SMOLLM2_LORA, SMOLLM2_VLLM, SMOLLM2_LORA_VLLM)}
+# The same with a vLLM server the trainer starts on the same cores (adapters through files).
+SMOLLM2_LORA_VLLM_SERVER = replace(
+    SMOLLM2_LORA_VLLM, name="smollm2-lora-vllm-server", vllm_mode="server"
+)
+WORKLOADS = {
+    w.name: w
+    for w in (
+        TINY,
+        SMOLLM2,
+        SMOLLM2_LORA,
+        SMOLLM2_VLLM,
+        SMOLLM2_LORA_VLLM,
+        SMOLLM2_LORA_VLLM_SERVER,
+    )
+}
 # `--micro-batches`: ours against ours, the update with fixed micro-batches vs a token budget of
 # the same padded size, on GSM8K prompts whose completions (up to 256 tokens, ended by the `####`
 # line or EOS, not forced) vary in length. TRL is not involved.
@@ -192,6 +207,7 @@ def our_overrides(
         f"trainer.offload_reference={str(workload.offload_reference).lower()}",
         f"trainer.num_threads={threads}",
         f"rollout.backend={workload.backend}",
+        f"rollout.vllm.mode={workload.vllm_mode}",
         "rollout.vllm.kv_cache_gib=0.1",
         "eval.heldout.max_new_tokens=4",
         "eval.heldout.num_samples=0",

@@ -42,19 +42,20 @@ def checkpoint_folder(cfg: DictConfig) -> str:
 
 
 def server_args(cfg: DictConfig, checkpoint: str) -> dict[str, Any]:
-    """The settings of a server's engine, from the config as the colocated engine takes them."""
+    """The settings of a server's engine, from the config as the colocated engine takes them,
+    split over `tensor_parallel_size` devices."""
     vllm = cfg.rollout.vllm
-    return engine_args(
+    adapters = cfg.model.lora.enabled and vllm.lora_sync == "adapter"
+    args = engine_args(
         checkpoint,
         cfg.model.dtype,
         SamplingSettings.from_config(cfg.rollout, None, False),
         kv_cache_gib=vllm.kv_cache_gib,
         gpu_memory_utilization=vllm.gpu_memory_utilization,
         enforce_eager=vllm.enforce_eager,
-        lora_rank=cfg.model.lora.r
-        if cfg.model.lora.enabled and vllm.lora_sync == "adapter"
-        else None,
+        lora_rank=cfg.model.lora.r if adapters else None,
     )
+    return args | {"tensor_parallel_size": vllm.tensor_parallel_size}
 
 
 @contextlib.contextmanager
