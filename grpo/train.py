@@ -189,6 +189,8 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
             logger.log_samples(step, sample_records(task, batch, advantages))
             ckpt.step_end(step, before)  # a checkpoint every save_every steps, or on a signal
 
+    if not after:  # resumed from the last step's checkpoint: nothing left to train
+        after = run_eval()
     summary = {**after, "before": before, "after": after, "steps": tr.max_steps}
     weights = distributed.full_state_dict(policy.model)  # FSDP: from all ranks' shards
     with distributed.gathered(policy.model):  # FSDP: whole weights for the comparison

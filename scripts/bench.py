@@ -426,8 +426,9 @@ def run_floor(workload: Workload) -> dict:
         "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
         "trainable": adapter or total,
         "adapter": adapter,
-        # vllm_engine.hf_weights: the checkpoint's tensors, and the head again when tied
-        "synced": (total + head.numel() * tied) * (workload.backend == "vllm"),
+        # vllm_engine.hf_weights: the checkpoint's tensors, and the head again when tied; LoRA
+        # (rollout.vllm.lora_sync=adapter, the default): the adapter alone after the first sync
+        "synced": (adapter or total + head.numel() * tied) * (workload.backend == "vllm"),
     }
     tokenizer = load_tokenizer(folder)
     rows = step_prompts(workload, workload.model != "tiny", tokenizer)

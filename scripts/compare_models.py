@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from grpo.evaluation.comparison import compare_models  # noqa: E402
 from grpo.model.loading import Policy  # noqa: E402
 from grpo.run.build import build_evaluator, build_source, sampling_settings  # noqa: E402
+from grpo.run.servers import rollout_servers
 
 
 def load_run_config(run_dir: Path, overrides: list[str]) -> DictConfig:
@@ -61,8 +62,11 @@ def main() -> None:
     reward_fn = instantiate(cfg.reward)
     policy = load_trained(cfg, args.run_dir / "model", device)
     sampling = sampling_settings(cfg, task)
-    source = build_source(cfg, task, policy, reward_fn, sampling)
-    compare_models(cfg, build_evaluator(cfg, source, sampling), args.run_dir)
+    # Server mode: the run's servers (its config lists their addresses), or
+    # rollout.vllm.servers=auto to start new ones for the comparison.
+    with rollout_servers(cfg, args.run_dir / "compare"):
+        source = build_source(cfg, task, policy, reward_fn, sampling)
+        compare_models(cfg, build_evaluator(cfg, source, sampling), args.run_dir)
 
 
 if __name__ == "__main__":

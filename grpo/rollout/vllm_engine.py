@@ -166,7 +166,7 @@ def parallel_args(tensor_parallel_size: int) -> dict[str, Any]:
     engine per `tensor_parallel_size` consecutive ranks on the running process group (it reads
     RANK and LOCAL_RANK), seeded alike within an engine."""
     if distributed.world_size() == 1:
-        return {"seed": 0}
+        return {}
     return {
         "distributed_executor_backend": "external_launcher",
         "tensor_parallel_size": tensor_parallel_size,

@@ -87,7 +87,10 @@ def request(address: str, path: str, body: dict[str, Any] | None, timeout: float
             text, kind = answer.read(), answer.headers.get_content_type()
     except urllib.error.HTTPError as error:
         detail = " ".join(error.read().decode(errors="replace").split())[:300]
-        raise RuntimeError(f"rollout server {address}{path}: HTTP {error.code}: {detail}") from None
+        line = f"rollout server {address}{path}: HTTP {error.code}: {detail}"
+        if error.code >= 500:  # the server is up but its engine failed: lost all the same
+            raise BackendLost(line) from None
+        raise RuntimeError(line) from None
     except (OSError, http.client.HTTPException) as error:  # refused, reset, closed, timed out
         reason = getattr(error, "reason", error)
         if isinstance(reason, TimeoutError):
@@ -225,9 +228,13 @@ class VLLMServerBackend(Backend):
         self.version = 0  # weight versions sent so far
 
     def _each(self, call: Callable[..., Any], *args: Sequence[Any]) -> list[Any]:
-        """`call` on each tuple of `args`, all at once from threads; answers in order."""
-        with ThreadPoolExecutor(min(MAX_THREADS, len(args[0]))) as pool:
+        """`call` on each tuple of `args`, all at once from threads; answers in order. The first
+        failure is raised at once: the calls still queued are cancelled, not waited for."""
+        pool = ThreadPoolExecutor(min(MAX_THREADS, len(args[0])))
+        try:
             return list(pool.map(call, *args))
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def sync(self, model: PreTrainedModel) -> float:
         """Hand `model`'s weights to every server (pause, reload, resume); with adapter sync the
@@ -243,7 +250,9 @@ class VLLMServerBackend(Backend):
         if self.as_adapters:
             name = self.checkpoint
             if adapters_active(model):
-                name = f"policy-v{self.version}"  # a new name and folder per version
+                # A new name and folder per version; the folder's name keeps names unique over
+                # trainers that share a server (a resumed run, a second run).
+                name = f"{self.handoff.name}-v{self.version}"
                 write_adapter(model, folder)
             self._on_every_server(self._swap_adapter, name)
             self.model_name = name
@@ -259,13 +268,20 @@ class VLLMServerBackend(Backend):
         """`change(address, arg)` while server `address` is paused (`/pause?mode=wait`:
         requests in flight finish, new ones wait): no request sees half of it."""
         request(address, "/pause?mode=wait", {}, self.timeout)
-        change(address, arg)
-        request(address, "/resume", {}, self.timeout)
+        try:
+            change(address, arg)
+        finally:
+            request(address, "/resume", {}, self.timeout)
 
     def _reload_weights(self, address: str, folder: Path) -> None:
-        """Server `address` loads the weights in `folder` (the worker's `reload_weights`)."""
+        """Server `address` loads the weights in `folder` (the worker's `reload_weights`) and
+        drops the adapters an earlier trainer left loaded."""
         rpc = {"method": "reload_weights", "kwargs": {"weights_path": str(folder)}}
         request(address, "/collective_rpc", rpc, self.timeout)
+        for model in request(address, "/v1/models", None, self.timeout)["data"]:
+            if model.get("parent"):  # a LoRA adapter names its base
+                body = {"lora_name": model["id"]}
+                request(address, "/v1/unload_lora_adapter", body, self.timeout)
 
     def _swap_adapter(self, address: str, name: str) -> None:
         """Server `address` drops the adapter requests named so far and, unless `name` is the

@@ -3,7 +3,7 @@
 vLLM's `stop` takes plain strings; the task's stop rule is a regex (e.g. the `#### N` answer
 line). `RegexStop` forces EOS once a request's decoded completion matches the pattern in its
 `extra_args["stop_regex"]` (`vllm_xargs` over HTTP); the backends drop that EOS, which was not
-sampled (`grpo.rollout.vllm_engine.finished_completion`).
+sampled (`grpo.rollout.vllm_engine.finished_completions`).
 
 vLLM loads it by its qualified name, `grpo.rollout.vllm_stop:RegexStop`
 (`grpo.rollout.vllm_engine.REGEX_STOP`), both in the training process (`vllm.LLM`) and in a

@@ -256,9 +256,18 @@ def _check_vllm(cfg: DictConfig, world: int) -> None:
     if vllm.mode == VLLMMode.server:
         servers = OmegaConf.to_container(vllm, resolve=True)["servers"]
         why = "auto, a count of local servers >= 1, or a list of host:port"
-        _require(server_addresses(servers) is not None, "rollout.vllm.servers", why, servers)
+        count = server_addresses(servers)
+        _require(count is not None, "rollout.vllm.servers", why, servers)
         why = "vLLM servers take one trainer process for now: run it without torchrun"
         _require(world == 1, "rollout.vllm.mode", why, "server")
+        why = (
+            "local servers would share this machine's GPUs with the trainer: start each with "
+            "`python -m grpo.serve` on its own GPUs (CUDA_VISIBLE_DEVICES) and list them"
+        )
+        shared = isinstance(count, int) and count > 1 and torch.cuda.is_available()
+        _require(not shared, "rollout.vllm.servers", why, servers)
+        why = "sleep mode frees the GPU of a colocated engine: set it false with mode=server"
+        _require(not vllm.sleep, "rollout.vllm.sleep", why, True)
     else:
         tp = vllm.tensor_parallel_size
         why = f"must divide the {world} processes (WORLD_SIZE): each engine spans that many ranks"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import signal
 import socket
 import subprocess
@@ -119,6 +120,7 @@ def start_servers(
                 stderr=subprocess.STDOUT,
                 env=server_env(),
                 preexec_fn=_die_with_parent,
+                start_new_session=True,  # the terminal's Ctrl-C and SLURM's signals are ours
             )
         stack.callback(stop, process)
         started.append((f"127.0.0.1:{port}", process, log))
@@ -134,10 +136,11 @@ def start_servers(
 
 
 def stop(process: subprocess.Popen) -> None:
-    """Stop a started server: SIGTERM, then SIGKILL after `STOP_WAIT_S`."""
+    """Stop a started server: SIGTERM, then SIGKILL to its process group (the API process and
+    its engine process) after `STOP_WAIT_S`."""
     process.terminate()
     try:
         process.wait(STOP_WAIT_S)
     except subprocess.TimeoutExpired:
-        process.kill()
+        os.killpg(process.pid, signal.SIGKILL)
         process.wait()
