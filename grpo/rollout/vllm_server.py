@@ -71,6 +71,7 @@ from grpo.rollout.vllm_engine import (
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 # A text the server's tokenizer must split into the same token ids as the config's.
 TOKENIZER_PROBE = "Tokenizer check: 12 + 345 = 357, so the answer is\n#### 357"
+HANDOFF_PREFIX = "grpo-weights-"  # the folder the weights pass through, one per trainer
 MAX_THREADS = 64  # requests in flight at once (vLLM batches them)
 
 
@@ -223,7 +224,7 @@ class VLLMServerBackend(Backend):
         root = Path(weights_dir).expanduser() if weights_dir else None
         if root is not None:
             root.mkdir(parents=True, exist_ok=True)
-        self.handoff = Path(tempfile.mkdtemp(prefix="grpo-weights-", dir=root))
+        self.handoff = Path(tempfile.mkdtemp(prefix=HANDOFF_PREFIX, dir=root))
         weakref.finalize(self, shutil.rmtree, self.handoff, ignore_errors=True)
         self.version = 0  # weight versions sent so far
 
@@ -250,9 +251,10 @@ class VLLMServerBackend(Backend):
         if self.as_adapters:
             name = self.checkpoint
             if adapters_active(model):
-                # A new name and folder per version; the folder's name keeps names unique over
-                # trainers that share a server (a resumed run, a second run).
-                name = f"{self.handoff.name}-v{self.version}"
+                # A new name and folder per version; the handoff folder's unique part keeps
+                # names apart over trainers that share a server (a resumed run, a second run).
+                trainer = self.handoff.name.removeprefix(HANDOFF_PREFIX)
+                name = f"policy-{trainer}-v{self.version}"
                 write_adapter(model, folder)
             self._on_every_server(self._swap_adapter, name)
             self.model_name = name
