@@ -1,7 +1,9 @@
 """The batch types every stage passes on, and the one way to index and join them.
 
 Rows are completions, grouped by prompt: rows [k*G, (k+1)*G) are the G completions of prompt k.
-- `Rollout`: what generation made (token ids and masks, texts, the sampler's log-probs);
+- `Rollout`: what generation made (token ids and masks, texts, the sampler's log-probs); a
+  multi-turn trajectory is one completion whose `loss_mask` marks the tokens the model sampled
+  (0 on those an environment inserted, such as tool output);
 - `RewardOutput`: what a reward gave (a total per completion and its named parts);
 - `ScoredRollout`: a rollout with its data rows and rewards.
 
@@ -40,11 +42,23 @@ class Rollout:
     pad_token_id: int = field(metadata={"shared": True})  # the padding token
     # (N, T) log-probs of the sampled tokens under the generating engine (None: not kept)
     sampling_logprobs: torch.Tensor | None = _padded("right", 0.0, default=None)
+    # (N, T) 1 on completion tokens the model sampled, 0 on tokens an environment inserted (tool
+    # output) and on padding (None: every completion token is the model's, one turn). The
+    # convention of TRL, verl and SkyRL: environment tokens are context, never loss tokens.
+    loss_mask: torch.Tensor | None = _padded("right", 0, default=None)
 
     @property
     def lengths(self) -> torch.Tensor:
-        """(N,) completion lengths in tokens."""
+        """(N,) completion lengths in tokens, environment tokens included (whole trajectory)."""
         return self.completion_mask.sum(1)
+
+    @property
+    def model_mask(self) -> torch.Tensor:
+        """(N, T) the completion tokens the model sampled: those that get log-probs and enter
+        the loss. Without a `loss_mask`, `completion_mask` itself (the same tensor)."""
+        if self.loss_mask is None:
+            return self.completion_mask
+        return self.completion_mask * self.loss_mask.to(self.completion_mask.dtype)
 
 
 @dataclass

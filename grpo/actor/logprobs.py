@@ -46,24 +46,33 @@ def token_logprobs(
     runs only at sampled tokens, in chunks of at most `chunk_logits` logits (tokens x
     vocabulary; 0 = one chunk) recomputed in backward, so no (N, T, V) tensor is ever held.
     `chunk_logits=None`, and other models, compute all completion positions' logits at once
-    (`logits_to_keep`). Padding positions get log-prob 0. Entropy (N, T), when asked, is
-    computed without gradient, for logging, unless `entropy_grad` (an entropy bonus in the
-    loss needs its gradient).
+    (`logits_to_keep`). Padding positions, and the environment's tokens of a multi-turn
+    trajectory (`Rollout.model_mask`: context, never scored), get log-prob 0. Entropy (N, T),
+    when asked, is computed without gradient, for logging, unless `entropy_grad` (an entropy
+    bonus in the loss needs its gradient).
     """
     start = int(rollout.prompt_mask.any(0).long().argmax())
     prompt_ids, prompt_mask = rollout.prompt_ids[:, start:], rollout.prompt_mask[:, start:]
-    ids, mask = _trimmed_completions(rollout)
+    ids, mask, scored = _trimmed_completions(rollout)
     if _chunked_head(model) and chunk_logits is not None:
         inputs = _model_inputs(prompt_ids, prompt_mask, ids, mask)
         # The model's own forward (hooks see it), for its final hidden states; one logit row each.
         out = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
         hidden = out.hidden_states[-1][:, -(ids.shape[1] + 1) : -1]
         scores = _head_logprobs(
-            hidden, model, ids, mask, temperature, with_entropy, entropy_grad, chunk_logits
+            hidden, model, ids, scored, temperature, with_entropy, entropy_grad, chunk_logits
         )
     else:
         scores = _logprobs_from_logits(
-            model, prompt_ids, prompt_mask, ids, mask, temperature, with_entropy, entropy_grad
+            model,
+            prompt_ids,
+            prompt_mask,
+            ids,
+            mask,
+            scored,
+            temperature,
+            with_entropy,
+            entropy_grad,
         )
     return _padded(scores, rollout.completion_ids.shape[1])
 
@@ -146,7 +155,7 @@ class SharedPrompts:
                 entropy_grad,
                 self.chunk_logits,
             )
-        ids, mask = _trimmed_completions(micro)
+        ids, mask, scored = _trimmed_completions(micro)
         prompt = self.prompt_of_row[rows if isinstance(rows, slice) else torch.tensor(rows)]
         last, *kv = (x.index_select(0, prompt) for x in self._outputs)
         positions = torch.arange(ids.shape[1], device=ids.device)
@@ -164,7 +173,7 @@ class SharedPrompts:
             hidden,
             self.model,
             ids,
-            mask,
+            scored,
             self.temperature,
             with_entropy,
             entropy_grad,
@@ -286,11 +295,17 @@ def _new_prompt(rollout: Rollout) -> torch.Tensor:
     return new
 
 
-def _trimmed_completions(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
-    """Completion ids and mask up to the last column any row uses (at least one column)."""
+def _trimmed_completions(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Completion ids, mask (the tokens the model reads) and the tokens to score (the model's:
+    `Rollout.model_mask`) up to the last column any row uses (at least one column)."""
     used = rollout.completion_mask.any(0).nonzero()
     width = int(used[-1]) + 1 if len(used) else 1
-    return rollout.completion_ids[:, :width], rollout.completion_mask[:, :width]
+    cut = slice(None, width)
+    return (
+        rollout.completion_ids[:, cut],
+        rollout.completion_mask[:, cut],
+        rollout.model_mask[:, cut],
+    )
 
 
 def _padded(
@@ -331,16 +346,16 @@ def _head_logprobs(
     hidden: torch.Tensor,
     model: PreTrainedModel,
     ids: torch.Tensor,
-    mask: torch.Tensor,
+    scored: torch.Tensor,
     temperature: float,
     with_entropy: bool,
     entropy_grad: bool,
     chunk_logits: int,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (and entropies) (N, T) of tokens `ids` from the hidden states that predict
-    them, through the model's chunked LM head at the positions of `mask` only."""
+    them, through the model's chunked LM head at the positions of `scored` only (0 elsewhere)."""
     head = causal_lm(model).get_output_embeddings()
-    valid = mask.bool()
+    valid = scored.bool()
     rows = max(1, chunk_logits // head.out_features) if chunk_logits else int(valid.sum())
     states, weight = hidden[valid], head.weight
     if getattr(head, "float32", False):  # grpo.model.loading.Float32Head: logits in float32
@@ -362,11 +377,13 @@ def _logprobs_from_logits(
     prompt_mask: torch.Tensor,
     ids: torch.Tensor,
     mask: torch.Tensor,
+    scored: torch.Tensor,
     temperature: float,
     with_entropy: bool,
     entropy_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`token_logprobs` for any model: the logits of the completion positions at once."""
+    """`token_logprobs` for any model: the logits of the completion positions at once, the
+    log-probs (and entropies) kept at the positions of `scored` (0 elsewhere)."""
     t = ids.shape[1]
     inputs = _model_inputs(prompt_ids, prompt_mask, ids, mask)
     logits = model(**inputs, logits_to_keep=t + 1, use_cache=False).logits
@@ -374,7 +391,7 @@ def _logprobs_from_logits(
     if temperature != 1.0:
         logits = logits / temperature
     chosen = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-    valid = mask.bool()
+    valid = scored.bool()
     logp = torch.where(valid, chosen - logits.logsumexp(-1), 0.0)
     entropy = None
     if with_entropy:

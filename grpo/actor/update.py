@@ -89,7 +89,7 @@ class Actor:
                     with_entropy=loss_fn.selects_tokens,
                 )
             if loss_fn.selects_tokens:
-                mask = rollout.completion_mask.bool()
+                mask = rollout.model_mask.bool()
                 scores.selected = top_entropy_tokens(entropy, mask, loss_fn.top_entropy_quantile)
         return scores
 
@@ -193,19 +193,23 @@ def top_entropy_tokens(entropy: torch.Tensor, mask: torch.Tensor, rho: float) ->
 def reward_kl_penalty(scores: TokenScores, rollout: Rollout, kl: Any) -> torch.Tensor:
     """beta * each completion's summed KL estimate, for the whole batch (all ranks' rows in
     order, CPU): subtracted from the rewards when `algorithm.kl.in_reward` (the penalty uses the
-    sampling policy's log-probs, so it carries no gradient)."""
-    mask = rollout.completion_mask.bool()
+    sampling policy's log-probs, so it carries no gradient). Summed over the model's tokens:
+    environment tokens have no log-probs."""
+    mask = rollout.model_mask.bool()
     mine = sequence_kl_penalty(kl.estimator, scores.old, scores.ref, mask, kl.coef).cpu()
     return torch.cat(distributed.all_gather(mine))
 
 
 def loss_mask(rollout: Rollout, mask_truncated: bool) -> torch.Tensor:
-    """Completion tokens that enter the loss: [N, T] bool.
+    """Completion tokens that enter the loss: [N, T] bool. The one place the loss's mask is
+    formed: `GRPOLoss` takes it as the valid tokens of every term, aggregation, normaliser,
+    rollout correction and statistic.
 
-    All sampled tokens, minus those of truncated completions (cut at max_new_tokens) when
-    `mask_truncated` (DAPO's overlong filtering, section 3.4).
+    The tokens the model sampled (`Rollout.model_mask`: not padding, not the environment's
+    tokens of a multi-turn trajectory), minus those of truncated completions (cut at
+    max_new_tokens) when `mask_truncated` (DAPO's overlong filtering, section 3.4).
     """
-    mask = rollout.completion_mask.bool()
+    mask = rollout.model_mask.bool()
     if mask_truncated:
         mask = mask & ~rollout.truncated.unsqueeze(1)
     return mask
