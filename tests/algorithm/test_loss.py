@@ -8,6 +8,8 @@ import torch
 from conftest import compose_config
 
 from grpo.algorithm.loss import AGGREGATIONS, GRPOLoss
+from grpo.algorithm.policy_losses import POLICY_LOSSES
+from grpo.algorithm.rollout_correction import ROLLOUT_CORRECTIONS
 from grpo.run.config import ConfigError, validate_config
 
 MAX_LEN = 7
@@ -264,3 +266,61 @@ def test_off_policy_mask_drops_negative_completions_that_drifted():
     for row, drop in enumerate(dropped):
         grad = logprobs.grad[row][mask[row]]
         assert (grad == 0).all() if drop else (grad != 0).any()
+
+
+def compacted(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each row's values at `mask` moved to its front, the rest zero (right padding)."""
+    out = torch.zeros_like(values)
+    for row in range(len(values)):
+        kept = values[row][mask[row]]
+        out[row, : len(kept)] = kept
+    return out
+
+
+@pytest.mark.parametrize("aggregation", list(AGGREGATIONS))
+@pytest.mark.parametrize("policy_loss", list(POLICY_LOSSES))
+def test_tokens_outside_the_mask_are_padding_wherever_they_are(policy_loss, aggregation):
+    """A trajectory's environment tokens are holes in the mask between the model's tokens: junk
+    there changes nothing and gets no gradient, and the loss, its gradient on the model's tokens
+    and its statistics are those of the same tokens packed to the front, the rest padding, for
+    every policy loss, aggregation and rollout correction."""
+    inputs = random_batch(seed=11)
+    gen = torch.Generator().manual_seed(12)
+    shape = inputs["mask"].shape
+    holes = torch.rand(shape, generator=gen) < 0.3
+    holes[:, 0] = False  # every row keeps a model token
+    mask = inputs["mask"] & ~holes
+    inputs["sampling_logprobs"] = inputs["old_logprobs"] + 0.2 * torch.randn(shape, generator=gen)
+    per_token = [k for k in inputs if k not in ("mask", "advantages")]
+    for correction in ROLLOUT_CORRECTIONS:
+        loss_fn = GRPOLoss(
+            policy_loss={"name": policy_loss},
+            kl={"coef": 0.1},
+            rollout_correction={"name": correction},
+            aggregation=aggregation,
+            entropy_coef=0.01,
+            max_completion_length=MAX_LEN,
+        )
+        results = []
+        for junk in (1.0, -5.0):
+            given = {k: torch.where(mask, inputs[k], junk) for k in per_token}
+            results.append(_loss_and_grad(loss_fn, given, inputs["advantages"], mask))
+        packed = {k: compacted(inputs[k], mask) for k in per_token}
+        packed_mask = compacted(mask, mask)
+        want = _loss_and_grad(loss_fn, packed, inputs["advantages"], packed_mask)
+        (loss, grad, stats), (other_loss, other_grad, other_stats) = results
+        assert torch.equal(loss, other_loss) and torch.equal(grad, other_grad)
+        assert stats == other_stats
+        assert (grad[~mask] == 0).all()
+        torch.testing.assert_close(loss, want[0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(compacted(grad, mask), want[1], rtol=1e-10, atol=1e-12)
+        assert stats == pytest.approx(want[2], rel=1e-10, abs=1e-12), correction
+
+
+def _loss_and_grad(loss_fn, per_token, advantages, mask):
+    """The loss, its gradient with respect to the log-probs, and its statistics."""
+    logprobs = per_token["logprobs"].clone().requires_grad_()
+    others = {k: v for k, v in per_token.items() if k != "logprobs"}
+    loss, stats = loss_fn(logprobs, advantages=advantages, mask=mask, **others)
+    loss.backward()
+    return loss.detach(), logprobs.grad, stats
