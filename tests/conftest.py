@@ -4,6 +4,7 @@ Llama/Qwen2/Qwen3 models)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -245,6 +246,27 @@ def rollout():
     prompts = render_prompts(policy.tokenizer, task, task.train[:2], False)
     torch.manual_seed(1)
     return generate(policy, prompts, 4, max_new_tokens=6)
+
+
+def trajectories(rollout: Rollout, env_at_end: bool = False) -> Rollout:
+    """The `rollout` fixture's prompts with two-turn trajectories of 7 to 12 tokens: a model
+    turn, 3 environment tokens (a tool's output: `loss_mask` 0) and a second model turn, or
+    with `env_at_end` the environment's 3 tokens last. Random token ids: the loss does not
+    care whether the model sampled them."""
+    gen = torch.Generator().manual_seed(3)
+    lengths = torch.tensor([12, 9, 12, 7, 10, 12, 8, 11])
+    positions = torch.arange(12)[None]
+    mask = (positions < lengths[:, None]).long()
+    ids = torch.randint(4, VOCAB, mask.shape, generator=gen)
+    start = lengths - 3 if env_at_end else torch.tensor([2, 3, 4, 2, 3, 4, 2, 3])
+    env = (positions >= start[:, None]) & (positions < start[:, None] + 3)
+    return dataclasses.replace(
+        rollout,
+        completion_ids=ids.masked_fill(mask == 0, rollout.pad_token_id),
+        completion_mask=mask,
+        truncated=torch.zeros(ROWS, dtype=torch.bool),
+        loss_mask=mask * ~env,
+    )
 
 
 def make_actor(policy, loss=None, reference=None, optimizer=None, **settings) -> Actor:

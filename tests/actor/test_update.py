@@ -8,12 +8,21 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import ADVANTAGES, ROWS, snapshot, step_lines, tiny_policy, update
+from conftest import (
+    ADVANTAGES,
+    ROWS,
+    make_actor,
+    snapshot,
+    step_lines,
+    tiny_policy,
+    trajectories,
+    update,
+)
 
 from grpo.actor.logprobs import token_logprobs
 from grpo.actor.reference import Reference
 from grpo.actor.update import loss_mask, normalisers, top_entropy_tokens
-from grpo.algorithm.loss import GRPOLoss
+from grpo.algorithm.loss import AGGREGATIONS, GRPOLoss
 
 
 def count_forwards(model) -> list[int]:
@@ -217,3 +226,114 @@ def test_top_entropy_selection_leaves_the_other_tokens_without_policy_gradient(r
     loss = GRPOLoss(kl={"coef": 0.0}, top_entropy_quantile=0.25)
     stats = update(policy, rollout, loss=loss, optimizer=torch.optim.SGD)
     assert stats["masked_fraction"] == pytest.approx(0.75, abs=0.1)
+
+
+def test_a_trajectory_loss_and_gradient_are_over_the_model_tokens_alone(rollout):
+    """Two-turn trajectories: the update's loss and gradient are DeepSeekMath eq. 3 written out
+    by hand over the model's tokens, the environment's tokens read as context only."""
+    traj = trajectories(rollout)
+    mine = traj.model_mask.bool()
+    hand = tiny_policy()
+    hand.model.train()
+    logp, _ = token_logprobs(hand.model, dataclasses.replace(traj, loss_mask=None))
+    per_token = -ADVANTAGES[:, None] * torch.exp(logp - logp.detach())
+    grads = []
+    for tokens in (traj.completion_mask.bool(), mine):
+        want = ((per_token * tokens).sum(1) / tokens.sum(1)).mean()
+        grads.append(torch.autograd.grad(want, list(hand.model.parameters()), retain_graph=True))
+    every, want_grad = grads
+    assert any(not torch.allclose(a, b) for a, b in zip(every, want_grad, strict=True))
+    policy = tiny_policy()
+    before = snapshot(policy)
+    stats = update(policy, traj, optimizer=torch.optim.SGD, lr=1.0, max_grad_norm=None)
+    assert stats["total_loss"] == pytest.approx(want.item(), rel=1e-6)
+    for p, b, g in zip(policy.model.parameters(), before, want_grad, strict=True):
+        torch.testing.assert_close(b - p, g, rtol=1e-4, atol=1e-6)
+
+
+def test_environment_tokens_have_no_logprobs_and_no_say(rollout):
+    """The old, reference and engine log-probs and the top-entropy selection on the
+    environment's tokens change nothing: the same update, bit for bit, with junk there."""
+    traj = trajectories(rollout)
+    env = traj.completion_mask.bool() & ~traj.model_mask.bool()
+    torch.manual_seed(4)
+    engine, _ = token_logprobs(tiny_policy().model.eval(), traj)
+    engine = engine + 0.01 * torch.randn(engine.shape) * traj.model_mask
+    traj = dataclasses.replace(traj, sampling_logprobs=engine)
+    results = []
+    for junk in (None, 3.0):
+        policy = tiny_policy()
+        loss = GRPOLoss(
+            kl={"coef": 0.1},
+            entropy_coef=0.01,
+            top_entropy_quantile=0.5,
+            rollout_correction={"name": "sequence_mask"},
+        )
+        params = [p for p in policy.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=0.1)
+        actor = make_actor(policy, loss, Reference(policy, 1.0), optimizer, epochs=2)
+        scores = actor.score(traj)
+        batch = traj
+        if junk is None:
+            assert not scores.old[env].any() and not scores.ref[env].any()
+            assert not scores.selected[env].any() and scores.selected.any()
+        else:
+            scores.old, scores.ref = (
+                scores.old.masked_fill(env, junk),
+                scores.ref.masked_fill(env, -junk),
+            )
+            scores.selected = scores.selected | env
+            batch = dataclasses.replace(traj, sampling_logprobs=engine.masked_fill(env, junk))
+        stats = actor.update(batch, ADVANTAGES, scores)
+        results.append((stats, snapshot(policy)))
+    (stats, params), (junk_stats, junk_params) = results
+    assert stats["rollout_corrected_fraction"] > 0 and stats["kl_mean"] > 0
+    assert stats == junk_stats
+    assert all(torch.equal(a, b) for a, b in zip(params, junk_params, strict=True))
+
+
+def _trained(batch, aggregation: str) -> tuple[dict[str, float], list[torch.Tensor]]:
+    """Stats and parameters after 2 epochs on `batch` (KL, entropy bonus) with `aggregation`."""
+    policy = tiny_policy()
+    loss = GRPOLoss(
+        kl={"coef": 0.1}, entropy_coef=0.01, aggregation=aggregation, max_completion_length=12
+    )
+    reference = Reference(policy, 1.0)
+    stats = update(
+        policy, batch, loss=loss, reference=reference, optimizer=torch.optim.SGD, lr=0.1, epochs=2
+    )
+    return stats, snapshot(policy)
+
+
+@pytest.mark.parametrize("aggregation", list(AGGREGATIONS))
+def test_environment_tokens_at_the_end_are_padding_to_the_loss(rollout, aggregation):
+    """Environment tokens last in each trajectory, or the same positions as padding: the same
+    loss, statistics and update for every aggregation (their normalisers count model tokens)."""
+    traj = trajectories(rollout, env_at_end=True)
+    padded = dataclasses.replace(
+        traj,
+        completion_ids=traj.completion_ids.masked_fill(~traj.model_mask.bool(), traj.pad_token_id),
+        completion_mask=traj.model_mask,
+        loss_mask=None,
+    )
+    (stats, params), (want_stats, want_params) = (
+        _trained(traj, aggregation),
+        _trained(padded, aggregation),
+    )
+    assert stats == pytest.approx(want_stats, rel=1e-5, abs=1e-7)
+    for a, b in zip(params, want_params, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("aggregation", list(AGGREGATIONS))
+def test_without_a_loss_mask_every_completion_token_is_the_models(rollout, aggregation):
+    """No `loss_mask` (one turn) is the completion mask itself, so the update is today's: bit
+    for bit the same as with a mask of ones."""
+    assert rollout.loss_mask is None and rollout.model_mask is rollout.completion_mask
+    ones = dataclasses.replace(rollout, loss_mask=torch.ones_like(rollout.completion_mask))
+    (stats, params), (want_stats, want_params) = (
+        _trained(ones, aggregation),
+        _trained(rollout, aggregation),
+    )
+    assert stats == want_stats
+    assert all(torch.equal(a, b) for a, b in zip(params, want_params, strict=True))
