@@ -10,6 +10,7 @@ pass is there, on the machine that runs the test (`assert_as_accurate`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from conftest import (
     prompt_batch,
     random_model,
     tiny_policy,
+    trajectories,
 )
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -258,3 +260,26 @@ def test_a_token_budget_plan_splits_to_the_count_another_rank_has(monkeypatch):
     micro = [m for _, chunk in plan for m in chunk]
     assert len(micro) == own + 3 and all(micro)
     assert sorted(r for m in micro for r in m) == list(range(8))
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_environment_tokens_are_read_but_not_scored(rollout, share):
+    """A trajectory's environment tokens are context for the model's later tokens, whose
+    log-probs and entropies are those of the whole sequence; they themselves get 0 (no LM head
+    runs there), in the chunked head, the full-logits pass and the shared prompt pass."""
+    traj = trajectories(rollout)
+    model = tiny_policy().model.eval()
+    mine = traj.model_mask.bool()
+    env = traj.completion_mask.bool() & ~mine
+    whole = dataclasses.replace(traj, loss_mask=None)
+    want, want_entropy = token_logprobs(model, whole, with_entropy=True, chunk_logits=None)
+    with torch.no_grad():
+        results = [
+            token_logprobs(model, traj, with_entropy=True, chunk_logits=None),
+            token_logprobs(model, traj, with_entropy=True),
+            batch_logprobs(model, traj, 1.0, 4, share, with_entropy=True),
+        ]
+    for logp, entropy in results:
+        assert not logp[env].any() and not entropy[env].any()
+        torch.testing.assert_close(logp[mine], want[mine], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(entropy[mine], want_entropy[mine], rtol=1e-5, atol=1e-5)
