@@ -225,7 +225,9 @@ class GRPOLoss(nn.Module):
         """Scalar loss over a (micro-)batch and its statistics as python floats.
 
         Shapes: logprobs, old_logprobs, ref_logprobs, mask, entropy, selected,
-        sampling_logprobs [B, T]; advantages [B]. old_logprobs=None means on-policy (ratio 1 in
+        sampling_logprobs [B, T]; advantages [B]. `mask`: the tokens in the loss (the model's
+        own: not padding, not a trajectory's environment tokens; every term, aggregation and
+        statistic counts them alone). old_logprobs=None means on-policy (ratio 1 in
         value, gradient of logp kept). `selected`: tokens that get policy gradient (top-entropy
         selection); `sampling_logprobs`: the generating engine's log-probs of the tokens (the
         rollout-vs-training correction and its mismatch statistics).
