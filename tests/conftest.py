@@ -120,6 +120,16 @@ TINY = (
 )
 
 
+def require_vllm() -> None:
+    """Skip the test without vLLM (`make install-vllm`); under CI=true, which installs it, fail."""
+    from grpo.rollout import vllm_engine
+
+    if not vllm_engine.available():
+        if os.environ.get("CI") == "true":
+            pytest.fail("vLLM is not installed (CI=true: `make install-vllm` must run first)")
+        pytest.skip("vLLM is not installed: `make install-vllm`")
+
+
 @pytest.fixture
 def tiny_train(tmp_path):
     """Train the tiny model in this process into a fresh folder; returns (run_dir, objective).

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, compose_config, generate, run_train, step_lines
+from conftest import TINY, compose_config, generate, require_vllm, run_train, step_lines
 from hydra.utils import instantiate
 from test_distributed import torchrun
 
@@ -36,10 +36,7 @@ from grpo.train import train
 
 @pytest.fixture(scope="module", autouse=True)
 def vllm_installed():
-    if not vllm_engine.available():
-        if os.environ.get("CI") == "true":
-            pytest.fail("vLLM is not installed (CI=true: `make install-vllm` must run first)")
-        pytest.skip("vLLM is not installed: `make install-vllm`")
+    require_vllm()
 
 
 def engine_for(

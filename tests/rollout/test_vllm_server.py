@@ -19,12 +19,20 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, TINY, cli_env, compose_config, generate, run_train, step_lines
+from conftest import (
+    REPO,
+    TINY,
+    cli_env,
+    compose_config,
+    generate,
+    require_vllm,
+    run_train,
+    step_lines,
+)
 from hydra.utils import instantiate
 
 from grpo.actor.logprobs import token_logprobs
 from grpo.model.loading import load_policy
-from grpo.rollout import vllm_engine
 from grpo.rollout.backends import build_backend
 from grpo.rollout.base import BackendLost
 from grpo.rollout.settings import SamplingSettings
@@ -41,10 +49,7 @@ START_S = 600  # a server loads in ~30-90 s on 2 busy cores
 
 @pytest.fixture(scope="module", autouse=True)
 def vllm_installed():
-    if not vllm_engine.available():
-        if os.environ.get("CI") == "true":
-            pytest.fail("vLLM is not installed (CI=true: `make install-vllm` must run first)")
-        pytest.skip("vLLM is not installed: `make install-vllm`")
+    require_vllm()
 
 
 def start_server(run_dir, *overrides: str) -> tuple[subprocess.Popen, str]:

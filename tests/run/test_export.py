@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, compose_config, generate, run_train
+from conftest import REPO, TINY, compose_config, generate, require_vllm, run_train
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from safetensors import safe_open
@@ -182,10 +182,7 @@ def vllm_greedy(folder: Path, prompt_ids: list[list[int]]):
 def test_lora_and_full_exports_load_in_vllm_with_the_same_greedy_tokens(
     lora_run, full_run, tmp_path
 ):
-    if not vllm_engine.available():
-        if os.environ.get("CI") == "true":
-            pytest.fail("vLLM is not installed (CI=true: `make install-vllm` must run first)")
-        pytest.skip("vLLM is not installed: `make install-vllm`")
+    require_vllm()
     for name, run_dir in (("lora", lora_run), ("full", full_run)):
         folder = export.export_run(run_dir, tmp_path / name)
         trained = run_policy(run_dir)
