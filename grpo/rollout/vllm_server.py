@@ -244,6 +244,8 @@ class VLLMServerBackend(Backend):
         start = time.perf_counter()
         self.version += 1
         folder = self.handoff / f"v{self.version:06d}"
+        if not self.base_loaded:  # once: no adapter of an earlier trainer stays loaded
+            self._on_every_server(self._unload_stale_adapters, None)
         if not self.as_adapters or not self.base_loaded:
             write_weights(model, folder, merged=not self.as_adapters)
             self._on_every_server(self._reload_weights, folder)
@@ -276,10 +278,12 @@ class VLLMServerBackend(Backend):
             request(address, "/resume", {}, self.timeout)
 
     def _reload_weights(self, address: str, folder: Path) -> None:
-        """Server `address` loads the weights in `folder` (the worker's `reload_weights`) and
-        drops the adapters an earlier trainer left loaded."""
+        """Server `address` loads the weights in `folder` (the worker's `reload_weights`)."""
         rpc = {"method": "reload_weights", "kwargs": {"weights_path": str(folder)}}
         request(address, "/collective_rpc", rpc, self.timeout)
+
+    def _unload_stale_adapters(self, address: str, _: Any = None) -> None:
+        """Server `address` drops the adapters an earlier trainer left loaded (first sync)."""
         for model in request(address, "/v1/models", None, self.timeout)["data"]:
             if model.get("parent"):  # a LoRA adapter names its base
                 body = {"lora_name": model["id"]}
