@@ -401,14 +401,21 @@ def _probe_namespaces() -> None:
 
 
 def _isolate(tmpfs_mb: int) -> None:
-    """Fresh mount and IPC namespaces: private /tmp, /var/tmp, /dev/shm and /proc."""
+    """Fresh mount and IPC namespaces: private /tmp, /var/tmp, /dev/shm and /proc. The
+    interpreter's own directories under one of them (a virtual environment in /tmp) are bound
+    back, so its lazily imported modules stay importable."""
     _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWIPC), "unshare")
     _check(_libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "mount /")
+    scratch = [path for path in _SCRATCH if os.path.isdir(path)]
+    inside = [d for d in _interpreter_dirs() if any(d.startswith(s + "/") for s in scratch)]
+    kept = {path: os.open(path, os.O_PATH) for path in _outermost(inside)}
     options = f"size={tmpfs_mb}m,mode=1777".encode()
-    for path in _SCRATCH:
-        if os.path.isdir(path):
-            flags = MS_NOSUID | MS_NODEV
-            _check(_libc.mount(b"tmpfs", path.encode(), b"tmpfs", flags, options), "mount")
+    for path in scratch:
+        flags = MS_NOSUID | MS_NODEV
+        _check(_libc.mount(b"tmpfs", path.encode(), b"tmpfs", flags, options), "mount")
+    for path, fd in kept.items():
+        os.makedirs(path, exist_ok=True)
+        _bind(fd, path)
     flags = MS_NOSUID | MS_NODEV | MS_NOEXEC  # a /proc that shows its own pid namespace only
     _check(_libc.mount(b"proc", b"/proc", b"proc", flags, None), "mount /proc")
 
@@ -441,14 +448,12 @@ def _expose_interpreter() -> None:
     """Let nobody read the interpreter's directories where a directory closed to others hides
     them (a Python under /root): a tmpfs over that directory, with the interpreter's
     directories bound back into it."""
-    dirs = {os.path.realpath(d) for d in (sys.base_prefix, sys.prefix, *sys.path)}
     hidden: dict[str, list[str]] = {}  # a closed directory: the directories to bind back
-    for path in sorted(filter(os.path.isdir, dirs)):  # parents first
+    for path in _interpreter_dirs():
         closed = _closed_ancestor(path)
         if closed and closed != path:
-            kept = hidden.setdefault(closed, [])
-            if not any(path.startswith(k + "/") for k in kept):
-                kept.append(path)
+            hidden.setdefault(closed, []).append(path)
+    hidden = {closed: _outermost(paths) for closed, paths in hidden.items()}
     options = b"size=64k,mode=755"
     for closed, kept in hidden.items():
         fds = [os.open(path, os.O_PATH) for path in kept]
@@ -456,6 +461,21 @@ def _expose_interpreter() -> None:
         for path, fd in zip(kept, fds, strict=True):
             os.makedirs(path, exist_ok=True)
             _bind(fd, path)
+
+
+def _interpreter_dirs() -> list[str]:
+    """The interpreter's prefixes and import path, resolved, existing, parents first."""
+    dirs = {os.path.realpath(d) for d in (sys.base_prefix, sys.prefix, *sys.path)}
+    return sorted(filter(os.path.isdir, dirs))
+
+
+def _outermost(paths: list[str]) -> list[str]:
+    """`paths` (sorted, parents first) without those inside another of them."""
+    kept: list[str] = []
+    for path in paths:
+        if not any(path.startswith(k + "/") for k in kept):
+            kept.append(path)
+    return kept
 
 
 def _closed_ancestor(path: str) -> str | None:

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -380,3 +381,25 @@ def test_the_command_prints_what_the_model_reads(tmp_path, code, flags, text):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == text
+
+
+def test_an_interpreter_under_tmp_keeps_its_modules(tmp_path):
+    """Each snippet gets a private /tmp: a virtual environment living under /tmp (a clone there)
+    is bound back into it, so modules the server had not imported still import."""
+    if not Path(tempfile.gettempdir()).resolve().is_relative_to("/tmp"):
+        pytest.skip("the temporary directory is not under /tmp")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    (site,) = venv.glob("lib/python*/site-packages")
+    (site / "ours.pth").write_text("\n".join(p for p in sys.path if p.endswith("site-packages")))
+    (site / "lazy_probe.py").write_text("ANSWER = 42\n")
+    snippet = tmp_path / "snippet.py"
+    snippet.write_text("import lazy_probe\nprint(lazy_probe.ANSWER)")
+    done = subprocess.run(
+        [venv / "bin" / "python", "scripts/sandbox.py", str(snippet)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (done.returncode, done.stdout) == (0, "42\n"), done.stderr
