@@ -1,0 +1,50 @@
+"""What an environment is: the other side of a multi-turn rollout.
+
+The interface is the peers' (verifiers' `MultiTurnEnv`, SkyRL's `Env.init/step`, OpenRLHF's
+`AgentInstanceBase.reset/step`), cut to what a text protocol needs:
+- `Environment.reset(row) -> Episode`: one per trajectory (the G trajectories of a prompt each
+  get their own), before its first model turn; the first prompt is the task's;
+- `Episode.step(turn) -> str | None`: the text the model just generated in this turn (its own
+  tokens decoded) -> the observation appended to the trajectory as tokens (tool output), or
+  None when the trajectory is done;
+- `Episode.stats()`: per-trajectory counts for the metrics (tool calls, errors, ...).
+
+A model turn ends at EOS, at the task's stop pattern, at the environment's `turn_stop` pattern
+(e.g. the opening of a tool's output fence), or at `rollout.max_new_tokens`; after
+`max_turns` model turns the trajectory ends whatever the episode says. The reward is the task's,
+computed on the whole trajectory's text. Environments are registered in `ENVIRONMENTS` by name
+and picked with `environment=NAME` (conf/environment/NAME.yaml); `single_turn` is the trivial
+one, so training has one path. Imports nothing above the tasks.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from grpo.registry import Registry
+from grpo.tasks.base import Row
+
+ENVIRONMENTS = Registry("environment")
+
+
+class Episode(ABC):
+    """One trajectory's environment state."""
+
+    @abstractmethod
+    def step(self, turn: str) -> str | None:
+        """The model's latest turn (its text) -> the observation to append, or None: done."""
+
+    def stats(self) -> dict[str, float]:
+        """This trajectory's counts, logged as `env/<name>` means (none by default)."""
+        return {}
+
+
+class Environment(ABC):
+    """Makes an `Episode` per trajectory; `max_turns` caps the model turns of one."""
+
+    max_turns: int = 1
+    turn_stop: str | None = None  # a regex that also ends a model turn (None: the task's only)
+
+    @abstractmethod
+    def reset(self, row: Row) -> Episode:
+        """A fresh episode for a trajectory on `row`."""
