@@ -83,6 +83,9 @@ class ScoredRollout:
     scores: RewardOutput
     generate_s: float = field(default=0.0, metadata={"sum": True})  # seconds generating it
     reward_s: float = field(default=0.0, metadata={"sum": True})  # seconds scoring it
+    # (N,) the policy version (optimiser updates done) whose weights sampled each completion;
+    # None: the current policy's (the synchronous loop). Set by `grpo.rollout.producer`.
+    policy_versions: torch.Tensor | None = None
 
     @property
     def rewards(self) -> torch.Tensor:

@@ -18,6 +18,10 @@ Departures from the paper, by default (each is a config switch):
 - log-probs are taken at the sampling temperature;
 - the held-out evaluation before training goes to summary.json; metrics.jsonl has one line
   per optimiser step.
+
+With `rollout.max_staleness=k >= 1` (vLLM servers) steps 1-3 run ahead on a producer thread
+(`grpo.rollout.producer`): step s trains on a batch sampled by policy version s - 1 - k or
+newer while the servers generate the next ones.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import json
 import random
 import sys
 import time
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
@@ -42,6 +48,8 @@ from grpo.algorithm.advantages import estimate_advantages
 from grpo.batch import ScoredRollout
 from grpo.evaluation.comparison import compare_models
 from grpo.rollout.dynamic_sampling import sample_groups
+from grpo.rollout.producer import Producer
+from grpo.rollout.sampler import GroupedSampler
 from grpo.run.build import (
     build_evaluator,
     build_loss,
@@ -134,27 +142,44 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     source = build_source(cfg, task, policy, reward_fn, sampling)
     evaluator = build_evaluator(cfg, source, sampling)
 
-    def draw() -> ScoredRollout:
-        """This rank's share of the next prompts, G completions each, scored."""
-        rows = [task.train[i] for i in next(sampler).prompt_indices]
-        return source(rows[::g], g, sampling)
+    def sample(
+        prompts: GroupedSampler = sampler, generate: Callable[..., ScoredRollout] = source
+    ) -> tuple[ScoredRollout, dict[str, float]]:
+        """1-3. The step's batch: this rank's share of the next prompts of `prompts`, G
+        completions each by `generate`, scored, all ranks' groups; DAPO's dynamic sampling drops
+        groups whose rewards all agree and samples more to refill."""
+
+        def draw() -> ScoredRollout:
+            rows = [task.train[i] for i in next(prompts).prompt_indices]
+            return generate(rows[::g], g, sampling)
+
+        with distributed.gathered(policy.model):  # FSDP: generate with the whole weights
+            return sample_groups(draw, tr.batch_size, g, **alg.dynamic_sampling)
+
+    producer: Producer | None = None  # rollout.max_staleness >= 1: set below
 
     def run_eval() -> dict[str, float]:
-        with distributed.gathered(policy.model):  # FSDP: whole weights; ranks split the rows
+        # FSDP: whole weights, ranks split the rows; a producer waits (the weights just synced)
+        paused = producer.exclusive() if producer else nullcontext()
+        with distributed.gathered(policy.model), paused:
             return evaluator(task.test)
 
     if resume is None:
         start_step, before = 0, run_eval()  # kept in summary.json, not a step of metrics.jsonl
+    # rollout.max_staleness = k >= 1: a producer thread samples the next steps' batches ahead
+    # with the newest weights the servers hold, at most k versions behind the policy trained.
+    if k := cfg.rollout.max_staleness:
+        producer = Producer(sample, sampler, source, k, start_step + 1, tr.max_steps, cfg.seed)
+    sync = source.backend.sync if producer is None else producer.publish
     after: dict[str, float] = {}
     # SIGTERM/SIGINT: finish the step, checkpoint, exit; a lost rollout server: checkpoint the
     # last step whose update is done, exit with one line.
-    with ckpt.guard(before):
+    with ckpt.guard(before), producer or nullcontext():
         for step in range(start_step + 1, tr.max_steps + 1):
             t0 = time.perf_counter()
-            # 1-3. Sample prompts, generate G completions each, score (all ranks' groups); DAPO's
-            # dynamic sampling drops groups whose rewards all agree and samples more to refill.
-            with distributed.gathered(policy.model):  # FSDP: generate with the whole weights
-                batch, stats = sample_groups(draw, tr.batch_size, g, **alg.dynamic_sampling)
+            # 1-3. Sample prompts, generate G completions each, score (`sample`); or take the
+            # batch the producer sampled ahead for this step.
+            batch, stats = sample() if producer is None else producer.next(step)
             mine = distributed.my_part(batch, device)  # this rank's groups
             t1 = time.perf_counter()
             # 4. Token log-probs without gradient (reference, old policy), then the advantages.
@@ -181,7 +206,9 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
                 "step": t4 - t0,
             }
             metrics = step_metrics(stats, batch, g, scheduler, trainable, sampler, seconds)
-            metrics["time/weight_sync_s"] = source.backend.sync(policy.model)
+            metrics["time/weight_sync_s"] = sync(policy.model)
+            if producer is not None:  # staleness, waiting and busy time of the two threads
+                metrics.update(producer.metrics(step))
             if step == tr.max_steps or (cfg.eval.every and step % cfg.eval.every == 0):
                 after = run_eval()
                 metrics.update(after)

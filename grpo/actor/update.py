@@ -54,6 +54,7 @@ class UpdateSettings:
     num_mini_batches: int = 1  # optimiser steps per pass
     mask_truncated: bool = False  # DAPO's overlong filtering
     need_old: bool = False  # the old policy's log-probs: several steps, or the KL in the reward
+    engine_as_old: bool = False  # pi_old = the engine's log-probs (algorithm.old_logprobs=engine)
 
 
 class Actor:
@@ -117,7 +118,7 @@ class Actor:
                 if not norm["num_tokens"]:  # on any rank
                     continue
                 batch = take(rollout, rows)
-                inputs = _per_token_inputs(scores, rollout, rows)
+                inputs = _per_token_inputs(scores, rollout, rows, s.engine_as_old)
                 steps.append(
                     self._optimizer_step(batch, advantages[rows], mask[rows], norm, inputs)
                 )
@@ -226,13 +227,19 @@ def normalisers(mask: torch.Tensor) -> dict[str, int]:
 
 
 def _per_token_inputs(
-    scores: TokenScores, rollout: Rollout, rows: slice
+    scores: TokenScores, rollout: Rollout, rows: slice, engine_as_old: bool = False
 ) -> dict[str, torch.Tensor | None]:
-    """The loss's per-token inputs for rows `rows`."""
+    """The loss's per-token inputs for rows `rows`. `engine_as_old`: the engine's log-probs
+    are pi_old (the behaviour policy: TRL AsyncGRPO, prime-rl) and no correction weight is
+    formed; else pi_old is the trainer's (the proximal policy of AReaL's decoupled PPO) and
+    the engine's log-probs go to the rollout correction (docs/algorithms.md)."""
+    old, engine = scores.old, rollout.sampling_logprobs
+    if engine_as_old:
+        old, engine = engine, None
     per_token = {
-        "old_logprobs": scores.old,
+        "old_logprobs": old,
         "ref_logprobs": scores.ref,
         "selected": scores.selected,
-        "sampling_logprobs": rollout.sampling_logprobs,
+        "sampling_logprobs": engine,
     }
     return {k: None if v is None else v[rows] for k, v in per_token.items()}

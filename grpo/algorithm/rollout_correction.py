@@ -20,6 +20,7 @@ IcePop's M(k) = k on [alpha, beta]:
     sequence_truncate  min(W_i, cap)                TRL sequence_truncate; verl Seq-TIS
     sequence_mask      W_i 1[low <= W_i <= high]    TRL sequence_mask; verl Seq-MIS
     sequence_reject    1[low <= W_i <= high]        rejection alone, whole completions
+    decoupled          w_t 1[w_t <= cap]            AReaL's decoupled PPO (arXiv 2505.24298)
 
 The sequence_* entries put their completion's weight on each of its tokens.
 `algorithm/rollout_correction=<name>` picks one; `GRPOLoss` also logs the mismatch itself
@@ -93,6 +94,18 @@ def token_reject(
     and leaves the others unweighted (`token_mask` without its weight)."""
     w = _log_ratio(old_logp, engine_logp, mask).exp()
     return _inside(w, low, high).to(old_logp.dtype)
+
+
+@ROLLOUT_CORRECTIONS.register("decoupled")
+def decoupled(
+    old_logp: Tensor, engine_logp: Tensor, mask: Tensor, *, cap: Annotated[float, POSITIVE] = 5.0
+) -> Tensor:
+    """The behaviour importance weight of AReaL's decoupled PPO (Fu et al. 2025, arXiv
+    2505.24298, eq. 5; AReaL `behav_imp_weight_cap`): w_t = pi_prox / pi_behav, where pi_old
+    (the trainer's log-probs before the update) is the proximal policy of the clip and the
+    engine's the behaviour policy, and tokens with w_t > cap are dropped (no lower bound)."""
+    w = _log_ratio(old_logp, engine_logp, mask).exp()
+    return torch.where(w <= cap, w, 0.0)
 
 
 def _sequence_ratio(old_logp: Tensor, engine_logp: Tensor, mask: Tensor) -> Tensor:

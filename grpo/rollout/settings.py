@@ -7,7 +7,8 @@ model comparison.
 
 Seeds: a backend draws its randomness from torch's global generator (the lean decoder and
 transformers sample with it; vLLM takes one seed per prompt from it), which the trainer seeds
-with `seed + rank`; so a run, and each rank of it, reproduces.
+with `seed + rank`; so a run, and each rank of it, reproduces. The asynchronous producer
+(`grpo.rollout.producer`) gives vLLM a generator of its own per batch (`seed_generator`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,9 @@ class SamplingSettings:
     do_sample: bool = True  # False: greedy decoding (temperature, top-p, top-k unused)
     stop_pattern: str | None = None  # a regex: the completion ends once its text matches
     keep_logprobs: bool = False  # keep each sampled token's log-prob under the backend
+    # Where vLLM's per-prompt seeds come from (None: torch's global generator); the
+    # asynchronous producer's own, so its draws never interleave with the trainer thread's.
+    seed_generator: torch.Generator | None = None
 
     @classmethod
     def from_config(

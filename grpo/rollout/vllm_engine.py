@@ -299,7 +299,8 @@ def sampling_requests(
 ) -> list[tuple[list[int], dict[str, Any]]]:
     """Each prompt's token ids (padding dropped) and the fields of vLLM's `SamplingParams` for
     its `n` completions (also those of a completion request to a server), each prompt seeded
-    from torch's generator in turn; the stop regex rides in `extra_args`."""
+    from torch's generator (or `settings.seed_generator`) in turn; the stop regex rides in
+    `extra_args`."""
     s = settings
     requests = []
     for ids, mask in zip(prompt_ids.tolist(), prompt_mask.tolist(), strict=True):
@@ -311,7 +312,7 @@ def sampling_requests(
             "max_tokens": s.max_new_tokens,
             "min_tokens": s.min_new_tokens,
             "logprobs": 0,
-            "seed": int(torch.randint(2**31 - 1, ())),
+            "seed": int(torch.randint(2**31 - 1, (), generator=s.seed_generator)),
             "extra_args": {"stop_regex": s.stop_pattern} if s.stop_pattern else None,
         }
         requests.append(([t for t, m in zip(ids, mask, strict=True) if m], fields))

@@ -36,8 +36,9 @@ def build_loss(cfg: DictConfig) -> GRPOLoss:
 
 def sampling_settings(cfg: DictConfig, task: Task) -> SamplingSettings:
     """The training rollout's sampling; the backend's log-probs are kept when a rollout
-    correction reads them."""
-    keep = cfg.algorithm.rollout_correction.name != "none"
+    correction reads them or they are pi_old (`algorithm.old_logprobs=engine`)."""
+    alg = cfg.algorithm
+    keep = alg.rollout_correction.name != "none" or alg.old_logprobs == "engine"
     return SamplingSettings.from_config(cfg.rollout, task.stop_pattern, keep)
 
 
@@ -65,6 +66,8 @@ def update_settings(cfg: DictConfig) -> UpdateSettings:
     """The actor's settings from `trainer.*`, `algorithm.*` and the sampling temperature."""
     alg, tr = cfg.algorithm, cfg.trainer
     size = micro_batch_size(cfg)
+    several = alg.update_epochs * alg.num_mini_batches > 1  # optimiser steps on one batch
+    engine_as_old = alg.old_logprobs == "engine"  # then pi_old is given, not recomputed
     return UpdateSettings(
         temperature=cfg.rollout.temperature,
         micro_batch_size=size,
@@ -75,5 +78,6 @@ def update_settings(cfg: DictConfig) -> UpdateSettings:
         epochs=alg.update_epochs,
         num_mini_batches=alg.num_mini_batches,
         mask_truncated=alg.mask_truncated,
-        need_old=alg.update_epochs * alg.num_mini_batches > 1 or alg.kl.in_reward,
+        need_old=(several and not engine_as_old) or alg.kl.in_reward,
+        engine_as_old=engine_as_old,
     )

@@ -7,9 +7,10 @@ A checkpoint is a folder `RUN/checkpoints/step_000120/` holding
 - `reference.safetensors` when the reference policy is updated during training;
 - `trainer_state.pt`: scheduler, sampler position and RNG states (python, numpy, torch, CUDA)
   of every rank; it loads with `torch.load(weights_only=True)`;
-- `meta.json`: the step, the trackers' run ids (wandb, MLflow, ...), the held-out results
-  before training, and how many lines each `*.jsonl` log of the run folder had, so a resumed
-  run writes each step once.
+- `meta.json`: the step, the policy version (the same number: the updates done; batches a
+  producer drew ahead are not kept, `grpo.rollout.producer`), the trackers' run ids
+  (wandb, MLflow, ...), the held-out results before training, and how many lines each
+  `*.jsonl` log of the run folder had, so a resumed run writes each step once.
 
 It is written into a temporary folder and renamed into place, so a kill during a save leaves
 the earlier checkpoints whole: every `step_*` folder is complete. The last
@@ -293,6 +294,7 @@ class Checkpointer:
         torch.save({**state, **ranks[0], "other_ranks": ranks[1:], "step": step}, tmp / STATE)
         meta = {
             "step": step,
+            "policy_version": step,  # training steps whose update is done (grpo.rollout.producer)
             "run_id": getattr(self.logger, "run_id", None),
             "before": before,
             "jsonl_lines": {p.name: _count_lines(p) for p in self.run_dir.glob("*.jsonl")},

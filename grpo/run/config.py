@@ -34,7 +34,7 @@ from grpo.registry import import_function
 from grpo.rollout import vllm_adapters, vllm_engine
 from grpo.rollout.backends import BACKENDS
 from grpo.rollout.base import BackendLost
-from grpo.run.schema import Strategy, VLLMMode
+from grpo.run.schema import OldLogprobs, Strategy, VLLMMode
 from grpo.tasks.dataset import CheckerReward, DatasetTask, build_checker
 from grpo.tasks.rewards import FunctionReward
 
@@ -78,6 +78,7 @@ RANGES: list[tuple[str, str, Any]] = [
     ("rollout.max_new_tokens", "must be > 0", lambda v: v > 0),
     ("rollout.min_new_tokens", "must be >= 0", lambda v: v >= 0),
     ("rollout.max_prompt_length", "must be > 0", lambda v: v > 0),
+    ("rollout.max_staleness", "must be >= 0 (0 = the synchronous loop)", lambda v: v >= 0),
     ("rollout.vllm.kv_cache_gib", "must be > 0", lambda v: v > 0),
     ("rollout.vllm.gpu_memory_utilization", "must be in (0, 1)", lambda v: 0 < v < 1),
     ("rollout.vllm.port", "must be in [1, 65535]", lambda v: 1 <= v <= 65535),
@@ -192,6 +193,15 @@ def validate_config(cfg: DictConfig) -> None:
         )
         every = alg.reference_update.every
         _require(every == 0, "algorithm.reference_update.every", why, every)
+    if ro.max_staleness:
+        _check_asynchronous(cfg, world)
+    engine = alg.old_logprobs == OldLogprobs.engine
+    why = (
+        "algorithm.old_logprobs=engine makes pi_old the engine's, so the correction's weight "
+        "pi_old / pi_engine is 1: set it none, or old_logprobs=trainer (AReaL's decoupled PPO)"
+    )
+    name = alg.rollout_correction.name
+    _require(not engine or name == "none", "algorithm.rollout_correction.name", why, name)
     if ro.backend == "vllm":
         _check_vllm(cfg, world)
     if tr.strategy == Strategy.fsdp and world > 1:
@@ -210,6 +220,22 @@ def validate_config(cfg: DictConfig) -> None:
         "null, auto, or an existing checkpoint or run folder",
         resume,
     )
+
+
+def _check_asynchronous(cfg: DictConfig, world: int) -> None:
+    """rollout.max_staleness >= 1: generation on vLLM servers, one trainer process. An
+    in-process backend would generate with the weights the trainer is updating, on its cores
+    (a thread would need a second copy of the policy; the colocated vLLM engine shares the
+    trainer's cores and, on CUDA, its memory), so it is refused."""
+    ro = cfg.rollout
+    server = ro.backend == "vllm" and ro.vllm.mode == VLLMMode.server
+    why = (
+        "generation ahead of training needs vLLM servers (rollout.backend=vllm "
+        "rollout.vllm.mode=server); 0 for the in-process backends"
+    )
+    _require(server, "rollout.max_staleness", why, ro.max_staleness)
+    why = "generation ahead of training takes one trainer process for now: run it without torchrun"
+    _require(world == 1, "rollout.max_staleness", why, ro.max_staleness)
 
 
 def _check_lora_sync(cfg: DictConfig) -> None:

@@ -38,6 +38,11 @@ class LoraSync(StrEnum):
     merged = "merged"
 
 
+class OldLogprobs(StrEnum):
+    trainer = "trainer"
+    engine = "engine"
+
+
 class VLLMMode(StrEnum):
     colocate = "colocate"
     server = "server"
@@ -115,6 +120,7 @@ class AlgorithmSchema:
     policy_loss: dict[str, Any] = MISSING
     advantage: dict[str, Any] = MISSING
     rollout_correction: dict[str, Any] = MISSING
+    old_logprobs: OldLogprobs = MISSING
     kl: KLSchema = field(default_factory=KLSchema)
     loss: LossSchema = field(default_factory=LossSchema)
     update_epochs: int = MISSING
@@ -152,6 +158,7 @@ class RolloutSchema:
     max_new_tokens: int = MISSING
     min_new_tokens: int = MISSING
     max_prompt_length: int = MISSING
+    max_staleness: int = MISSING
     vllm: VLLMSchema = field(default_factory=VLLMSchema)
 
 
