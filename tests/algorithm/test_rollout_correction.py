@@ -1,5 +1,7 @@
 """The rollout-vs-training correction: every registered entry (enumerated) against its formula
-written out over python floats, and the mismatch statistics the loss logs."""
+written out over python floats, the mismatch statistics the loss logs, and the two off-policy
+losses of asynchronous training (AReaL's decoupled PPO, the engine's log-probs as pi_old)
+against their peers' formulas written out on the same numbers."""
 
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ FORMULAS = {
     "sequence_truncate": lambda w, big_w, cap: min(big_w, cap),
     "sequence_mask": lambda w, big_w, low, high: big_w if inside(big_w, low, high) else 0.0,
     "sequence_reject": lambda w, big_w, low, high: 1.0 if inside(big_w, low, high) else 0.0,
+    "decoupled": lambda w, big_w, cap: w if w <= cap else 0.0,
 }
 # Settings: the defaults, ranges that cut through the batch, and bounds equal to a ratio of 1
 # (token (0, 1), completion 2) that must keep it (inclusive bounds).
@@ -42,6 +45,7 @@ SETTINGS = {
     "none": [{}],
     "token_truncate": [{}, {"cap": 1.3}, {"cap": 1.0}],
     "sequence_truncate": [{}, {"cap": 1.5}, {"cap": 1.0}],
+    "decoupled": [{}, {"cap": 1.3}, {"cap": 1.0}],
 }
 RANGES = [{}, {"low": 1.0, "high": 1.4}, {"low": 0.3, "high": 1.0}, {"low": 1.25, "high": 1.9}]
 CASES = [(name, s) for name in NAMES for s in SETTINGS.get(name, RANGES)]
@@ -119,3 +123,87 @@ def test_the_loss_weights_each_tokens_policy_gradient_and_logs_the_mismatch(name
     changed = sum(w != 1.0 for row in weights for w in row) / 7
     assert stats["rollout_corrected_fraction"] == pytest.approx(changed)
     assert stats["rollout_kl_k3"] > 0
+
+
+# The trained policy's log-probs: OLD moved by amounts that put some ratios outside the clip.
+SHIFT = torch.tensor([[0.5, -0.05, 0.1], [-0.4, 0.15, 0.0], [0.0, 0.3, -0.2]], dtype=torch.float64)
+ADVANTAGES = [1.0, -1.0, 0.5]
+
+
+def token_mean_reference(per_token) -> tuple[float, list[list[float]]]:
+    """The token-mean loss of `per_token(i, logp, prox, behav, a)` over valid tokens (python
+    floats) and its gradient by central differences, per valid token."""
+
+    def loss(shift: list[list[float]]) -> float:
+        total, count = 0.0, 0
+        rows = zip(OLD.tolist(), ENGINE.tolist(), MASK.tolist(), shift, strict=True)
+        for i, (prox_row, behav_row, valid, delta) in enumerate(rows):
+            for prox, behav, v, d in zip(prox_row, behav_row, valid, delta, strict=True):
+                if v:
+                    total += per_token(prox + d, prox, behav, ADVANTAGES[i])
+                    count += 1
+        return total / count
+
+    base, h = SHIFT.tolist(), 1e-6
+    grads = []
+    for i, row in enumerate(base):
+        grads.append([])
+        for t in range(len(row)):
+            if MASK[i, t]:
+                up = [r[:] for r in base]
+                down = [r[:] for r in base]
+                up[i][t] += h
+                down[i][t] -= h
+                grads[i].append((loss(up) - loss(down)) / (2 * h))
+    return loss(base), grads
+
+
+def clipped_surrogate(ratio: float, a: float, eps: float = 0.2) -> float:
+    return -min(ratio * a, min(max(ratio, 1 - eps), 1 + eps) * a)
+
+
+def test_decoupled_ppo_equals_areals_loss():
+    """old_logprobs=trainer with the decoupled correction is AReaL's decoupled PPO loss
+    (arXiv 2505.24298, eq. 5; AReaL's ppo_actor_loss_fn): the clip against the proximal
+    policy (the trainer's log-probs before the update), times w = pi_prox / pi_behav, 0 where
+    w > cap; token mean."""
+    cap = 2.5
+
+    def areal(logp: float, prox: float, behav: float, a: float) -> float:
+        w = math.exp(prox - behav)
+        return clipped_surrogate(math.exp(logp - prox), a) * (w if w <= cap else 0.0)
+
+    expected, grads = token_mean_reference(areal)
+    logp = (OLD + SHIFT).requires_grad_()
+    loss_fn = GRPOLoss(
+        kl={"coef": 0.0},
+        rollout_correction={"name": "decoupled", "cap": cap},
+        aggregation="token_mean",
+    )
+    advantages = torch.tensor(ADVANTAGES, dtype=torch.float64)
+    loss, stats = loss_fn(logp, OLD, None, advantages, MASK, sampling_logprobs=ENGINE)
+    loss.backward()
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    for i, row in enumerate(grads):
+        assert logp.grad[i][MASK[i]].tolist() == pytest.approx(row, rel=1e-6, abs=1e-9)
+    assert 0 < stats["clip_fraction"] < 1 and 0 < stats["rollout_corrected_fraction"] <= 1
+
+
+def test_engine_logprobs_as_old_equal_trls_async_loss():
+    """old_logprobs=engine: the ratio's denominator is the behaviour policy itself, pi / pi_engine,
+    clipped (TRL AsyncGRPO and prime-rl take the inference engine's log-probs as pi_old); no
+    correction weight."""
+
+    def trl(logp: float, prox: float, behav: float, a: float) -> float:
+        return clipped_surrogate(math.exp(logp - behav), a)
+
+    expected, grads = token_mean_reference(trl)
+    logp = (OLD + SHIFT).requires_grad_()
+    loss_fn = GRPOLoss(kl={"coef": 0.0}, aggregation="token_mean")
+    advantages = torch.tensor(ADVANTAGES, dtype=torch.float64)
+    loss, stats = loss_fn(logp, ENGINE, None, advantages, MASK)
+    loss.backward()
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    for i, row in enumerate(grads):
+        assert logp.grad[i][MASK[i]].tolist() == pytest.approx(row, rel=1e-6, abs=1e-9)
+    assert 0 < stats["clip_fraction"] < 1

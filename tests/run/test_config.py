@@ -205,6 +205,7 @@ def config_error(*overrides: str, tmp_path=None) -> str:
 
 def test_the_schema_enumerates_choice_keys():
     assert choice_keys() == {
+        "algorithm.old_logprobs": ["trainer", "engine"],
         "model.dtype": ["float32", "bfloat16", "float16"],
         "model.tokenizer.padding_side": ["left", "right"],
         "rollout.vllm.lora_sync": ["adapter", "merged"],
@@ -293,6 +294,14 @@ def test_every_group_refuses_a_missing_option_listing_its_options(group, tmp_pat
         ),
         (["trainer.resume=/no/such/run"], "trainer.resume='/no/such/run': null, auto, or an"),
         (
+            ["rollout.max_staleness=1"],  # the lean backend: it cannot generate ahead
+            "rollout.max_staleness=1: generation ahead of training needs vLLM servers",
+        ),
+        (
+            ["algorithm.old_logprobs=engine", "algorithm/rollout_correction=token_mask"],
+            "algorithm.rollout_correction.name='token_mask': algorithm.old_logprobs=engine makes",
+        ),
+        (
             ["trainer.batch_size=foo"],
             "trainer.batch_size: Value 'foo' of type 'str' could not be converted to Integer",
         ),
@@ -333,3 +342,13 @@ def test_a_failure_that_is_not_a_config_error_keeps_its_traceback():
     assert one_line(RuntimeError("a bug")) is None
     assert one_line(ZeroDivisionError()) is None
     assert torch.__version__  # the CLI re-raises those (grpo.train.cli)
+
+
+def test_generation_ahead_under_torchrun_is_refused_naming_the_key(monkeypatch):
+    """rollout.max_staleness >= 1 with several trainer processes, refused before the vLLM
+    checks (which need vLLM installed)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    server = ("rollout.backend=vllm", "rollout.vllm.mode=server", "rollout.max_staleness=2")
+    cfg = compose_config(*TINY, *NO_MODEL, *server)
+    with pytest.raises(ConfigError, match="rollout.max_staleness=2: generation ahead of training"):
+        validate_config(cfg)
