@@ -5,10 +5,14 @@ steps against it, after which the server holds the trained weights; a LoRA run t
 server only its adapter, under a new name per version; a server killed mid-run
 (one line and a checkpoint, then the run resumes with `servers=auto`, which starts and stops
 its own server); a hung server given up after the request timeout; a wrong address, a wrong
-model and bad server settings refused before the policy loads."""
+model and bad server settings refused before the policy loads. Generation ahead of training
+(`rollout.max_staleness`, `grpo.rollout.producer`) runs against the same server: the staleness
+bound from the logged versions, the weights reaching the server, dynamic sampling, the prompts
+of the synchronous loop, SIGTERM, kill -9 and resume."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -321,3 +325,132 @@ def test_a_server_that_stops_answering_is_lost_after_the_request_timeout():
         with pytest.raises(BackendLost, match=f"rollout server {address}: no answer within 1 s"):
             backend.sync(policy.model)
         assert time.monotonic() - start < 30
+
+
+# ------------------------------------------------------------------ generation ahead of training
+# rollout.max_staleness = k >= 1 (grpo.rollout.producer), against the module's server.
+
+
+def staleness_held(lines: list[dict], k: int) -> None:
+    """Every step trained on completions at most k versions older than its policy (version
+    step - 1), none newer, as the logged versions say."""
+    for m in lines:
+        policy = m["step"] - 1
+        assert policy - k <= m["rollout/version_min"] <= m["rollout/version_max"] <= policy, m
+        assert m["rollout/staleness_max"] == policy - m["rollout/version_min"] <= k, m
+        assert 0 <= m["time/generation_busy_fraction"] <= 1, m
+        assert 0 <= m["time/training_busy_fraction"] <= 1, m
+
+
+def step_prompts(run_dir) -> dict[int, list[str]]:
+    """Each step's prompts, as samples.jsonl lists them (logging.samples_every=1)."""
+    prompts: dict[int, list[str]] = {}
+    for line in (run_dir / "samples.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        prompts.setdefault(record["step"], []).append(record["prompt"])
+    return prompts
+
+
+ASYNC = (
+    *SHARED[1:],
+    "reward=hybrid",  # partial credit a random model earns: rewards differ in a group
+    "algorithm.num_responses_per_prompt=4",
+    "trainer.learning_rate=3e-2",
+    "trainer.max_steps=5",
+    "eval.every=2",  # held-out evaluations between steps, while the producer runs
+    "eval.comparison.at_end=false",
+    "logging.samples_every=1",
+    "logging.num_samples=64",
+)
+
+
+def test_k2_with_dynamic_sampling_keeps_the_bound_and_the_servers_get_the_weights(
+    server, tiny_train
+):
+    """k = 2, full fine-tuning, DAPO's refill and the decoupled correction: no step trains past
+    its bound, some train on older versions (the producer ran ahead), the steps trained on the
+    current version see the engine's log-probs equal to the trainer's (the weights reached the
+    servers before the producer sampled), and afterwards the server scores a fixed completion
+    as the trained model does."""
+    run_dir, _ = tiny_train(
+        *ASYNC,
+        *server_overrides(server),
+        "rollout.max_staleness=2",
+        "algorithm.dynamic_sampling.enabled=true",
+        "algorithm.dynamic_sampling.max_extra_rounds=2",
+        "algorithm/rollout_correction=decoupled",
+    )
+    lines = step_lines(run_dir)
+    assert [m["step"] for m in lines] == [1, 2, 3, 4, 5]
+    staleness_held(lines, 2)
+    assert any(m["rollout/staleness_max"] > 0 for m in lines)  # it did run ahead
+    assert lines[-1]["rollout/version_max"] >= 1  # and sampled updated weights
+    assert all("train/sampling_rounds" in m for m in lines)
+    fresh = [m for m in lines if m["rollout/staleness_max"] == 0]
+    assert all(m["train/rollout_kl_k3"] < 1e-4 for m in fresh), fresh
+    assert "eval/accuracy_strict" in lines[1] and "eval/accuracy_strict" in lines[3]
+    original, texts = tiny_policy_and_prompts(1)
+    trained = load_policy(str(run_dir / "model"))
+    prompt = tokenize_prompts(original.tokenizer, texts, 256, "cpu")[0][0].tolist()
+    completion = original.tokenizer(" 12 + 30 = 42\n#### 42", add_special_tokens=False).input_ids
+    seen = engine_logprobs(server, original.checkpoint, prompt, completion)
+    expected = forward_logprobs(trained.model, prompt, completion)
+    torch.testing.assert_close(seen, expected, atol=1e-4, rtol=0)
+
+
+def test_k1_draws_the_synchronous_loops_prompts_and_resumes_after_sigterm_and_kill_9(
+    server, tiny_train, tmp_path
+):
+    """k = 1 with the engine's log-probs as pi_old: the same prompts per step as k = 0 (which
+    logs no staleness: no producer); stale steps have ratios pi / pi_engine away from 1, fresh
+    ones 1. SIGTERM stops it after a step with a checkpoint (exit 143); resumed, it is killed
+    with SIGKILL, and resumed again it finishes: every step logged once, each within its
+    bound, and each checkpoint records its policy version."""
+    long = "trainer.max_steps=8"  # steps left after the kill: it lands mid-run
+    sync_dir, _ = tiny_train(*ASYNC, *server_overrides(server), long, name="sync")
+    sync_lines = step_lines(sync_dir)
+    assert not any("rollout/staleness_max" in m for m in sync_lines)
+
+    run_dir = tmp_path / "async"
+    args = [
+        *TINY,
+        *ASYNC,
+        *server_overrides(server),
+        "rollout.max_staleness=1",
+        "algorithm.old_logprobs=engine",
+        "trainer.save_every=1",
+        long,
+        f"hydra.run.dir={run_dir}",
+    ]
+
+    def trainer_until(steps: int, sig: int, *extra: str) -> subprocess.Popen:
+        """A trainer subprocess, sent `sig` once `steps` steps are logged; waited for."""
+        err = (tmp_path / f"trainer-{sig}.err").open("w")
+        cmd = [sys.executable, "-m", "grpo.train", *args, *extra]
+        trainer = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stderr=err)
+        deadline = time.monotonic() + 600
+        while not (run_dir / "metrics.jsonl").exists() or len(step_lines(run_dir)) < steps:
+            assert trainer.poll() is None and time.monotonic() < deadline, err.name
+            time.sleep(0.05)
+        trainer.send_signal(sig)
+        trainer.wait(300)
+        return trainer
+
+    stopped = trainer_until(1, signal.SIGTERM)
+    assert stopped.returncode == 128 + signal.SIGTERM
+    assert (tmp_path / "trainer-15.err").read_text().count("SIGTERM: stopped after step") == 1
+    killed = trainer_until(3, signal.SIGKILL, "trainer.resume=auto")
+    assert killed.returncode == -signal.SIGKILL
+    run_train(*args, "trainer.resume=auto")
+
+    lines = step_lines(run_dir)
+    assert [m["step"] for m in lines] == list(range(1, 9))
+    staleness_held(lines, 1)
+    stale = [m for m in lines if m["rollout/staleness_max"] > 0]
+    fresh = [m for m in lines if m["rollout/staleness_mean"] == 0]
+    assert stale and all(abs(m["train/ratio_mean"] - 1) > 1e-5 for m in stale), lines
+    assert all(abs(m["train/ratio_mean"] - 1) < 1e-4 for m in fresh), lines
+    assert step_prompts(run_dir) == step_prompts(sync_dir)
+    for saved in (run_dir / "checkpoints").glob("step_*"):
+        meta = json.loads((saved / "meta.json").read_text())
+        assert meta["policy_version"] == meta["step"] == int(saved.name.removeprefix("step_"))
