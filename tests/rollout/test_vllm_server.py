@@ -39,8 +39,10 @@ from grpo.actor.logprobs import token_logprobs
 from grpo.model.loading import load_policy
 from grpo.rollout.backends import build_backend
 from grpo.rollout.base import BackendLost
+from grpo.rollout.producer import Producer
+from grpo.rollout.sampler import GroupedSampler
 from grpo.rollout.settings import SamplingSettings
-from grpo.rollout.source import render_prompts, tokenize_prompts
+from grpo.rollout.source import RolloutSource, render_prompts, tokenize_prompts
 from grpo.rollout.vllm_server import VLLMServerBackend, request, wait_until_healthy
 from grpo.run.config import validate_config
 from grpo.run.servers import free_port
@@ -454,3 +456,31 @@ def test_k1_draws_the_synchronous_loops_prompts_and_resumes_after_sigterm_and_ki
     for saved in (run_dir / "checkpoints").glob("step_*"):
         meta = json.loads((saved / "meta.json").read_text())
         assert meta["policy_version"] == meta["step"] == int(saved.name.removeprefix("step_"))
+
+
+def test_a_server_lost_by_the_producer_is_raised_in_the_trainer_with_its_address():
+    """The producer thread's requests to a hung server time out: `next` raises the same
+    `BackendLost` in the trainer (whose guard then checkpoints, as in the synchronous loop),
+    and the producer closes."""
+    policy, _ = tiny_policy_and_prompts()
+    cfg = compose_config(*TINY)
+    task, reward = instantiate(cfg.task), instantiate(cfg.reward)
+    settings = SamplingSettings(max_new_tokens=8, max_prompt_length=256)
+    sampler = GroupedSampler(len(task.train), batch_size=2, group_size=2, seed=0)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        backend = VLLMServerBackend(policy, settings, servers=[address], request_timeout_s=1)
+        source = RolloutSource(task, policy, backend, reward)
+
+        def sample(prompts, generate):
+            rows = [task.train[i] for i in next(prompts).prompt_indices]
+            return generate(rows[::2], 2, settings), {}
+
+        start = time.monotonic()
+        with Producer(sample, sampler, source, 1, 1, 3, seed=0) as producer:
+            with pytest.raises(BackendLost, match=f"rollout server {address}: no answer within"):
+                producer.next(1)
+        assert time.monotonic() - start < 30
+    assert sampler.state_dict()["position"] == 0  # the trainer's sampler: nothing handed out
