@@ -18,7 +18,11 @@ measured/floor ratio (scripts/floors.py), and how our step time grows with G x l
 micro-batches and with `trainer.micro_batch_tokens` on one GSM8K rollout of varied lengths
 (needs ../shared/data/gsm8k or GRPO_GSM8K_DIR). `--weight-sync` times vLLM's weight sync per
 step for SmolLM2 + LoRA r16, the adapter alone against the merged weights
-(`rollout.vllm.lora_sync`; needs vLLM).
+(`rollout.vllm.lora_sync`; needs vLLM). `--asynchronous` times our step with generation ahead of
+training (`rollout.max_staleness` 0 and 1) against one vLLM server the bench starts pinned to
+core 0, the trainer pinned to core 1 (as generation and training would own their GPUs), beside
+the colocated synchronous step on both cores (SmolLM2 + LoRA; `--quick`: the tiny model, a
+smoke test; needs vLLM and 2 cores).
 """
 
 from __future__ import annotations
@@ -92,6 +96,8 @@ SMOLLM2_LORA_VLLM = replace(SMOLLM2_LORA, name="smollm2-lora-vllm", backend="vll
 SMOLLM2_LORA_VLLM_SERVER = replace(
     SMOLLM2_LORA_VLLM, name="smollm2-lora-vllm-server", vllm_mode="server"
 )
+# `--asynchronous --quick`: the tiny model against a vLLM server (a smoke test of the placement).
+TINY_VLLM_SERVER = replace(TINY, name="tiny-vllm-server", backend="vllm", vllm_mode="server")
 WORKLOADS = {
     w.name: w
     for w in (
@@ -622,10 +628,17 @@ def worker(args: argparse.Namespace) -> None:
 DISPATCH_ENV: dict[str, str] = {}  # AVX2_ENV under --avx2
 
 
-def spawn(kind: str, workload: Workload, threads: int, extra: list[str] = ()) -> dict:
+def spawn(
+    kind: str,
+    workload: Workload,
+    threads: int,
+    extra: list[str] = (),
+    cores: set[int] | None = None,
+) -> dict:
     """Run a worker process; returns its result with `peak_rss_mb` (ru_maxrss of the process).
 
-    `extra`: Hydra overrides added to our side's command line (ablations).
+    `extra`: Hydra overrides added to our side's command line (ablations); `cores`: the CPUs it
+    may run on (None: this process's).
     """
     env = dict(os.environ)
     env.update(
@@ -644,7 +657,10 @@ def spawn(kind: str, workload: Workload, threads: int, extra: list[str] = ()) ->
         cmd = [sys.executable, __file__, "--worker", kind, "--spec", json.dumps(asdict(workload))]
         cmd += ["--threads", str(threads), "--out", out.name, *(f"--set={o}" for o in extra)]
         with tempfile.TemporaryFile() as log:
-            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+            pin = None if cores is None else lambda: os.sched_setaffinity(0, cores)
+            proc = subprocess.Popen(
+                cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin
+            )
             _, status, usage = os.wait4(proc.pid, 0)
             proc.returncode = os.waitstatus_to_exitcode(status)
             if proc.returncode != 0:
@@ -831,6 +847,12 @@ def main() -> None:
         help="ours only: vLLM weight-sync seconds per step, LoRA adapter vs merged (needs vLLM)",
     )
     parser.add_argument(
+        "--asynchronous",
+        action="store_true",
+        help="ours only: rollout.max_staleness 0 vs 1, a vLLM server on core 0 and the trainer "
+        "on core 1, beside the colocated 2-core step (needs vLLM; --quick: tiny smoke test)",
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -869,6 +891,11 @@ def main() -> None:
         if not available():
             raise SystemExit("--weight-sync needs vLLM: run `make install-vllm`")
         weight_sync_modes(args.repeats, args.threads)
+        return
+    if args.asynchronous:
+        if not available() or len(os.sched_getaffinity(0)) < 2:
+            raise SystemExit("--asynchronous needs vLLM (`make install-vllm`) and 2 cores")
+        asynchronous_modes(TINY_VLLM_SERVER if args.quick else SMOLLM2_LORA_VLLM, args.repeats)
         return
     ensure_trl(args.install)
     import torch
@@ -993,6 +1020,57 @@ def weight_sync_modes(repeats: int, threads: int) -> None:
             f"{max(times):.4f}), peak RSS {statistics.median(x['peak_rss_mb'] for x in r):.0f} MB"
         )
     print(f"  merged/adapter: {medians['merged'] / medians['adapter']:.1f}x")
+
+
+def asynchronous_modes(workload: Workload, repeats: int) -> None:
+    """`--asynchronous`: our step with `rollout.max_staleness` 0 and 1 against one vLLM server
+    started here on core 0 (`python -m grpo.serve`, one thread), the trainer on core 1 (one
+    thread), alternating, and the colocated synchronous step on both cores; step times as in
+    the main table (the update's step plus the weight sync), medians over repeats."""
+    from grpo.rollout.vllm_server import wait_until_healthy
+    from grpo.run.servers import free_port, stop
+
+    server, trainer = {min(os.sched_getaffinity(0))}, {max(os.sched_getaffinity(0))}
+    port = free_port()
+    with tempfile.TemporaryDirectory() as run_dir, tempfile.TemporaryFile() as log:
+        cmd = [sys.executable, "-m", "grpo.serve", *our_overrides(workload, 1, run_dir)]
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+        process = subprocess.Popen(
+            [*cmd, f"rollout.vllm.port={port}"],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=lambda: os.sched_setaffinity(0, server),
+        )
+        try:
+            wait_until_healthy(f"127.0.0.1:{port}", 900, alive=lambda: process.poll() is None)
+            listed = [f"rollout.vllm.servers=[127.0.0.1:{port}]"]
+            pinned = replace(workload, vllm_mode="server")
+            runs: dict[str, list[dict]] = {"k=0": [], "k=1": [], "colocated": []}
+            for _ in range(repeats):
+                for k in (0, 1):
+                    extra = [*listed, f"rollout.max_staleness={k}"]
+                    runs[f"k={k}"].append(spawn("ours", pinned, 1, extra, cores=trainer))
+                colocated = replace(workload, vllm_mode="colocate")
+                runs["colocated"].append(spawn("ours", colocated, 2))
+        finally:
+            stop(process)
+    print(
+        f"\nasynchronous GRPO, {workload.name}: a vLLM server on core {min(server)}, the "
+        f"trainer on core {min(trainer)}, one thread each; colocated: both cores, 2 threads; "
+        f"{repeats} repeat(s); 1-min load {load():.2f}"
+    )
+    steps = {}
+    for mode, r in runs.items():
+        s = summarise(r)
+        steps[mode] = s.step
+        print(
+            f"  {mode:<10} step {s.step:7.3f} s ({s.step_lo:.3f}-{s.step_hi:.3f})  generate "
+            f"{s.generate:.3f}  score+ref {s.score_ref:.3f}  update {s.update:.3f}  sync "
+            f"{s.sync:.3f}"
+        )
+    print(f"  k=1 / k=0: {steps['k=1'] / steps['k=0']:.2f}x (target <= 0.7x)")
 
 
 def scaling(repeats: int, threads: int, extra: list[str]) -> None:
