@@ -105,8 +105,10 @@ class Producer:
         self._last = (0.0, 0.0)  # (time, busy seconds) at the last metrics (or the start)
         self._trainer_wait_s = 0.0  # seconds the trainer waited in `next` since `metrics`
         self._taken: Produced | None = None  # the batch handed out last
+        self._prompts: Any = None  # the producer's copy of the sampler (from `__enter__`)
 
     def __enter__(self) -> Producer:
+        self._prompts = copy.deepcopy(self.sampler)  # the trainer's keeps the trained position
         self._last = (time.perf_counter(), 0.0)
         self._thread.start()
         return self
@@ -124,7 +126,7 @@ class Producer:
 
     # ------------------------------------------------------------------------ producer thread
     def _run(self) -> None:
-        prompts = copy.deepcopy(self.sampler)  # the trainer's sampler keeps the trained position
+        prompts = self._prompts
         try:
             for step in range(self.first_step, self.last_step + 1):
                 start = time.perf_counter()
