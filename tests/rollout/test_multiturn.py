@@ -33,6 +33,7 @@ from grpo.rollout.settings import SamplingSettings
 from grpo.rollout.source import RolloutSource, render_prompts, tokenize_prompts
 from grpo.run.config import ConfigError, validate_config
 from grpo.run.records import compare_metrics
+from grpo.run.servers import server_args
 from grpo.tasks.rewards import HybridReward
 
 OUTPUT = "\n```output\n42\n```\n"  # what the test tool answers (ToRL's output fence)
@@ -298,6 +299,17 @@ def tally(*overrides: str) -> tuple[str, ...]:
         "+environment.turn_stop='[a-z0-9]'",
         *overrides,
     )
+
+
+def test_engines_hold_the_first_prompt_and_a_whole_trajectory():
+    """vLLM's max_model_len (engine and servers): max_prompt_length + the trajectory budget, which
+    is max_new_tokens for one turn (as before) and max_turns turns of it unless
+    rollout.max_total_tokens says."""
+    lengths = [
+        server_args(compose_config(*TINY, *overrides), "folder")["max_model_len"]
+        for overrides in ((), tally(), tally("rollout.max_total_tokens=40"))
+    ]
+    assert lengths == [256 + 8, 256 + 3 * 8, 256 + 40]
 
 
 def test_two_steps_train_with_env_metrics_samples_and_eval(tiny_train):
