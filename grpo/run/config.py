@@ -223,8 +223,14 @@ def validate_config(cfg: DictConfig) -> None:
 
 def _check_environment(cfg: DictConfig) -> None:
     """The turn limit, the trajectory budget, and a backend that can run turns row by row."""
-    turns, ro = max_turns(cfg), cfg.rollout
-    _require(turns >= 1, "environment.max_turns", "must be >= 1", turns)
+    turns, ro, name = max_turns(cfg), cfg.rollout, cfg.environment.name
+    why = (
+        "an environment of several turns takes max_turns as a setting: the budgets and vLLM's "
+        "context length are read from environment.max_turns"
+    )
+    fixed = ENVIRONMENTS[name].max_turns
+    _require(fixed == 1 or "max_turns" in cfg.environment, "environment.name", why, name)
+    _require(isinstance(turns, int) and turns >= 1, "environment.max_turns", "must be >= 1", turns)
     why = (
         f"null or >= rollout.max_new_tokens = {ro.max_new_tokens}: a trajectory's budget holds "
         "one model turn at least"

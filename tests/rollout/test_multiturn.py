@@ -81,6 +81,16 @@ class Tally(Environment):
         return TallyEpisode(calls, self.observation)
 
 
+@ENVIRONMENTS.register("test_fixed_turns")
+class FixedTurns(Environment):
+    """Three turns always, not a setting: refused (the budgets read environment.max_turns)."""
+
+    max_turns = 3
+
+    def reset(self, row) -> Episode:
+        return TallyEpisode(2, OUTPUT)
+
+
 def drive(policy, env: Tally, n: int = 3, backend: str = "lean", engine=None, **sampling):
     """The driver on 2 prompts of the tiny task, `n` trajectories each, seeded, with `backend`
     (or a built `engine`)."""
@@ -278,6 +288,8 @@ def test_bad_environment_settings_are_refused_naming_the_key():
         (("rollout.max_total_tokens=0",), "rollout.max_total_tokens=0"),
         (("environment.name=nope",), "environment.name='nope'"),
         (("+environment.max_turns=2",), "environment.max_turns: not a setting"),
+        (("environment.name=test_fixed_turns",), "environment.name='test_fixed_turns': an env"),
+        (tally("environment.max_turns=two"), "environment.max_turns='two': must be >= 1"),
         (
             tally("rollout.backend=vllm", "rollout.vllm.tensor_parallel_size=2"),
             "rollout.vllm.tensor_parallel_size=2: the ranks of an engine",
