@@ -44,7 +44,8 @@ class Episode(ABC):
         """The model's latest turn (its text) -> the observation to append, or None: done."""
 
     def stats(self) -> dict[str, float]:
-        """This trajectory's counts, logged as `env/<name>` means (none by default)."""
+        """This trajectory's counts, logged as `env/<name>` means (none by default); every
+        episode of an environment gives the same keys."""
         return {}
 
 
