@@ -5,7 +5,8 @@ Rows are completions, grouped by prompt: rows [k*G, (k+1)*G) are the G completio
   multi-turn trajectory is one completion whose `loss_mask` marks the tokens the model sampled
   (0 on those an environment inserted, such as tool output);
 - `RewardOutput`: what a reward gave (a total per completion and its named parts);
-- `ScoredRollout`: a rollout with its data rows and rewards.
+- `ScoredRollout`: a rollout with its data rows, rewards and, for multi-turn trajectories, their
+  per-trajectory stats (turns, tool calls, ...).
 
 `take(batch, index)` keeps some rows of any of them (a slice, or a list of row indices) and
 `concat(batches)` joins several, padding token tensors on the side each field says.
@@ -86,6 +87,9 @@ class ScoredRollout:
     # (N,) the policy version (optimiser updates done) whose weights sampled each completion;
     # None: the current policy's (the synchronous loop). Set by `grpo.rollout.producer`.
     policy_versions: torch.Tensor | None = None
+    # per-trajectory numbers of a multi-turn rollout, one value per row: `turns` and each key of
+    # the environment's `Episode.stats()` (empty for single-turn completions)
+    stats: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def rewards(self) -> torch.Tensor:

@@ -14,7 +14,14 @@ A model turn ends at EOS, at the task's stop pattern, at the environment's `turn
 `max_turns` model turns the trajectory ends whatever the episode says. The reward is the task's,
 computed on the whole trajectory's text. Environments are registered in `ENVIRONMENTS` by name
 and picked with `environment=NAME` (conf/environment/NAME.yaml); `single_turn` is the trivial
-one, so training has one path. Imports nothing above the tasks.
+one, so training has one path. An environment's settings (its YAML's keys besides `name`) are
+the keyword-only parameters of its constructor, checked against the registry before any model
+loads; `max_turns`, when it has one, is `environment.max_turns`.
+
+The multi-turn driver (`grpo.rollout.multiturn`) adds `turns` to each trajectory's stats;
+`stat_means` turns a batch's stats into the numbers logged per step and in evaluation
+(`env/<name>`, `eval/env/<name>`), with `used_tool` where the episodes count `tool_calls`.
+Imports nothing above the tasks.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from grpo.registry import Registry
 from grpo.tasks.base import Row
 
 ENVIRONMENTS = Registry("environment")
+# The `Episode.stats()` key that counts a trajectory's tool calls; it "used the tool" when > 0.
+TOOL_CALLS = "tool_calls"
 
 
 class Episode(ABC):
@@ -35,7 +44,8 @@ class Episode(ABC):
         """The model's latest turn (its text) -> the observation to append, or None: done."""
 
     def stats(self) -> dict[str, float]:
-        """This trajectory's counts, logged as `env/<name>` means (none by default)."""
+        """This trajectory's counts, logged as `env/<name>` means (none by default); every
+        episode of an environment gives the same keys."""
         return {}
 
 
@@ -48,3 +58,20 @@ class Environment(ABC):
     @abstractmethod
     def reset(self, row: Row) -> Episode:
         """A fresh episode for a trajectory on `row`."""
+
+
+def used_tool(stats: dict[str, list[float]]) -> list[bool] | None:
+    """Per trajectory, whether it called a tool; None when the episodes count no tool calls."""
+    if TOOL_CALLS not in stats:
+        return None
+    return [calls > 0 for calls in stats[TOOL_CALLS]]
+
+
+def stat_means(stats: dict[str, list[float]]) -> dict[str, float]:
+    """The mean of each per-trajectory stat (one value per trajectory), and `used_tool`: the
+    fraction of trajectories that called a tool, where the episodes count tool calls."""
+    means = {name: sum(values) / max(len(values), 1) for name, values in stats.items()}
+    used = used_tool(stats)
+    if used is not None:
+        means["used_tool"] = sum(used) / max(len(used), 1)
+    return means

@@ -5,6 +5,12 @@ for GSM8K-format tasks `accuracy_strict`, `accuracy_lenient`, `accuracy_anywhere
 seed's `avg_math_score`), and `avg_reward`, `avg_response_length` (tokens): the configured
 reward and the length, averaged.
 
+With a multi-turn environment (the held-out completions go through the same rollout source, so
+with its tool), the greedy trajectories' stats too: `env/turns` and each `Episode.stats()` key
+as `eval/env/<name>` means, and where the episodes count tool calls `eval/env/used_tool` (the
+fraction that called the tool) and `eval/accuracy_with_tool` / `eval/accuracy_without_tool`
+(`Task.correct` among the trajectories that did / did not; NaN when there are none).
+
 Sampled (n = `num_samples` completions per problem at `temperature`), correctness from
 `Task.correct`:
 - `pass@k`: the chance that at least one of k samples is correct, with the unbiased estimator
@@ -27,6 +33,7 @@ import torch
 
 from grpo import distributed
 from grpo.batch import ScoredRollout
+from grpo.environments.base import stat_means, used_tool
 from grpo.rollout.settings import SamplingSettings
 from grpo.rollout.source import RolloutSource
 from grpo.tasks.base import Row, Task
@@ -34,9 +41,9 @@ from grpo.tasks.base import Row, Task
 
 def completion_records(task: Task, scored: ScoredRollout) -> list[dict[str, Any]]:
     """Per completion: its text, reward, reward parts, length, the task's checks and
-    correctness."""
+    correctness; a multi-turn trajectory's stats (`env`)."""
     scores, lengths = scored.scores, scored.rollout.lengths.tolist()
-    return [
+    records = [
         {
             "completion": text,
             "reward": scores.total[i],
@@ -47,6 +54,9 @@ def completion_records(task: Task, scored: ScoredRollout) -> list[dict[str, Any]
         }
         for i, (text, row) in enumerate(zip(scored.rollout.texts, scored.rows, strict=True))
     ]
+    for i, record in enumerate(records if scored.stats else ()):
+        record["env"] = {name: values[i] for name, values in scored.stats.items()}
+    return records
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -157,4 +167,19 @@ class Evaluator:
         if self.num_samples:
             for key in ("pass@1", f"pass@{self.k}", f"maj@{self.k}"):
                 out[f"eval/{key}"] = mean(key)
+        if records and "env" in records[0]:
+            out.update(environment_metrics(records))
         return out
+
+
+def environment_metrics(records: list[dict[str, Any]]) -> dict[str, float]:
+    """The greedy trajectories' stat means (`eval/env/*`) and, where the episodes count tool
+    calls, accuracy with and without the tool (NaN for a side no trajectory is on)."""
+    stats = {name: [r["env"][name] for r in records] for name in records[0]["env"]}
+    out = {f"eval/env/{name}": value for name, value in stat_means(stats).items()}
+    used = used_tool(stats)
+    if used is not None:
+        for side, label in ((True, "with"), (False, "without")):
+            right = [float(r["correct"]) for r, u in zip(records, used, strict=True) if u == side]
+            out[f"eval/accuracy_{label}_tool"] = sum(right) / len(right) if right else math.nan
+    return out

@@ -1,9 +1,9 @@
 """How completions are sampled: one frozen object that every backend and the evaluation take.
 
-`SamplingSettings.from_config(cfg.rollout, stop_pattern, keep_logprobs)` is built once from
-`rollout.*` and the task's stop rule; `greedy(max_new_tokens)` is the held-out evaluation's
-variant and `sampled(temperature, top_p, max_new_tokens)` that of its pass@k samples and of the
-model comparison.
+`SamplingSettings.from_config(cfg.rollout, stop_pattern, keep_logprobs, max_turns)` is built once
+from `rollout.*`, the task's stop rule and the environment's turn limit; `greedy(max_new_tokens)`
+is the held-out evaluation's variant and `sampled(temperature, top_p, max_new_tokens)` that of
+its pass@k samples and of the model comparison.
 
 Seeds: a backend draws its randomness from torch's global generator (the lean decoder and
 transformers sample with it; vLLM takes one seed per prompt from it), which the trainer seeds
@@ -36,12 +36,18 @@ class SamplingSettings:
     # Where vLLM's per-prompt seeds come from (None: torch's global generator); the
     # asynchronous producer's own, so its draws never interleave with the trainer thread's.
     seed_generator: torch.Generator | None = None
+    # A multi-turn trajectory's completion budget over all its turns, environment tokens included
+    # (grpo.rollout.multiturn); None: one turn's, max_new_tokens.
+    max_total_tokens: int | None = None
 
     @classmethod
     def from_config(
-        cls, rollout: Any, stop_pattern: str | None, keep_logprobs: bool
+        cls, rollout: Any, stop_pattern: str | None, keep_logprobs: bool, max_turns: int = 1
     ) -> SamplingSettings:
-        """The training rollout's settings from the `rollout` config node."""
+        """The training rollout's settings from the `rollout` config node; with `max_turns` > 1
+        (a multi-turn environment) `rollout.max_total_tokens`, null meaning max_turns turns of
+        `max_new_tokens`."""
+        total = rollout.max_total_tokens or max_turns * rollout.max_new_tokens
         return cls(
             max_new_tokens=rollout.max_new_tokens,
             max_prompt_length=rollout.max_prompt_length,
@@ -51,7 +57,19 @@ class SamplingSettings:
             min_new_tokens=rollout.min_new_tokens,
             stop_pattern=stop_pattern,
             keep_logprobs=keep_logprobs,
+            max_total_tokens=total if max_turns > 1 else None,
         )
+
+    @property
+    def trajectory_tokens(self) -> int:
+        """The completion budget of one trajectory: all its turns, environment tokens included."""
+        return self.max_total_tokens or self.max_new_tokens
+
+    @property
+    def context_length(self) -> int:
+        """The most tokens a backend holds for one row: the longest prompt and trajectory (a
+        continuation's prompt is the first prompt and the trajectory so far, never cut)."""
+        return self.max_prompt_length + self.trajectory_tokens
 
     def greedy(self, max_new_tokens: int | None = None) -> SamplingSettings:
         """Greedy decoding with the same prompt length and stop rule (held-out evaluation);

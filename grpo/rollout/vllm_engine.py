@@ -128,10 +128,10 @@ def engine_args(
     """The engine's settings, in one place for the engine in this process (`vllm.LLM(**args)`)
     and for a server (`grpo.rollout.vllm_server.server_command` turns them into its flags):
     the checkpoint's model and tokenizer, the policy's dtype, room for the longest prompt and
-    completion, the log-probs of the distribution sampled from, the regex stop rule, no prefix
-    cache (no cache outlives a weight change); the KV cache in GiB on CPU, a fraction of the
-    GPU on CUDA; with `lora_rank`, vLLM's LoRA support for one adapter of that rank (rounded up
-    to a rank vLLM is built for)."""
+    trajectory (`SamplingSettings.context_length`), the log-probs of the distribution sampled
+    from, the regex stop rule, no prefix cache (no cache outlives a weight change); the KV cache
+    in GiB on CPU, a fraction of the GPU on CUDA; with `lora_rank`, vLLM's LoRA support for one
+    adapter of that rank (rounded up to a rank vLLM is built for)."""
     memory = (
         {"gpu_memory_utilization": gpu_memory_utilization, "enable_sleep_mode": sleep}
         if torch.cuda.is_available()
@@ -140,7 +140,7 @@ def engine_args(
     args = {
         "model": checkpoint,
         "dtype": str(dtype).removeprefix("torch."),
-        "max_model_len": settings.max_prompt_length + settings.max_new_tokens,
+        "max_model_len": settings.context_length,
         "enforce_eager": enforce_eager,
         "enable_prefix_caching": False,
         "logprobs_mode": "processed_logprobs",

@@ -11,12 +11,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from grpo.actor.update import UpdateSettings
 from grpo.algorithm.loss import GRPOLoss
+from grpo.environments.base import ENVIRONMENTS, Environment
 from grpo.evaluation.heldout import Evaluator
 from grpo.model.loading import Policy
 from grpo.rollout.backends import build_backend
 from grpo.rollout.settings import SamplingSettings
 from grpo.rollout.source import RolloutSource
-from grpo.run.config import micro_batch_size
+from grpo.run.config import max_turns, micro_batch_size
 from grpo.tasks.base import Task
 from grpo.tasks.rewards import Reward
 
@@ -36,22 +37,31 @@ def build_loss(cfg: DictConfig) -> GRPOLoss:
 
 def sampling_settings(cfg: DictConfig, task: Task) -> SamplingSettings:
     """The training rollout's sampling; the backend's log-probs are kept when a rollout
-    correction reads them or they are pi_old (`algorithm.old_logprobs=engine`)."""
+    correction reads them or they are pi_old (`algorithm.old_logprobs=engine`); a multi-turn
+    environment's trajectories get their budget (`rollout.max_total_tokens`)."""
     alg = cfg.algorithm
     keep = alg.rollout_correction.name != "none" or alg.old_logprobs == "engine"
-    return SamplingSettings.from_config(cfg.rollout, task.stop_pattern, keep)
+    return SamplingSettings.from_config(cfg.rollout, task.stop_pattern, keep, max_turns(cfg))
+
+
+def build_environment(cfg: DictConfig) -> Environment:
+    """The environment `environment.name` with its settings (the node's other keys)."""
+    settings = OmegaConf.to_container(cfg.environment, resolve=True)
+    return ENVIRONMENTS[settings.pop("name")](**settings)
 
 
 def build_source(
     cfg: DictConfig, task: Task, policy: Policy, reward: Reward, sampling: SamplingSettings
 ) -> RolloutSource:
     """The rollout source on `policy` with the configured backend (`rollout.backend`, its
-    settings under `rollout.<backend>`), which holds the policy's current weights."""
+    settings under `rollout.<backend>`), which holds the policy's current weights, and the
+    configured environment (`environment`)."""
     name = cfg.rollout.backend
     options: dict[str, Any] = {}
     if name in cfg.rollout:
         options = OmegaConf.to_container(cfg.rollout[name], resolve=True)
-    return RolloutSource(task, policy, build_backend(name, policy, sampling, options), reward)
+    backend = build_backend(name, policy, sampling, options)
+    return RolloutSource(task, policy, backend, reward, build_environment(cfg))
 
 
 def build_evaluator(

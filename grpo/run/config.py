@@ -30,6 +30,7 @@ from grpo.algorithm.loss import AGGREGATIONS
 from grpo.algorithm.policy_losses import POLICY_LOSSES
 from grpo.algorithm.rollout_correction import ROLLOUT_CORRECTIONS
 from grpo.distributed import launched_world_size
+from grpo.environments.base import ENVIRONMENTS
 from grpo.registry import import_function
 from grpo.rollout import vllm_adapters, vllm_engine
 from grpo.rollout.backends import BACKENDS
@@ -53,6 +54,12 @@ def rows_per_rank(cfg: DictConfig) -> int:
     """Completions each process generates and trains on per step."""
     rows = cfg.trainer.batch_size * cfg.algorithm.num_responses_per_prompt
     return rows // launched_world_size()
+
+
+def max_turns(cfg: DictConfig) -> int:
+    """`environment.max_turns`: the model turns of a trajectory (1 for a single-turn
+    environment, which has no such setting)."""
+    return cfg.environment.get("max_turns", 1)
 
 
 def micro_batch_size(cfg: DictConfig) -> int:
@@ -121,6 +128,7 @@ def validate_config(cfg: DictConfig) -> None:
         (POLICY_LOSSES, "algorithm.policy_loss"),
         (ADVANTAGE_ESTIMATORS, "algorithm.advantage"),
         (ROLLOUT_CORRECTIONS, "algorithm.rollout_correction"),
+        (ENVIRONMENTS, "environment"),
     ):
         node = OmegaConf.to_container(OmegaConf.select(cfg, prefix))
         if "name" not in node:
@@ -142,6 +150,7 @@ def validate_config(cfg: DictConfig) -> None:
     _registry_check(AGGREGATIONS, alg.loss.aggregation, {}, "algorithm.loss.aggregation")
     _registry_check(BACKENDS, ro.backend, {}, "rollout.backend")
     _check_named_functions(cfg)
+    _check_environment(cfg)
 
     world = launched_world_size()
     _require(
@@ -236,6 +245,32 @@ def _check_asynchronous(cfg: DictConfig, world: int) -> None:
     _require(server, "rollout.max_staleness", why, ro.max_staleness)
     why = "generation ahead of training takes one trainer process for now: run it without torchrun"
     _require(world == 1, "rollout.max_staleness", why, ro.max_staleness)
+
+
+def _check_environment(cfg: DictConfig) -> None:
+    """The turn limit, the trajectory budget, and a backend that can run turns row by row."""
+    turns, ro, name = max_turns(cfg), cfg.rollout, cfg.environment.name
+    why = (
+        "an environment of several turns takes max_turns as a setting: the budgets and vLLM's "
+        "context length are read from environment.max_turns"
+    )
+    fixed = ENVIRONMENTS[name].max_turns
+    _require(fixed == 1 or "max_turns" in cfg.environment, "environment.name", why, name)
+    _require(isinstance(turns, int) and turns >= 1, "environment.max_turns", "must be >= 1", turns)
+    why = (
+        f"null or >= rollout.max_new_tokens = {ro.max_new_tokens}: a trajectory's budget holds "
+        "one model turn at least"
+    )
+    total = ro.max_total_tokens
+    _require(total is None or total >= ro.max_new_tokens, "rollout.max_total_tokens", why, total)
+    tp = ro.vllm.tensor_parallel_size
+    why = (
+        "the ranks of an engine split over several generate together, and multi-turn "
+        "trajectories take different numbers of turns on each: use 1 with a multi-turn "
+        "environment"
+    )
+    split = ro.backend == "vllm" and ro.vllm.mode == VLLMMode.colocate and tp > 1
+    _require(turns == 1 or not split, "rollout.vllm.tensor_parallel_size", why, tp)
 
 
 def _check_lora_sync(cfg: DictConfig) -> None:

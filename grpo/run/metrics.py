@@ -8,6 +8,7 @@ import torch
 
 from grpo.algorithm.advantages import group_reward_spread
 from grpo.batch import Rollout, ScoredRollout
+from grpo.environments.base import stat_means
 from grpo.tasks.base import Task
 
 
@@ -53,9 +54,11 @@ def parameter_norm(parameters: list[torch.Tensor]) -> float:
 def sample_records(
     task: Task, batch: ScoredRollout, advantages: torch.Tensor
 ) -> list[dict[str, Any]]:
-    """One record per completion for sample tables: prompt, completion, truth, reward, parts."""
+    """One record per completion for sample tables: prompt, completion (a multi-turn
+    trajectory whole, the environment's output included), truth, reward, parts, and a
+    trajectory's stats (`env`: turns, tool calls, ...)."""
     scores = batch.scores
-    return [
+    records = [
         {
             "prompt": row["question"],
             "completion": text,
@@ -66,6 +69,9 @@ def sample_records(
         }
         for i, (row, text) in enumerate(zip(batch.rows, batch.rollout.texts, strict=True))
     ]
+    for i, record in enumerate(records if batch.stats else ()):
+        record["env"] = {name: values[i] for name, values in batch.stats.items()}
+    return records
 
 
 def step_metrics(
@@ -78,10 +84,13 @@ def step_metrics(
     seconds: dict[str, float],
 ) -> dict[str, float]:
     """Every number logged for one step: the update's statistics (`train/*`), the rewards, the
-    completions, learning rate, parameter norm, epoch and the time split (`timing_metrics`)."""
+    completions, a multi-turn environment's per-trajectory means (`env/turns`, `env/<stat>`,
+    `env/used_tool`), learning rate, parameter norm, epoch and the time split
+    (`timing_metrics`)."""
     metrics = {f"train/{k}": v for k, v in stats.items()}
     metrics.update(reward_metrics(batch.rewards, batch.scores.parts, group_size))
     metrics.update(completion_metrics(batch.rollout))
+    metrics.update({f"env/{name}": value for name, value in stat_means(batch.stats).items()})
     metrics["train/learning_rate"] = scheduler.get_last_lr()[0]
     metrics["train/param_norm"] = parameter_norm(trainable)
     metrics["train/epoch"] = sampler.epoch

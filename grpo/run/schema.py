@@ -159,6 +159,7 @@ class RolloutSchema:
     min_new_tokens: int = MISSING
     max_prompt_length: int = MISSING
     max_staleness: int = MISSING
+    max_total_tokens: int | None = MISSING
     vllm: VLLMSchema = field(default_factory=VLLMSchema)
 
 
@@ -224,6 +225,7 @@ class TrainSchema:
     objective: str = MISSING
     model: ModelSchema = field(default_factory=ModelSchema)
     task: Any = MISSING  # each task class has its own settings (grpo.tasks)
+    environment: Any = MISSING  # a name in ENVIRONMENTS and its settings (grpo.environments)
     reward: Any = MISSING  # each reward class has its own settings (grpo.tasks.rewards)
     algorithm: AlgorithmSchema = field(default_factory=AlgorithmSchema)
     rollout: RolloutSchema = field(default_factory=RolloutSchema)

@@ -30,7 +30,7 @@ from grpo.rollout.base import BackendLost
 from grpo.rollout.settings import SamplingSettings
 from grpo.rollout.vllm_engine import engine_args
 from grpo.rollout.vllm_server import check_server, server_command, server_env, wait_until_healthy
-from grpo.run.config import ConfigError, server_addresses
+from grpo.run.config import ConfigError, max_turns, server_addresses
 from grpo.run.schema import VLLMMode
 
 STOP_WAIT_S = 30  # seconds a server gets to exit after SIGTERM, before SIGKILL
@@ -42,6 +42,11 @@ def checkpoint_folder(cfg: DictConfig) -> str:
     return str(instantiate(node) if OmegaConf.is_config(node) else node)
 
 
+def server_sampling(cfg: DictConfig) -> SamplingSettings:
+    """The rollout's lengths as the servers need them (the longest prompt and trajectory)."""
+    return SamplingSettings.from_config(cfg.rollout, None, False, max_turns(cfg))
+
+
 def server_args(cfg: DictConfig, checkpoint: str) -> dict[str, Any]:
     """The settings of a server's engine, from the config as the colocated engine takes them,
     split over `tensor_parallel_size` devices."""
@@ -50,7 +55,7 @@ def server_args(cfg: DictConfig, checkpoint: str) -> dict[str, Any]:
     args = engine_args(
         checkpoint,
         cfg.model.dtype,
-        SamplingSettings.from_config(cfg.rollout, None, False),
+        server_sampling(cfg),
         kv_cache_gib=vllm.kv_cache_gib,
         gpu_memory_utilization=vllm.gpu_memory_utilization,
         enforce_eager=vllm.enforce_eager,
@@ -74,7 +79,7 @@ def rollout_servers(cfg: DictConfig, run_dir: Path) -> Iterator[None]:
         if isinstance(wanted, int):  # auto or a count: ours to start and stop
             addresses = start_servers(stack, cfg, checkpoint, wanted, Path(run_dir) / "servers")
         tokenizer = load_tokenizer(checkpoint)
-        longest = cfg.rollout.max_prompt_length + cfg.rollout.max_new_tokens
+        longest = server_sampling(cfg).context_length
         for address in addresses:
             try:
                 check_server(address, checkpoint, tokenizer, longest, vllm.connect_timeout_s)

@@ -20,6 +20,10 @@ import torch
 from conftest import TINY, compose_config, generate, require_vllm, run_train, step_lines
 from hydra.utils import instantiate
 from test_distributed import torchrun
+from test_multiturn import (
+    continuation_stops_after_the_fence,
+    trajectories_hold_their_ids_masks_and_logprobs,
+)
 
 from grpo import distributed
 from grpo.actor.logprobs import token_logprobs
@@ -309,6 +313,15 @@ def test_the_stop_pattern_ends_a_completion_where_the_text_matches(policy):
             assert any(c.isdigit() for c in text)  # ended by the rule, at its last token
             stopped += 1
     assert stopped > 0
+
+
+def test_a_continuation_stops_after_a_fence_and_trajectories_keep_the_engines_logprobs(policy):
+    """Multi-turn: a longer prompt continues the engine's own greedy completion and stops right
+    after a fence spanning token boundaries; the driver's trajectories through the engine hold
+    the observations' own ids, masked, and the engine's log-probs at the model's tokens."""
+    policy, engine = policy
+    continuation_stops_after_the_fence(policy, engine=engine)
+    trajectories_hold_their_ids_masks_and_logprobs(policy, engine)
 
 
 def test_a_short_run_with_vllm_learns(tmp_path):

@@ -34,6 +34,10 @@ from conftest import (
     step_lines,
 )
 from hydra.utils import instantiate
+from test_multiturn import (
+    continuation_stops_after_the_fence,
+    trajectories_hold_their_ids_masks_and_logprobs,
+)
 
 from grpo.actor.logprobs import token_logprobs
 from grpo.model.loading import load_policy
@@ -158,6 +162,16 @@ def test_server_completions_stop_at_the_pattern_with_the_training_forwards_logpr
         train_logp, _ = token_logprobs(policy.model, rollout, 0.7)
     mask = rollout.completion_mask.bool()
     torch.testing.assert_close(rollout.sampling_logprobs[mask], train_logp[mask], atol=1e-4, rtol=0)
+
+
+def test_a_continuation_stops_after_a_fence_and_trajectories_keep_the_servers_logprobs(server):
+    """Multi-turn through a server: a longer prompt continues the server's own greedy completion
+    and stops right after a fence spanning token boundaries; the driver's trajectories hold the
+    observations' own ids, masked, and the server's log-probs at the model's tokens."""
+    policy, _ = tiny_policy_and_prompts()
+    backend = client(policy, server)
+    continuation_stops_after_the_fence(policy, engine=backend)
+    trajectories_hold_their_ids_masks_and_logprobs(policy, backend)
 
 
 def test_two_steps_against_a_server_leave_it_holding_the_trained_weights(server, tiny_train):
