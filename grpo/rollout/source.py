@@ -120,4 +120,4 @@ class RolloutSource:
             [self.task.columns(row) for row in every],  # what reward functions get by name
         )
         reward_s = time.perf_counter() - generated
-        return ScoredRollout(every, rollout, scores, generated - start, reward_s, stats)
+        return ScoredRollout(every, rollout, scores, generated - start, reward_s, stats=stats)
