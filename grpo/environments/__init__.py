@@ -1,2 +1,4 @@
 """Environments for multi-turn rollouts: what answers each model turn (tool output), and when a
 trajectory ends. `grpo.environments.base` says what one is; one module per environment."""
+
+from grpo.environments import python_tool  # noqa: F401  (registers `python_tool`)

@@ -48,3 +48,7 @@ class Environment(ABC):
     @abstractmethod
     def reset(self, row: Row) -> Episode:
         """A fresh episode for a trajectory on `row`."""
+
+    def close(self) -> None:  # noqa: B027  (an optional hook: most hold nothing)
+        """Release what the environment holds (a sandbox's processes); nothing by default.
+        The trainer calls it once, when the run ends."""

@@ -218,6 +218,7 @@ class TrainSchema:
     model: ModelSchema = field(default_factory=ModelSchema)
     task: Any = MISSING  # each task class has its own settings (grpo.tasks)
     reward: Any = MISSING  # each reward class has its own settings (grpo.tasks.rewards)
+    environment: Any = MISSING  # each environment has its own settings (grpo.environments)
     algorithm: AlgorithmSchema = field(default_factory=AlgorithmSchema)
     rollout: RolloutSchema = field(default_factory=RolloutSchema)
     trainer: TrainerSchema = field(default_factory=TrainerSchema)
