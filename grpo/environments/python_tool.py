@@ -31,7 +31,7 @@ from grpo.tools.sandbox import Sandbox, SandboxLimits, SandboxResult
 TURN_STOP = r"```output"
 # A python block: its opener line, the code, and the next fence (its closing fence, or an output
 # fence opened without closing it).
-_BLOCK = re.compile(r"```py(?:thon)?[ \t]*\n(.*?)```", re.DOTALL)
+_BLOCK = re.compile(r"```py(?:thon)?3?[ \t]*\n(.*?)```", re.DOTALL)
 _STOP = re.compile(TURN_STOP)
 CLOSE = "\n```\n"  # ends the output block; the model's next turn starts on a new line
 NO_CODE = "ToolError: no ```python block before this output block"

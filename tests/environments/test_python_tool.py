@@ -153,6 +153,7 @@ def test_a_void_turn_has_neither_a_complete_block_nor_a_final_answer(turn, void)
 
 def test_last_block_finds_the_code_of_the_last_complete_block():
     assert last_block("```python\na = 1\n```\n```py\nb = 2\n```") == "b = 2\n"
+    assert last_block("```python3\nc = 3\n```") == "c = 3\n"
     assert last_block("```python\na = 1\n```\n```python\nb = 2") == "a = 1\n"
     assert last_block("no code") is None
 
