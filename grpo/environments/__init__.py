@@ -3,3 +3,4 @@ trajectory ends. `grpo.environments.base` says what one is; one module per envir
 imported here so that `ENVIRONMENTS` holds them all."""
 
 from grpo.environments import single_turn  # noqa: F401  (registers single_turn)
+from grpo.environments import python_tool  # noqa: F401  (registers python_tool)

@@ -8,6 +8,8 @@ The interface is the peers' (verifiers' `MultiTurnEnv`, SkyRL's `Env.init/step`,
   tokens decoded) -> the observation appended to the trajectory as tokens (tool output), or
   None when the trajectory is done;
 - `Episode.stats()`: per-trajectory counts for the metrics (tool calls, errors, ...).
+- `Environment.close()`: releases what the environment holds (a sandbox's processes), once,
+  when the run ends.
 
 A model turn ends at EOS, at the task's stop pattern, at the environment's `turn_stop` pattern
 (e.g. the opening of a tool's output fence), or at `rollout.max_new_tokens`; after
@@ -58,6 +60,10 @@ class Environment(ABC):
     @abstractmethod
     def reset(self, row: Row) -> Episode:
         """A fresh episode for a trajectory on `row`."""
+
+    def close(self) -> None:  # noqa: B027  (an optional hook: most hold nothing)
+        """Release what the environment holds (a sandbox's processes); nothing by default.
+        The trainer calls it once, when the run ends."""
 
 
 def used_tool(stats: dict[str, list[float]]) -> list[bool] | None:

@@ -227,6 +227,7 @@ class TrainSchema:
     task: Any = MISSING  # each task class has its own settings (grpo.tasks)
     environment: Any = MISSING  # a name in ENVIRONMENTS and its settings (grpo.environments)
     reward: Any = MISSING  # each reward class has its own settings (grpo.tasks.rewards)
+    environment: Any = MISSING  # each environment has its own settings (grpo.environments)
     algorithm: AlgorithmSchema = field(default_factory=AlgorithmSchema)
     rollout: RolloutSchema = field(default_factory=RolloutSchema)
     trainer: TrainerSchema = field(default_factory=TrainerSchema)

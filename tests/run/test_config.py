@@ -50,6 +50,7 @@ def options(group: str) -> list[str]:
 NOT_COMPOSED_HERE = {
     "task": "needs its data: test_every_task_builds_...",
     "model/_shared": "defaults the model options include, not an option",
+    "task/_tool": "what the tool tasks include (prompt, environment, reward), not an option",
     "hydra": "Hydra's own settings (run folders, launchers): tests/run/test_sweeps.py",
     "hydra/launcher": "launchers need their plugins and a sweep: tests/run/test_sweeps.py",
 }
@@ -79,7 +80,7 @@ def local_task(option: str, request, tmp_path) -> list[str]:
     """Overrides that point a task at local files (no hub here), by the hub data set its YAML
     names: GSM8K's copy, or rows the test writes (math problems for MATH-500, questions with
     one-word answers for a task with no data set of its own, task=dataset)."""
-    task = OmegaConf.load(CONF_DIR / "task" / f"{option}.yaml")
+    task = compose_config(f"task={option}").task  # with what its defaults list includes
     if "path" not in task:  # generated problems
         return []
     if task.hub_id == "openai/gsm8k":

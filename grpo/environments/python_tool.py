@@ -1,0 +1,143 @@
+"""The Python tool: ToRL's text protocol (arXiv 2503.23383), with SimpleTIR's void-turn check.
+
+The model writes a fenced ```python block, then opens an output fence (```output); generation
+stops right after that opener (`TURN_STOP`), the environment runs the turn's last python block
+in the sandbox (`grpo.tools.sandbox`) and answers with what the model reads (stdout, then the
+error's last line; the sandbox cuts it to `max_output_chars`) and the closing fence; the model
+goes on. A turn without an output fence is the model's answer: the trajectory ends. Each snippet
+runs in a fresh process: nothing carries over from one block to the next (ToRL's executor too).
+
+SimpleTIR (arXiv 2509.02479) calls a turn with neither a complete code block nor a final answer
+a void turn and leaves trajectories holding one out of the loss against multi-turn collapse;
+every episode reports `void`, and with `drop_void_turns` also `dropped`, which asks the trainer
+to leave the trajectory out of the loss (docs/tools.md, "The protocol").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from grpo.environments.base import ENVIRONMENTS, Environment, Episode
+from grpo.tasks.answers import extract_answer
+from grpo.tasks.base import Row
+from grpo.tools.sandbox import Sandbox, SandboxLimits, SandboxResult
+
+# Where a model turn stops: the opening of an output fence, matched as soon as "output" is
+# written (ToRL's stop string; the newline after it may come in the same token or not at all).
+TURN_STOP = r"```output"
+# A python block: its opener line, the code, and the next fence (its closing fence, or an output
+# fence opened without closing it).
+_BLOCK = re.compile(r"```py(?:thon)?3?[ \t]*\n(.*?)```", re.DOTALL)
+_STOP = re.compile(TURN_STOP)
+CLOSE = "\n```\n"  # ends the output block; the model's next turn starts on a new line
+NO_CODE = "ToolError: no ```python block before this output block"
+NO_OUTPUT = "(no output: print() what you need to see)"
+
+
+def last_block(text: str) -> str | None:
+    """The code of the last complete python block in `text` (None: none, or only empty ones)."""
+    blocks = [code for code in _BLOCK.findall(text) if code.strip()]
+    return blocks[-1] if blocks else None
+
+
+def is_void(turn: str) -> bool:
+    """SimpleTIR's void turn: neither a complete python block nor a final `#### N` answer."""
+    return last_block(turn) is None and extract_answer(turn, strict=True) is None
+
+
+class PythonToolEpisode(Episode):
+    """One trajectory: runs the python block of each turn that opens an output fence."""
+
+    def __init__(self, tool: PythonTool) -> None:
+        self.tool = tool
+        self.turns = self.calls = self.errors = self.void_turns = 0
+
+    def step(self, turn: str) -> str | None:
+        self.turns += 1
+        self.void_turns += is_void(turn)
+        fence = _STOP.search(turn)
+        if fence is None or self.turns >= self.tool.max_turns:
+            return None  # the model answered, or it has no turn left to read the output
+        code = last_block(turn[: fence.end()])
+        if code is None:
+            self.errors += 1
+            text = NO_CODE
+        else:
+            result = self.tool.run(code)
+            self.calls += 1
+            self.errors += not result.ok
+            text = result.text.rstrip("\n") or NO_OUTPUT
+        return ("" if turn.endswith("\n") else "\n") + text + CLOSE
+
+    def stats(self) -> dict[str, float]:
+        """tool_calls (snippets run), tool_errors (failed, stopped or no code), used_tool,
+        void_turns, void (any), dropped (1: leave this trajectory out of the loss)."""
+        void = float(self.void_turns > 0)
+        return {
+            "tool_calls": float(self.calls),
+            "tool_errors": float(self.errors),
+            "used_tool": float(self.calls > 0),
+            "void_turns": float(self.void_turns),
+            "void": void,
+            "dropped": void if self.tool.drop_void_turns else 0.0,
+        }
+
+
+@ENVIRONMENTS.register("python_tool")
+class PythonTool(Environment):
+    """ToRL's Python tool over one `Sandbox`, started at the first snippet and shared by every
+    episode (it runs one snippet at a time, so concurrent steps wait for each other);
+    `close()` stops it. `limits`: `SandboxLimits` fields (the others keep their defaults)."""
+
+    turn_stop = TURN_STOP
+
+    def __init__(
+        self,
+        *,
+        max_turns: int = 4,
+        drop_void_turns: bool = False,
+        limits: Mapping[str, Any] | None = None,
+    ) -> None:
+        if max_turns < 1:
+            raise ValueError(f"environment.max_turns must be >= 1, got {max_turns}")
+        self.max_turns = max_turns
+        self.drop_void_turns = drop_void_turns
+        self.limits = sandbox_limits(dict(limits or {}))
+        self.sandbox: Sandbox | None = None  # started by the first snippet
+        self._lock = threading.Lock()
+
+    def reset(self, row: Row) -> PythonToolEpisode:
+        return PythonToolEpisode(self)
+
+    def run(self, code: str) -> SandboxResult:
+        """The sandbox's result for one snippet (the sandbox starts on the first)."""
+        with self._lock:
+            if self.sandbox is None:
+                self.sandbox = Sandbox(self.limits)
+            sandbox = self.sandbox
+        return sandbox.run(code)
+
+    def close(self) -> None:
+        """Stop the sandbox's server and everything under it (a later snippet starts anew)."""
+        with self._lock:
+            if self.sandbox is not None:
+                self.sandbox.close()
+                self.sandbox = None
+
+
+def sandbox_limits(settings: dict[str, Any]) -> SandboxLimits:
+    """`SandboxLimits` from `environment.limits`; ValueError naming the key that is wrong."""
+    fields = [f.name for f in dataclasses.fields(SandboxLimits)]
+    unknown = sorted(set(settings) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"environment.limits.{unknown[0]}: not a sandbox limit (limits: {', '.join(fields)})"
+        )
+    for name, value in settings.items():
+        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"environment.limits.{name} must be a positive number, got {value!r}")
+    return SandboxLimits(**settings)
