@@ -26,6 +26,7 @@ newer while the servers generate the next ones.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import sys
@@ -46,11 +47,13 @@ from grpo.actor.reference import Reference
 from grpo.actor.update import Actor, reward_kl_penalty
 from grpo.algorithm.advantages import estimate_advantages
 from grpo.batch import ScoredRollout
+from grpo.environments.base import Environment
 from grpo.evaluation.comparison import compare_models
 from grpo.rollout.dynamic_sampling import sample_groups
 from grpo.rollout.producer import Producer
 from grpo.rollout.sampler import GroupedSampler
 from grpo.run.build import (
+    build_environment,
     build_evaluator,
     build_loss,
     build_source,
@@ -85,13 +88,15 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     """Run GRPO as configured, writing into `run_dir`; returns `cfg.objective` from the end."""
     distributed.adopt_slurm()  # SLURM tasks without torchrun: ranks from SLURM's variables
     validate_config(cfg)  # every rule, before anything loads
+    environment = build_environment(cfg)  # what answers a model turn (its settings checked)
     # rollout.vllm.mode=server: the vLLM servers answer and serve this model before the policy
-    # loads (servers=auto: started here, and stopped however the run ends).
-    with rollout_servers(cfg, run_dir):
-        return run(cfg, run_dir)
+    # loads (servers=auto: started here, and stopped however the run ends); the environment's
+    # processes (a tool's sandbox) stop with the run too.
+    with rollout_servers(cfg, run_dir), contextlib.closing(environment):
+        return run(cfg, run_dir, environment)
 
 
-def run(cfg: DictConfig, run_dir: Path) -> float:
+def run(cfg: DictConfig, run_dir: Path, environment: Environment) -> float:
     """`train` once the config is checked and the rollout servers, if any, are up."""
     alg, tr = cfg.algorithm, cfg.trainer
     g = alg.num_responses_per_prompt
@@ -138,8 +143,9 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     ckpt = Checkpointer(run_dir, tr, policy, optimizer, scheduler, sampler, logger, reference)
     if resume is not None:  # weights, optimizer, scheduler, sampler, RNG: continues exactly
         start_step, before = ckpt.restore(resume)
-    # The rollout source: the backend (rollout.backend) holds the policy's current weights.
-    source = build_source(cfg, task, policy, reward_fn, sampling)
+    # The rollout source: the backend (rollout.backend) holds the policy's current weights; the
+    # environment answers the model's turns (environment=single_turn: none).
+    source = build_source(cfg, task, policy, reward_fn, sampling, environment)
     evaluator = build_evaluator(cfg, source, sampling)
 
     def sample(

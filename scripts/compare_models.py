@@ -9,6 +9,7 @@ full checkpoint); writes `RUN_DIR/comparison.json` and prints the table
 
 import argparse
 import sys
+from contextlib import closing
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
@@ -19,7 +20,12 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from grpo.evaluation.comparison import compare_models  # noqa: E402
 from grpo.model.loading import Policy  # noqa: E402
-from grpo.run.build import build_evaluator, build_source, sampling_settings  # noqa: E402
+from grpo.run.build import (  # noqa: E402
+    build_environment,
+    build_evaluator,
+    build_source,
+    sampling_settings,
+)
 from grpo.run.servers import rollout_servers
 
 
@@ -64,8 +70,8 @@ def main() -> None:
     sampling = sampling_settings(cfg, task)
     # Server mode: the run's servers (its config lists their addresses), or
     # rollout.vllm.servers=auto to start new ones for the comparison.
-    with rollout_servers(cfg, args.run_dir / "compare"):
-        source = build_source(cfg, task, policy, reward_fn, sampling)
+    with rollout_servers(cfg, args.run_dir / "compare"), closing(build_environment(cfg)) as env:
+        source = build_source(cfg, task, policy, reward_fn, sampling, env)
         compare_models(cfg, build_evaluator(cfg, source, sampling), args.run_dir)
 
 

@@ -36,12 +36,6 @@ TINY_RUN = (
 )
 TINY_TASK = ("task.num_train=16", "task.num_test=2")  # for tasks that have these settings
 TIMEOUT = 300
-# Sections whose `train` commands cannot run yet, and why; their files and checks still run.
-NOT_TRAINED = {
-    "7. An environment: a second try after a wrong answer": (
-        "the multi-turn rollout that steps environments is not on this branch yet"
-    ),
-}
 
 
 @dataclass
@@ -300,7 +294,6 @@ def probe(copy) -> dict:
 
 def test_the_page_has_seven_sections_each_with_code_a_check_and_a_training_command():
     assert len(SECTIONS) == 7, [s.title for s in SECTIONS]
-    assert set(NOT_TRAINED) <= {s.title for s in SECTIONS}
     for section in SECTIONS:
         assert section.files and section.check and section.train, section.title
 
@@ -361,8 +354,6 @@ def test_each_section_is_covered_by_its_checks_and_trains(section, copy, tmp_pat
     for line in section.check:
         proc = run(copy, [*python_command(line, "pytest"), "-p", "no:cacheprovider", "-q"])
         assert re.search(r"\b\d+ passed\b", proc.stdout), proc.stdout[-2000:]
-    if section.title in NOT_TRAINED and section.train:
-        pytest.skip(f"{section.title}: checked, not trained: {NOT_TRAINED[section.title]}")
     for i, line in enumerate(section.train):
         args = python_command(line, "grpo.train")
         task = yaml.safe_load((copy / "conf" / "task" / f"{task_of(copy, args)}.yaml").read_text())

@@ -2,5 +2,7 @@
 trajectory ends. `grpo.environments.base` says what one is; one module per environment, each
 imported here so that `ENVIRONMENTS` holds them all."""
 
-from grpo.environments import single_turn  # noqa: F401  (registers single_turn)
-from grpo.environments import python_tool  # noqa: F401  (registers python_tool)
+from grpo.environments import (
+    python_tool,  # noqa: F401  (registers python_tool)
+    single_turn,  # noqa: F401  (registers single_turn)
+)

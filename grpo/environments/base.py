@@ -36,6 +36,10 @@ from grpo.tasks.base import Row
 ENVIRONMENTS = Registry("environment")
 # The `Episode.stats()` key that counts a trajectory's tool calls; it "used the tool" when > 0.
 TOOL_CALLS = "tool_calls"
+# The `Episode.stats()` key that, when 1, leaves the trajectory out of the loss (its loss mask
+# all 0: no token, no sequence in any normaliser), its reward still in its group's statistics
+# (SimpleTIR's void-turn filter).
+DROPPED = "dropped"
 
 
 class Episode(ABC):

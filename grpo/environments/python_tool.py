@@ -21,7 +21,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from grpo.environments.base import ENVIRONMENTS, Environment, Episode
+from grpo.environments.base import DROPPED, ENVIRONMENTS, TOOL_CALLS, Environment, Episode
 from grpo.tasks.answers import extract_answer
 from grpo.tasks.base import Row
 from grpo.tools.sandbox import Sandbox, SandboxLimits, SandboxResult
@@ -74,16 +74,15 @@ class PythonToolEpisode(Episode):
         return ("" if turn.endswith("\n") else "\n") + text + CLOSE
 
     def stats(self) -> dict[str, float]:
-        """tool_calls (snippets run), tool_errors (failed, stopped or no code), used_tool,
-        void_turns, void (any), dropped (1: leave this trajectory out of the loss)."""
+        """tool_calls (snippets run; > 0: it used the tool), tool_errors (failed, stopped or no
+        code), void_turns, void (any), dropped (1: leave this trajectory out of the loss)."""
         void = float(self.void_turns > 0)
         return {
-            "tool_calls": float(self.calls),
+            TOOL_CALLS: float(self.calls),
             "tool_errors": float(self.errors),
-            "used_tool": float(self.calls > 0),
             "void_turns": float(self.void_turns),
             "void": void,
-            "dropped": void if self.tool.drop_void_turns else 0.0,
+            DROPPED: void if self.tool.drop_void_turns else 0.0,
         }
 
 

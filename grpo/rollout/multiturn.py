@@ -27,7 +27,8 @@ holds at most `SamplingSettings.context_length` tokens per row.
 The rollout's `loss_mask` is 1 on the model's tokens and 0 on the observations' (which get no
 log-prob and enter no loss); its `sampling_logprobs` (when kept) are the backend's on model
 tokens and 0 on the others; its `texts` are the whole trajectories decoded. The driver also
-returns per-trajectory stats: `turns` (model turns) and each key of `Episode.stats()`.
+returns per-trajectory stats: `turns` (model turns) and each key of `Episode.stats()`; a
+trajectory whose episode reports `dropped` = 1 gets a loss mask of zeros (SimpleTIR's filter).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from grpo.batch import Rollout
-from grpo.environments.base import Episode
+from grpo.environments.base import DROPPED, Episode
 from grpo.rollout.base import Backend
 from grpo.rollout.settings import SamplingSettings
 
@@ -138,6 +139,9 @@ def run_trajectories(
     stats = {"turns": [float(t.turns) for t in trajectories]}
     for name in episodes[0].stats() if episodes else ():
         stats[name] = [float(episode.stats()[name]) for episode in episodes]
+    for trajectory, dropped in zip(trajectories, stats.get(DROPPED, [0.0] * len(trajectories)), strict=True):
+        if dropped:  # out of the loss (SimpleTIR's filter); its reward stays in its group
+            trajectory.model = [0] * len(trajectory.model)
     rollout = trajectory_rollout(
         trajectories, tokenizer, prompt_ids, prompt_mask, n, settings.keep_logprobs
     )

@@ -17,7 +17,7 @@ from grpo.model.loading import Policy
 from grpo.rollout.backends import build_backend
 from grpo.rollout.settings import SamplingSettings
 from grpo.rollout.source import RolloutSource
-from grpo.run.config import max_turns, micro_batch_size
+from grpo.run.config import ConfigError, max_turns, micro_batch_size
 from grpo.tasks.base import Task
 from grpo.tasks.rewards import Reward
 
@@ -45,23 +45,33 @@ def sampling_settings(cfg: DictConfig, task: Task) -> SamplingSettings:
 
 
 def build_environment(cfg: DictConfig) -> Environment:
-    """The environment `environment.name` with its settings (the node's other keys)."""
+    """The environment `environment.name` with its settings (the node's other keys), built
+    before any model loads (it starts nothing: a tool's sandbox starts at its first call); a
+    setting it refuses (a limit that is not positive) is a config error naming its key."""
     settings = OmegaConf.to_container(cfg.environment, resolve=True)
-    return ENVIRONMENTS[settings.pop("name")](**settings)
+    try:
+        return ENVIRONMENTS[settings.pop("name")](**settings)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
 
 
 def build_source(
-    cfg: DictConfig, task: Task, policy: Policy, reward: Reward, sampling: SamplingSettings
+    cfg: DictConfig,
+    task: Task,
+    policy: Policy,
+    reward: Reward,
+    sampling: SamplingSettings,
+    environment: Environment,
 ) -> RolloutSource:
     """The rollout source on `policy` with the configured backend (`rollout.backend`, its
     settings under `rollout.<backend>`), which holds the policy's current weights, and the
-    configured environment (`environment`)."""
+    environment (`build_environment`)."""
     name = cfg.rollout.backend
     options: dict[str, Any] = {}
     if name in cfg.rollout:
         options = OmegaConf.to_container(cfg.rollout[name], resolve=True)
     backend = build_backend(name, policy, sampling, options)
-    return RolloutSource(task, policy, backend, reward, build_environment(cfg))
+    return RolloutSource(task, policy, backend, reward, environment)
 
 
 def build_evaluator(

@@ -51,7 +51,7 @@ def test_a_turn_with_code_reads_its_output_and_the_closing_fence(tool):
     assert episode.step(CALL) == "\n12" + CLOSE
     assert episode.step(CALL + "\n") == "12" + CLOSE  # the opener's newline already written
     stats = episode.stats()
-    assert stats["tool_calls"] == 2 and stats["tool_errors"] == 0 and stats["used_tool"] == 1
+    assert stats["tool_calls"] == 2 and stats["tool_errors"] == 0
 
 
 def test_the_trajectory_reads_as_a_closed_output_block(tool):
@@ -118,7 +118,6 @@ def test_a_turn_without_an_output_fence_ends_the_trajectory(tool):
     assert episode.stats() == {
         "tool_calls": 0.0,
         "tool_errors": 0.0,
-        "used_tool": 0.0,
         "void_turns": 0.0,
         "void": 0.0,
         "dropped": 0.0,
@@ -165,7 +164,7 @@ def test_a_void_turn_drops_the_trajectory_only_when_asked():
         episode = environment.reset({})
         assert episode.step(turns[0]) is not None and episode.step(turns[1]) is None
         stats = episode.stats()
-        assert stats["void_turns"] == 1 and stats["void"] == 1 and stats["used_tool"] == 1
+        assert stats["void_turns"] == 1 and stats["void"] == 1 and stats["tool_calls"] == 1
         assert stats["dropped"] == float(drop)
         environment.close()
 

@@ -8,7 +8,7 @@ import pytest
 from conftest import compose_config, tiny_policy, tiny_task
 
 from grpo.evaluation.heldout import majority_vote, pass_at_k, sample_metrics
-from grpo.run.build import build_evaluator, build_source, sampling_settings
+from grpo.run.build import build_environment, build_evaluator, build_source, sampling_settings
 from grpo.run.config import ConfigError, validate_config
 from grpo.tasks.rewards import HybridReward
 
@@ -35,7 +35,9 @@ def tiny_evaluator(task, *overrides: str):
     """The held-out evaluator of `model=tiny` on `task`, as the trainer builds it."""
     cfg = compose_config("model=tiny", *overrides)
     sampling = sampling_settings(cfg, task)
-    source = build_source(cfg, task, tiny_policy(), HybridReward(), sampling)
+    source = build_source(
+        cfg, task, tiny_policy(), HybridReward(), sampling, build_environment(cfg)
+    )
     return build_evaluator(cfg, source, sampling)
 
 

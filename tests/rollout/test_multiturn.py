@@ -24,9 +24,10 @@ from conftest import (
 from test_distributed import TINY_DDP, torchrun
 
 from grpo.actor.logprobs import token_logprobs
+from grpo.actor.update import normalisers
 from grpo.algorithm.policy_losses import POLICY_LOSSES
 from grpo.batch import ScoredRollout, concat, take
-from grpo.environments.base import ENVIRONMENTS, Environment, Episode
+from grpo.environments.base import DROPPED, ENVIRONMENTS, Environment, Episode
 from grpo.rollout.backends import BACKENDS
 from grpo.rollout.multiturn import run_trajectories, turn_stop_pattern
 from grpo.rollout.settings import SamplingSettings
@@ -367,3 +368,38 @@ if __name__ == "__main__":  # a rank started by torchrun: `python -m grpo.train`
     import runpy
 
     runpy.run_module("grpo.train", run_name="__main__", alter_sys=True)
+
+
+class DroppingEpisode(TallyEpisode):
+    """A Tally episode that asks to be left out of the loss when it answered any turn."""
+
+    def stats(self) -> dict[str, float]:
+        return super().stats() | {DROPPED: float(bool(self.observations))}
+
+
+def test_dropped_trajectories_leave_the_loss_and_keep_their_tokens():
+    policy, env = tiny_policy(), Tally(max_turns=3, calls=None)
+    kept, _, episodes = drive(policy, env)
+    torch.manual_seed(4)
+    dropping = [DroppingEpisode(e.calls, e.observation) for e in episodes]
+    task = tiny_task()
+    prompts = render_prompts(policy.tokenizer, task, task.train[:2], False)
+    ids, mask = tokenize_prompts(policy.tokenizer, prompts, 256, "cpu")
+    settings = SamplingSettings(max_new_tokens=8, max_prompt_length=256, max_total_tokens=64)
+    rollout, stats = run_trajectories(
+        BACKENDS["lean"](policy, settings),
+        policy.tokenizer,
+        ids,
+        mask,
+        3,
+        settings,
+        dropping,
+        env.max_turns,
+        env.turn_stop,
+    )
+    dropped = torch.tensor(stats[DROPPED]).bool()
+    assert dropped.any() and not dropped.all()  # the batch holds both kinds
+    assert torch.equal(rollout.completion_ids, kept.completion_ids)  # same trajectories
+    assert not rollout.model_mask[dropped].any()  # out of the loss: no token, no sequence
+    assert torch.equal(rollout.model_mask[~dropped], kept.model_mask[~dropped])
+    assert normalisers(rollout.model_mask.bool())["num_sequences"] == int((~dropped).sum())
