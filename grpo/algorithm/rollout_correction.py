@@ -103,9 +103,9 @@ def decoupled(
     """The behaviour importance weight of AReaL's decoupled PPO (Fu et al. 2025, arXiv
     2505.24298, eq. 5; AReaL `behav_imp_weight_cap`): w_t = pi_prox / pi_behav, where pi_old
     (the trainer's log-probs before the update) is the proximal policy of the clip and the
-    engine's the behaviour policy, and tokens with w_t > cap are dropped (no lower bound)."""
-    w = _log_ratio(old_logp, engine_logp, mask).exp()
-    return torch.where(w <= cap, w, 0.0)
+    engine's the behaviour policy, and tokens with w_t > cap are dropped: `token_mask`
+    without a lower bound."""
+    return token_mask(old_logp, engine_logp, mask, low=0.0, high=cap)
 
 
 def _sequence_ratio(old_logp: Tensor, engine_logp: Tensor, mask: Tensor) -> Tensor:
