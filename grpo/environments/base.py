@@ -60,6 +60,11 @@ class Environment(ABC):
 
     max_turns: int = 1
     turn_stop: str | None = None  # a regex that also ends a model turn (None: the task's only)
+    # None: an observation is text appended as it is; "tool": it is a tool message's content,
+    # which the chat template writes (grpo.rollout.chat_tools; the template must be
+    # prefix-preserving), with `tools` (JSON schemas) in the prompt's template.
+    observation_role: str | None = None
+    tools: list[dict] | None = None
 
     @abstractmethod
     def reset(self, row: Row) -> Episode:

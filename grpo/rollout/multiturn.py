@@ -34,7 +34,7 @@ trajectory whose episode reports `dropped` = 1 gets a loss mask of zeros (Simple
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -44,6 +44,9 @@ from grpo.batch import Rollout
 from grpo.environments.base import DROPPED, Episode
 from grpo.rollout.base import Backend
 from grpo.rollout.settings import SamplingSettings
+
+# (the model's turn text, an observation) -> the text appended after the turn
+Written = Callable[[str, str], str]
 
 
 def turn_stop_pattern(task_stop: str | None, turn_stop: str | None) -> str | None:
@@ -82,10 +85,11 @@ class Trajectory:
         turn: tuple[list[int], list[float] | None, bool, str],
         max_turns: int,
         tokenizer: PreTrainedTokenizerBase,
+        written: Written | None = None,
     ) -> None:
         """Append a model turn (ids, log-probs, cut at the call's budget, text) and, when it is
-        complete, its episode's observation; end the trajectory where the module docstring
-        says."""
+        complete, its episode's observation (as `written` writes it after the turn, if given);
+        end the trajectory where the module docstring says."""
         ids, logprobs, cut, text = turn
         cut = cut or len(ids) > self.room
         ids = ids[: self.room]
@@ -96,6 +100,8 @@ class Trajectory:
         observation = self.episode.step(text)
         if observation is None or self.turns >= max_turns:
             return self.end(truncated=observation is not None)
+        if written is not None:
+            observation = written(text, observation)
         tokens = tokenizer(observation, add_special_tokens=False).input_ids
         fits = tokens[: self.room]
         self.add(fits, False)
@@ -113,10 +119,13 @@ def run_trajectories(
     episodes: Sequence[Episode],
     max_turns: int,
     turn_stop: str | None,
+    written: Written | None = None,
 ) -> tuple[Rollout, dict[str, list[float]]]:
     """`n` trajectories of each left-padded prompt, `episodes[i]` answering trajectory i (rows
     grouped by prompt), as in the module docstring; returns the rollout and the per-trajectory
-    stats (`turns` and the episodes' own)."""
+    stats (`turns` and the episodes' own). `written(turn, observation)`: the text appended for
+    an observation (None: the observation itself; a chat template's tool message:
+    `grpo.rollout.chat_tools`)."""
     stop = turn_stop_pattern(settings.stop_pattern, turn_stop)
     turn_settings = dataclasses.replace(settings, stop_pattern=stop)
     prompts = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask, strict=True)]
@@ -131,7 +140,7 @@ def run_trajectories(
             ids, mask, copies, dataclasses.replace(turn_settings, max_new_tokens=budget)
         )
         for trajectory, turn in zip(active, model_turns(rollout), strict=True):
-            trajectory.take_turn(turn, max_turns, tokenizer)
+            trajectory.take_turn(turn, max_turns, tokenizer, written)
         active = [t for t in active if not t.done]
         if active:
             ids, mask = left_padded([t.prompt + t.ids for t in active], tokenizer, ids.device)
@@ -139,8 +148,9 @@ def run_trajectories(
     stats = {"turns": [float(t.turns) for t in trajectories]}
     for name in episodes[0].stats() if episodes else ():
         stats[name] = [float(episode.stats()[name]) for episode in episodes]
-    for trajectory, dropped in zip(trajectories, stats.get(DROPPED, [0.0] * len(trajectories)), strict=True):
-        if dropped:  # out of the loss (SimpleTIR's filter); its reward stays in its group
+    dropped = stats.get(DROPPED, [0.0] * len(trajectories))
+    for trajectory, drop in zip(trajectories, dropped, strict=True):
+        if drop:  # out of the loss (SimpleTIR's filter); its reward stays in its group
             trajectory.model = [0] * len(trajectory.model)
     rollout = trajectory_rollout(
         trajectories, tokenizer, prompt_ids, prompt_mask, n, settings.keep_logprobs

@@ -18,6 +18,7 @@ staleness bound is a further implementation of this call.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -30,22 +31,28 @@ from grpo.environments.base import Environment
 from grpo.environments.single_turn import SingleTurn
 from grpo.model.loading import Policy
 from grpo.rollout.base import Backend
-from grpo.rollout.multiturn import run_trajectories
+from grpo.rollout.chat_tools import tool_response_text
+from grpo.rollout.multiturn import Written, run_trajectories
 from grpo.rollout.settings import SamplingSettings
 from grpo.tasks.base import Row, Task
 from grpo.tasks.rewards import Reward
 
 
 def render_prompts(
-    tokenizer: PreTrainedTokenizerBase, task: Task, rows: Sequence[Row], use_chat_template: bool
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    rows: Sequence[Row],
+    use_chat_template: bool,
+    tools: list[dict] | None = None,
 ) -> list[str]:
-    """The task's prompt for each row: inside the tokenizer's chat template for chat models,
-    else the messages' text joined by blank lines."""
+    """The task's prompt for each row: inside the tokenizer's chat template for chat models
+    (with the environment's `tools` described, when it has any), else the messages' text
+    joined by blank lines."""
     messages = [task.messages(row) for row in rows]
     if not use_chat_template:
         return ["\n\n".join(m["content"] for m in chat) for chat in messages]
     return [
-        tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        tokenizer.apply_chat_template(chat, tools=tools, tokenize=False, add_generation_prompt=True)
         for chat in messages
     ]
 
@@ -80,6 +87,10 @@ class RolloutSource:
     ) -> None:
         self.task, self.policy, self.backend, self.reward = task, policy, backend, reward
         self.environment = environment or SingleTurn()
+        self.written: Written | None = None  # observations appended as they are
+        if self.environment.observation_role == "tool":  # tool messages, by the chat template
+            tokenizer, tools = policy.tokenizer, self.environment.tools
+            self.written = functools.partial(tool_response_text, tokenizer, tools)
 
     def generate(
         self,
@@ -98,13 +109,24 @@ class RolloutSource:
         episodes = [env.reset(row) for row in rows for _ in range(n)]
         tokenizer = self.policy.tokenizer
         return run_trajectories(
-            self.backend, tokenizer, ids, mask, n, settings, episodes, env.max_turns, env.turn_stop
+            self.backend,
+            tokenizer,
+            ids,
+            mask,
+            n,
+            settings,
+            episodes,
+            env.max_turns,
+            env.turn_stop,
+            self.written,
         )
 
     def __call__(self, rows: Sequence[Row], n: int, settings: SamplingSettings) -> ScoredRollout:
         """`n` completions of each row's prompt, scored; rows grouped by prompt."""
         tokenizer = self.policy.tokenizer
-        prompts = render_prompts(tokenizer, self.task, rows, self.policy.use_chat_template)
+        prompts = render_prompts(
+            tokenizer, self.task, rows, self.policy.use_chat_template, self.environment.tools
+        )
         device = next(self.policy.model.parameters()).device
         ids, mask = tokenize_prompts(tokenizer, prompts, settings.max_prompt_length, device)
         start = time.perf_counter()

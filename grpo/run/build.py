@@ -15,6 +15,7 @@ from grpo.environments.base import ENVIRONMENTS, Environment
 from grpo.evaluation.heldout import Evaluator
 from grpo.model.loading import Policy
 from grpo.rollout.backends import build_backend
+from grpo.rollout.chat_tools import check_tool_template
 from grpo.rollout.settings import SamplingSettings
 from grpo.rollout.source import RolloutSource
 from grpo.run.config import ConfigError, max_turns, micro_batch_size
@@ -70,6 +71,11 @@ def build_source(
     options: dict[str, Any] = {}
     if name in cfg.rollout:
         options = OmegaConf.to_container(cfg.rollout[name], resolve=True)
+    if environment.observation_role == "tool":  # tool results written by the chat template
+        try:
+            check_tool_template(policy.tokenizer, environment.tools)
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
     backend = build_backend(name, policy, sampling, options)
     return RolloutSource(task, policy, backend, reward, environment)
 

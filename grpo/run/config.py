@@ -263,6 +263,10 @@ def _check_environment(cfg: DictConfig) -> None:
     )
     total = ro.max_total_tokens
     _require(total is None or total >= ro.max_new_tokens, "rollout.max_total_tokens", why, total)
+    protocol = cfg.environment.get("protocol")
+    chat = bool(cfg.model.get("tokenizer", {}).get("use_chat_template", False))
+    why = "the template's tool calls need a chat model (model.tokenizer.use_chat_template=true)"
+    _require(protocol != "chat_template" or chat, "environment.protocol", why, protocol)
     tp = ro.vllm.tensor_parallel_size
     why = (
         "the ranks of an engine split over several generate together, and multi-turn "
