@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria
@@ -122,3 +123,39 @@ def _completion_lengths(
     stops = torch.tensor([stopped_at.get(i, t + 1) for i in range(n)], device=first_eos.device)
     ends = torch.minimum(first_eos.to(stops.device), stops)
     return ends.clamp(max=t), ends > t
+
+
+def listed_rollout(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    n: int,
+    tokens: list[list[int]],
+    truncated: list[bool],
+    logprobs: list[list[float]] | None = None,
+    from_model: list[list[int]] | None = None,
+) -> Rollout:
+    """Completions given as token-id lists (`n` per prompt, rows grouped by prompt) as a
+    `Rollout`: right-padded, prompts repeated, texts decoded; with their per-token `logprobs`
+    (an engine's) and `from_model` (1 on the model's tokens: a trajectory's loss mask)."""
+    width = max(1, max(len(row) for row in tokens))
+
+    def padded(rows: list[list[Any]], dtype: torch.dtype, fill: int = 0) -> torch.Tensor:
+        out = torch.full((len(rows), width), fill, dtype=dtype)
+        for i, row in enumerate(rows):
+            out[i, : len(row)] = torch.tensor(row, dtype=dtype)
+        return out
+
+    ids = padded(tokens, torch.long, tokenizer.pad_token_id)
+    device = prompt_ids.device
+    return Rollout(
+        prompt_ids.repeat_interleave(n, 0),
+        prompt_mask.repeat_interleave(n, 0),
+        ids.to(device),
+        padded([[1] * len(row) for row in tokens], torch.long).to(device),
+        torch.tensor(truncated, device=device),
+        tokenizer.batch_decode(ids, skip_special_tokens=True),
+        tokenizer.pad_token_id,
+        None if logprobs is None else padded(logprobs, torch.float32).to(device),
+        None if from_model is None else padded(from_model, torch.long).to(device),
+    )

@@ -42,7 +42,7 @@ from transformers import PreTrainedTokenizerBase
 
 from grpo.batch import Rollout
 from grpo.environments.base import DROPPED, Episode
-from grpo.rollout.base import Backend
+from grpo.rollout.base import Backend, listed_rollout
 from grpo.rollout.settings import SamplingSettings
 
 # (the model's turn text, an observation) -> the text appended after the turn
@@ -197,27 +197,13 @@ def trajectory_rollout(
 ) -> Rollout:
     """The finished trajectories as one `Rollout`: completions right-padded, `loss_mask` on the
     model's tokens, the backend's log-probs on them (with `keep_logprobs`), texts decoded."""
-    width = max(1, max(len(t.ids) for t in trajectories))
-    rows = len(trajectories)
-    ids = torch.full((rows, width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((rows, width), dtype=torch.long)
-    model = torch.zeros((rows, width), dtype=torch.long)
-    logprobs = torch.zeros((rows, width), dtype=torch.float32)
-    for i, t in enumerate(trajectories):
-        length = len(t.ids)
-        ids[i, :length] = torch.tensor(t.ids, dtype=torch.long)
-        mask[i, :length] = 1
-        model[i, :length] = torch.tensor(t.model, dtype=torch.long)
-        logprobs[i, :length] = torch.tensor(t.logprobs, dtype=torch.float32)
-    device = prompt_ids.device
-    return Rollout(
-        prompt_ids.repeat_interleave(n, 0),
-        prompt_mask.repeat_interleave(n, 0),
-        ids.to(device),
-        mask.to(device),
-        torch.tensor([t.truncated for t in trajectories], device=device),
-        tokenizer.batch_decode(ids, skip_special_tokens=True),
-        tokenizer.pad_token_id,
-        logprobs.to(device) if keep_logprobs else None,
-        model.to(device),
+    return listed_rollout(
+        tokenizer,
+        prompt_ids,
+        prompt_mask,
+        n,
+        [t.ids for t in trajectories],
+        [t.truncated for t in trajectories],
+        [t.logprobs for t in trajectories] if keep_logprobs else None,
+        [t.model for t in trajectories],
     )

@@ -63,7 +63,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from grpo import distributed
 from grpo.batch import Rollout
 from grpo.model.loading import Policy, causal_lm
-from grpo.rollout.base import Backend
+from grpo.rollout.base import Backend, listed_rollout
 from grpo.rollout.settings import SamplingSettings
 from grpo.rollout.vllm_adapters import AdapterVersions, adapter_rank, engine_rank
 
@@ -354,23 +354,4 @@ def to_rollout(
     """The engine's completions (token ids, their log-probs, truncation) as a `Rollout`
     (completions right-padded, prompts repeated)."""
     tokens, logprobs, truncated = sampled
-    width = max(1, max(len(t) for t in tokens))
-    pad = tokenizer.pad_token_id
-    ids = torch.full((len(tokens), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(tokens), width), dtype=torch.long)
-    sampled = torch.zeros((len(tokens), width), dtype=torch.float32)
-    for row, (t, lp) in enumerate(zip(tokens, logprobs, strict=True)):
-        ids[row, : len(t)] = torch.tensor(t, dtype=torch.long)
-        mask[row, : len(t)] = 1
-        sampled[row, : len(lp)] = torch.tensor(lp, dtype=torch.float32)
-    device = prompt_ids.device
-    return Rollout(
-        prompt_ids.repeat_interleave(n, 0),
-        prompt_mask.repeat_interleave(n, 0),
-        ids.to(device),
-        mask.to(device),
-        torch.tensor(truncated, device=device),
-        tokenizer.batch_decode(ids, skip_special_tokens=True),
-        pad,
-        sampled.to(device),
-    )
+    return listed_rollout(tokenizer, prompt_ids, prompt_mask, n, tokens, truncated, logprobs)
