@@ -3,16 +3,20 @@ tiny model: observation ids appended as the tokenizer makes them alone, the mask
 of model and environment tokens, trajectories of different turn counts in one batch, the
 budgets and what they cut; continuation prompts on the in-process backends (the stop rule
 around a fence spanning token boundaries); the single-turn environment's path unchanged; and
-training end to end (2 steps, dynamic sampling, every policy loss, resume, DDP with 2 processes).
+training end to end (2 steps, dynamic sampling, every policy loss and advantage estimator, resume,
+DDP with 2 processes, a Hydra multirun).
 vLLM's continuations are tested in test_vllm_engine.py and test_vllm_server.py."""
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
 from conftest import (
+    REPO,
     TINY,
     compose_config,
     generate,
@@ -21,10 +25,11 @@ from conftest import (
     tiny_policy,
     tiny_task,
 )
-from test_distributed import TINY_DDP, torchrun
+from test_distributed import TINY_DDP, torchrun, torchrun_env
 
 from grpo.actor.logprobs import token_logprobs
 from grpo.actor.update import normalisers
+from grpo.algorithm.advantages import ADVANTAGE_ESTIMATORS
 from grpo.algorithm.policy_losses import POLICY_LOSSES
 from grpo.batch import ScoredRollout, concat, take
 from grpo.environments.base import DROPPED, ENVIRONMENTS, Environment, Episode
@@ -345,6 +350,23 @@ def test_every_other_policy_loss_trains_with_dynamic_sampling(tiny_train, loss):
         *tally(f"algorithm/policy_loss={loss}", "algorithm.dynamic_sampling.enabled=true")
     )
     assert len(step_lines(run_dir)) == 2
+
+
+@pytest.mark.parametrize("estimator", [name for name in ADVANTAGE_ESTIMATORS if name != "grpo"])
+def test_every_other_advantage_estimator_trains_multi_turn(tiny_train, estimator):
+    run_dir, _ = tiny_train(*tally(f"algorithm/advantage={estimator}"))
+    assert len(step_lines(run_dir)) == 2
+
+
+def test_a_hydra_multirun_of_multi_turn_jobs(tmp_path):
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, __file__, "-m", *TINY, *tally(), "seed=1,2", f"hydra.sweep.dir={sweep}"]
+    subprocess.run(cmd, cwd=REPO, env=torchrun_env(), check=True, capture_output=True, timeout=600)
+    jobs = sorted(p.parent for p in sweep.glob("*/.hydra"))
+    assert [job.name for job in jobs] == ["0", "1"]
+    for job in jobs:
+        lines = step_lines(job)
+        assert len(lines) == 2 and all("env/turns" in line for line in lines)
 
 
 def test_a_multi_turn_run_resumes_where_it_stopped(tiny_train):
