@@ -91,6 +91,10 @@ class ScoredRollout:
     # the environment's `Episode.stats()` (empty for single-turn completions)
     stats: dict[str, list[float]] = field(default_factory=dict)
 
+    def row_stats(self, row: int) -> dict[str, float]:
+        """Row `row`'s per-trajectory stats by name (empty for single-turn completions)."""
+        return {name: values[row] for name, values in self.stats.items()}
+
     @property
     def rewards(self) -> torch.Tensor:
         """(N,) float32 total rewards."""

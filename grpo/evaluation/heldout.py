@@ -55,7 +55,7 @@ def completion_records(task: Task, scored: ScoredRollout) -> list[dict[str, Any]
         for i, (text, row) in enumerate(zip(scored.rollout.texts, scored.rows, strict=True))
     ]
     for i, record in enumerate(records if scored.stats else ()):
-        record["env"] = {name: values[i] for name, values in scored.stats.items()}
+        record["env"] = scored.row_stats(i)
     return records
 
 

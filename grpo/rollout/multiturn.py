@@ -146,8 +146,8 @@ def run_trajectories(
             ids, mask = left_padded([t.prompt + t.ids for t in active], tokenizer, ids.device)
             copies = 1
     stats = {"turns": [float(t.turns) for t in trajectories]}
-    for name in episodes[0].stats() if episodes else ():
-        stats[name] = [float(episode.stats()[name]) for episode in episodes]
+    counts = [episode.stats() for episode in episodes]  # once each: the same keys in all
+    stats |= {name: [float(c[name]) for c in counts] for name in (counts[0] if counts else ())}
     dropped = stats.get(DROPPED, [0.0] * len(trajectories))
     for trajectory, drop in zip(trajectories, dropped, strict=True):
         if drop:  # out of the loss (SimpleTIR's filter); its reward stays in its group

@@ -70,7 +70,7 @@ def sample_records(
         for i, (row, text) in enumerate(zip(batch.rows, batch.rollout.texts, strict=True))
     ]
     for i, record in enumerate(records if batch.stats else ()):
-        record["env"] = {name: values[i] for name, values in batch.stats.items()}
+        record["env"] = batch.row_stats(i)
     return records
 
 
