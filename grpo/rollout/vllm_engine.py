@@ -70,6 +70,8 @@ from grpo.rollout.vllm_adapters import AdapterVersions, adapter_rank, engine_ran
 INSTALL_HINT = "rollout.backend=vllm needs vLLM: run `make install-vllm`"
 # The task's regex stop rule as a logits processor, named for vLLM to import (in a server too).
 REGEX_STOP = "grpo.rollout.vllm_stop:RegexStop"
+# Prompt tokens per engine step on CPU (vLLM's default), raised to the longest request if longer.
+CPU_BATCHED_TOKENS = 2048
 
 
 def available() -> bool:
@@ -130,12 +132,18 @@ def engine_args(
     the checkpoint's model and tokenizer, the policy's dtype, room for the longest prompt and
     trajectory (`SamplingSettings.context_length`), the log-probs of the distribution sampled
     from, the regex stop rule, no prefix cache (no cache outlives a weight change); the KV cache
-    in GiB on CPU, a fraction of the GPU on CUDA; with `lora_rank`, vLLM's LoRA support for one
-    adapter of that rank (rounded up to a rank vLLM is built for)."""
+    in GiB and whole prefills on CPU, a fraction of the GPU on CUDA; with `lora_rank`, vLLM's
+    LoRA support for one adapter of that rank (rounded up to a rank vLLM is built for)."""
     memory = (
         {"gpu_memory_utilization": gpu_memory_utilization, "enable_sleep_mode": sleep}
         if torch.cuda.is_available()
-        else {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)}
+        else {
+            "kv_cache_memory_bytes": int(kv_cache_gib * 2**30),
+            # vLLM's CPU build dies when chunked prefill cuts a seeded request's prompt (it
+            # rewinds the request's generator, which only CUDA generators allow): whole prefills
+            "enable_chunked_prefill": False,
+            "max_num_batched_tokens": max(settings.context_length, CPU_BATCHED_TOKENS),
+        }
     )
     args = {
         "model": checkpoint,

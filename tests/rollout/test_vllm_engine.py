@@ -137,6 +137,19 @@ def test_seeded_sampling_reproduces(policy):
     assert torch.equal(*runs)
 
 
+def test_more_seeded_prompt_tokens_than_one_engine_step_takes(policy):
+    """8 prompts x 16 seeded completions, more prompt tokens than vLLM schedules in one step
+    (2048): with chunked prefill its CPU build rewinds the seeded generators of the prompts cut
+    in two, which only CUDA's allow ("CPU Generator does not use offset": the engine dies), so
+    on CPU `engine_args` turns chunked prefill off."""
+    policy, engine = policy
+    texts = prompts(policy, 8)
+    torch.manual_seed(3)
+    rollout = generate(policy, texts, 16, engine=engine, max_new_tokens=4)
+    assert int(rollout.prompt_mask.sum()) > 2048
+    assert rollout.completion_mask.sum(1).min() >= 1
+
+
 @pytest.mark.parametrize(
     "lora,lora_sync",
     [(False, "adapter"), (True, "merged"), (True, "adapter")],
