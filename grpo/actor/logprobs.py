@@ -13,11 +13,16 @@ backward adds into their gradients, and `SharedPrompts.backward` sends the total
 the prompt's forward pass once, so a micro-batch's memory is its completions plus its prompts.
 
 `micro_batches` plans a batch into chunks of whole groups (one prompt pass each) and
-micro-batches of at most `micro_batch_size` completions within them; `batch_logprobs` is the
+micro-batches of at most `micro_batch_size` completions within them, or of at most a token
+budget; a budget's micro-batches are `Packed`: short completions of one prompt run back to back
+in one sequence (a bin), each attending to its prompt and to its own earlier tokens only, so a
+micro-batch's padding is what its bins leave, not what its rows leave. `batch_logprobs` is the
 no-gradient pass over a whole rollout (reference and old policy).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +33,29 @@ from grpo import distributed
 from grpo.batch import Rollout, take
 from grpo.model.loading import LLAMA_LIKE, causal_lm
 
-Rows = slice | list[int]  # rows of a batch: a slice, or row indices (token-budget micro-batches)
+Rows = slice | list[int]  # rows of a batch: a slice, or row indices
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A token-budget micro-batch (`micro_batches`): bins of rows (indices in the batch) of one
+    prompt each, whose completions run back to back in one sequence; a bin of one row is a
+    plain row."""
+
+    bins: tuple[tuple[int, ...], ...]
+
+    @property
+    def rows(self) -> list[int]:
+        """The rows in the order `SharedPrompts.logprobs` returns their log-probs."""
+        return [row for b in self.bins for row in b]
+
+
+MicroBatch = slice | Packed  # a fixed-size micro-batch, or a token budget's
+
+
+def rows_of(micro: MicroBatch) -> Rows:
+    """The batch rows of a micro-batch, in the order its log-probs come."""
+    return micro.rows if isinstance(micro, Packed) else micro
 
 
 def token_logprobs(
@@ -85,6 +112,13 @@ def can_share_prompts(model: PreTrainedModel) -> bool:
     return _chunked_head(model) and not checkpointing and not distributed.sharded(model)
 
 
+def can_pack(model: PreTrainedModel) -> bool:
+    """True when `SharedPrompts` can run `Packed` bins of several rows: prompts shared, and
+    PyTorch's attention (SDPA), which takes the bins' block mask as a boolean tensor."""
+    config = causal_lm(model).config
+    return can_share_prompts(model) and config._attn_implementation == "sdpa"
+
+
 class SharedPrompts:
     """Completion log-probs of `rollout`'s rows with each distinct prompt run once (module doc).
 
@@ -138,9 +172,14 @@ class SharedPrompts:
         self._outputs = outputs
 
     def logprobs(
-        self, rows: Rows, with_entropy: bool = False, entropy_grad: bool = False
+        self, rows: Rows | Packed, with_entropy: bool = False, entropy_grad: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`token_logprobs` of rollout rows `rows`, reading their prompts' keys/values."""
+        """`token_logprobs` of rollout rows `rows`, reading their prompts' keys/values; for
+        `Packed` rows, of `rows.rows`, each bin's completions in one sequence."""
+        if isinstance(rows, Packed):
+            if max(map(len, rows.bins)) > 1:
+                return self._packed_logprobs(rows, with_entropy, entropy_grad)
+            rows = rows.rows
         if isinstance(rows, slice):
             rows = slice(rows.start - self.offset, rows.stop - self.offset)
         else:
@@ -181,6 +220,76 @@ class SharedPrompts:
         )
         return _padded(scores, micro.completion_ids.shape[1])
 
+    def _packed_logprobs(
+        self, packed: Packed, with_entropy: bool, entropy_grad: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`logprobs` of packed rows: one sequence per bin, its rows' completions back to back.
+
+        A token attends to its prompt (the bin's, from the cache) and to the earlier tokens of
+        its own completion: a block-diagonal causal mask, positions restarting after the prompt
+        for each completion, so each completion sees what it sees alone (the same sums up to
+        float rounding, as the shared prompt pass). The hidden state before each token is then
+        gathered back into the rows' layout for the LM head."""
+        if not self.share:
+            raise ValueError("packed micro-batches need the shared prompt pass (can_pack)")
+        bins = [[r - self.offset for r in b] for b in packed.bins]
+        rows = [r for b in bins for r in b]
+        micro = take(self.rollout, rows)
+        ids, _, scored = _trimmed_completions(micro)
+        lengths = self.rollout.completion_mask.sum(1).tolist()
+        width, device = max(sum(lengths[r] for r in b) for b in bins), ids.device
+        shape = (len(bins), width)
+        tokens = torch.full(shape, self.rollout.pad_token_id, dtype=ids.dtype, device=device)
+        segment = torch.full(shape, -1, device=device)  # which of the bin's rows; -1: padding
+        offset = torch.zeros(shape, dtype=torch.long, device=device)  # place in its completion
+        starts = []  # each row's first token, as an index into the bins' flattened positions
+        for i, b in enumerate(bins):
+            at = 0
+            for j, r in enumerate(b):
+                n = lengths[r]
+                tokens[i, at : at + n] = self.rollout.completion_ids[r, :n]
+                segment[i, at : at + n] = j
+                offset[i, at : at + n] = torch.arange(n, device=device)
+                starts.append(i * width + at)
+                at += n
+        prompt = self.prompt_of_row[[b[0] for b in bins]]
+        own = (segment[:, :, None] == segment[:, None, :]) & (segment[:, None, :] >= 0)
+        own &= torch.ones(width, width, dtype=torch.bool, device=device).tril()
+        context = self.prompt_mask[prompt].bool()[:, None, :].expand(-1, width, -1)
+        last, *kv = self._outputs
+        kv = [x.index_select(0, prompt) for x in kv]
+        out = self.model(
+            input_ids=tokens,
+            attention_mask=torch.cat([context, own], 2)[:, None],  # padding sees the prompt
+            position_ids=self.prompt_length[prompt, None] + offset,
+            past_key_values=DynamicCache(list(zip(kv[0::2], kv[1::2], strict=True)), self._config),
+            use_cache=True,
+            output_hidden_states=True,
+            logits_to_keep=1,
+        )
+        # Row k's token t is predicted by the state before it: its prompt's last for t = 0, else
+        # bin position starts[k] + t - 1; past the row's end any index will do (not scored).
+        flat = torch.cat(
+            [out.hidden_states[-1].flatten(0, 1), last.index_select(0, self.prompt_of_row[rows])]
+        )
+        t = torch.arange(ids.shape[1], device=device)
+        before = torch.tensor(starts, device=device)[:, None] + t - 1
+        first = len(bins) * width + torch.arange(len(rows), device=device)[:, None]
+        ends = torch.tensor([lengths[r] for r in rows], device=device)[:, None]
+        inside = (t > 0) & (t < ends)
+        hidden = flat[torch.where(inside, before, first)]
+        scores = _head_logprobs(
+            hidden,
+            self.model,
+            ids,
+            scored,
+            self.temperature,
+            with_entropy,
+            entropy_grad,
+            self.chunk_logits,
+        )
+        return _padded(scores, micro.completion_ids.shape[1])
+
     def backward(self) -> None:
         """Send the gradients the micro-batches left on the prompts' outputs through their pass."""
         if not self._graph:
@@ -193,77 +302,111 @@ class SharedPrompts:
 
 
 def micro_batches(
-    rollout: Rollout, micro_batch_size: int, max_tokens: int | None = None
-) -> list[tuple[slice, list[Rows]]]:
+    rollout: Rollout, micro_batch_size: int, max_tokens: int | None = None, pack: bool = False
+) -> list[tuple[slice, list[MicroBatch]]]:
     """The batch as chunks of whole groups, each with its micro-batches: (chunk rows,
-    [micro-batch rows, ...]), rows counted in the batch. Each chunk's prompts run once for its
+    [micro-batch, ...]), rows counted in the batch. Each chunk's prompts run once for its
     micro-batches (`SharedPrompts`).
 
     Fixed size (`max_tokens` None): a chunk holds as many consecutive groups (rows sharing a
     prompt) as fit in one micro-batch, or one group when a group is larger, and its
-    micro-batches are runs of at most `micro_batch_size` rows.
+    micro-batches are runs (slices) of at most `micro_batch_size` rows.
 
     Token budget (`max_tokens` N): a chunk holds consecutive groups of at most N tokens (prompt
-    + completion, unpadded; at least one group); its rows, longest completion first, fill
-    micro-batches of at most N tokens once padded (rows x (the chunk's prompt width + the
-    micro-batch's longest completion); at least one row). Rows of similar length then share a
-    micro-batch, so little of it is padding; the losses' normalisers are the mini-batch's
-    either way, so the gradient is the same.
+    + completion, unpadded; at least one group). With `pack` (the model `can_pack`) each
+    group's rows go into bins, first fit by decreasing length, no longer than the chunk's
+    longest completion, so short completions share a sequence; without, a bin is a row. The
+    bins, longest first, fill `Packed` micro-batches of at most N tokens once padded (bins x
+    (the chunk's prompt width + the micro-batch's longest bin); at least one bin). The losses'
+    normalisers are the mini-batch's either way, so the gradient is the same.
     """
     if max_tokens is not None:
-        return _token_budget_plan(rollout, max_tokens)
+        return _token_budget_plan(rollout, max_tokens, pack)
     ends = [*(_new_prompt(rollout).nonzero()[1:, 0]).tolist(), len(rollout.prompt_ids)]
     plan, begin = [], 0
     for end, next_end in zip(ends, [*ends[1:], None], strict=True):
         if next_end is None or next_end - begin > micro_batch_size:
             rows = range(begin, end, micro_batch_size)
-            micro: list[Rows] = [slice(r, min(r + micro_batch_size, end)) for r in rows]
+            micro: list[MicroBatch] = [slice(r, min(r + micro_batch_size, end)) for r in rows]
             plan.append((slice(begin, end), micro))
             begin = end
     return plan
 
 
-def _token_budget_plan(rollout: Rollout, max_tokens: int) -> list[tuple[slice, list[Rows]]]:
+def _token_budget_plan(
+    rollout: Rollout, max_tokens: int, pack: bool
+) -> list[tuple[slice, list[MicroBatch]]]:
     """`micro_batches` with a token budget (see there)."""
     prompt_len = rollout.prompt_mask.sum(1).tolist()
     completion_len = rollout.completion_mask.sum(1).tolist()
     starts = _new_prompt(rollout).nonzero()[:, 0].tolist()
     groups = list(zip(starts, [*starts[1:], len(prompt_len)], strict=True))
-    chunks: list[tuple[int, int]] = []
+    chunks: list[list[tuple[int, int]]] = []
     tokens = 0
     for start, end in groups:
         size = sum(prompt_len[r] + completion_len[r] for r in range(start, end))
         if chunks and tokens + size <= max_tokens:
-            chunks[-1], tokens = (chunks[-1][0], end), tokens + size
+            chunks[-1].append((start, end))
+            tokens += size
         else:
-            chunks.append((start, end))
+            chunks.append([(start, end)])
             tokens = size
     plan = []
-    for begin, end in chunks:
+    for chunk in chunks:
+        begin, end = chunk[0][0], chunk[-1][1]
         width = max(prompt_len[begin:end])
-        micro: list[list[int]] = []
-        for row in sorted(range(begin, end), key=lambda r: -completion_len[r]):
-            longest = completion_len[micro[-1][0]] if micro else 0  # rows come longest first
+        capacity = max(completion_len[begin:end]) if pack else 0
+        bins = [
+            b for start, stop in chunk for b in _bins(range(start, stop), completion_len, capacity)
+        ]
+        micro: list[list[list[int]]] = []
+        for b in sorted(bins, key=lambda b: -sum(completion_len[r] for r in b)):
+            longest = sum(completion_len[r] for r in micro[-1][0]) if micro else 0
             if micro and (len(micro[-1]) + 1) * (width + longest) <= max_tokens:
-                micro[-1].append(row)
+                micro[-1].append(b)
             else:
-                micro.append([row])
+                micro.append([b])
         plan.append((slice(begin, end), micro))
     _same_count_on_every_rank([micro for _, micro in plan])
-    return [(chunk, [sorted(rows) for rows in micro]) for chunk, micro in plan]
+    return [
+        (chunk, [Packed(tuple(tuple(sorted(b)) for b in m)) for m in micro])
+        for chunk, micro in plan
+    ]
 
 
-def _same_count_on_every_rank(chunks: list[list[list[int]]]) -> None:
+def _bins(rows: range, lengths: list[int], capacity: int) -> list[list[int]]:
+    """`rows` in bins of at most `capacity` completion tokens, first fit by decreasing length
+    (capacity 0: a bin per row)."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for row in sorted(rows, key=lambda r: -lengths[r]):
+        fits = [i for i, free in enumerate(room) if lengths[row] <= free]
+        if fits:
+            bins[fits[0]].append(row)
+            room[fits[0]] -= lengths[row]
+        else:
+            bins.append([row])
+            room.append(capacity - lengths[row])
+    return bins
+
+
+def _same_count_on_every_rank(chunks: list[list[list[list[int]]]]) -> None:
     """Split micro-batches (in place) until this rank has as many as the rank with the most:
     FSDP's ranks must run the same forward passes, and token-budget plans can differ by rank.
-    The largest is split in two each time; a rank has as many rows as any other, so it always
-    can. One process: nothing to agree."""
+    The micro-batch with the most rows is split in two each time (its bins in halves, or its
+    one bin's rows); a rank has as many rows as any other, so it always can. One process:
+    nothing to agree."""
     count = distributed.max_over_ranks(sum(len(micro) for micro in chunks))
+
+    def size(bins: list[list[int]]) -> int:
+        return sum(map(len, bins))
+
     while sum(len(micro) for micro in chunks) < count:
-        micro = max(chunks, key=lambda m: max(map(len, m)))
-        largest = max(micro, key=len)
+        micro = max(chunks, key=lambda c: max(map(size, c)))
+        largest = max(micro, key=size)
+        bins = largest if len(largest) > 1 else [[r] for r in largest[0]]
         index = micro.index(largest)
-        micro[index : index + 1] = [largest[: len(largest) // 2], largest[len(largest) // 2 :]]
+        micro[index : index + 1] = [bins[: len(bins) // 2], bins[len(bins) // 2 :]]
 
 
 @torch.no_grad()

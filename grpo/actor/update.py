@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from grpo import distributed
-from grpo.actor.logprobs import SharedPrompts, batch_logprobs, micro_batches
+from grpo.actor.logprobs import SharedPrompts, batch_logprobs, can_pack, micro_batches, rows_of
 from grpo.actor.reference import Reference
 from grpo.algorithm.kl import sequence_kl_penalty
 from grpo.algorithm.loss import GRPOLoss
@@ -144,15 +144,18 @@ class Actor:
         s, model, loss_fn = self.settings, self.policy.model, self.loss_fn
         totals: dict[str, float] = {}
         alone = distributed.world_size() == 1  # several ranks run the same forwards (FSDP)
-        for chunk, micro in micro_batches(batch, s.micro_batch_size, s.micro_batch_tokens):
+        pack = s.share_prompts and can_pack(model)
+        plan = micro_batches(batch, s.micro_batch_size, s.micro_batch_tokens, pack)
+        for chunk, micro in plan:
             if alone and not mask[chunk].any():
                 continue  # no loss tokens: a zero gradient, skip the forward passes
             prompts = SharedPrompts(model, batch, chunk, s.temperature, s.share_prompts)
-            for rows in micro:
+            for part in micro:
+                rows = rows_of(part)
                 if alone and not mask[rows].any():
                     continue
                 logp, entropy = prompts.logprobs(
-                    rows, with_entropy=True, entropy_grad=loss_fn.entropy_coef > 0
+                    part, with_entropy=True, entropy_grad=loss_fn.entropy_coef > 0
                 )
                 micro_inputs = {k: None if v is None else v[rows] for k, v in inputs.items()}
                 loss, stats = loss_fn(

@@ -27,7 +27,14 @@ from conftest import (
 )
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from grpo.actor.logprobs import SharedPrompts, batch_logprobs, micro_batches, token_logprobs
+from grpo.actor.logprobs import (
+    SharedPrompts,
+    batch_logprobs,
+    can_pack,
+    micro_batches,
+    rows_of,
+    token_logprobs,
+)
 from grpo.batch import Rollout, take
 
 
@@ -146,21 +153,30 @@ def test_other_architectures_use_the_logits_path():
     assert_all_close(got, want, model, rollout, 1.0)
 
 
-def shared_logprobs(model, rollout: Rollout, micro_batch_size: int, temperature: float = 0.7):
-    """`value_and_grads` through `SharedPrompts`, backward per micro-batch as in an update."""
+def shared_logprobs(
+    model,
+    rollout: Rollout,
+    micro_batch_size: int,
+    temperature: float = 0.7,
+    max_tokens: int | None = None,
+):
+    """`value_and_grads` through `SharedPrompts`, backward per micro-batch as in an update
+    (with `max_tokens`: the token budget's packed micro-batches), in the rollout's row order."""
     model.zero_grad(set_to_none=True)
-    logps, entropies = [], []
-    for chunk, rows in micro_batches(rollout, micro_batch_size):
+    logps = torch.zeros(rollout.completion_ids.shape)
+    entropies = torch.zeros(rollout.completion_ids.shape)
+    plan = micro_batches(rollout, micro_batch_size, max_tokens, pack=max_tokens is not None)
+    for chunk, micro in plan:
         prompts = SharedPrompts(model, rollout, chunk, temperature)
         assert prompts.share
-        for part in rows:
+        for part in micro:
             logp, entropy = prompts.logprobs(part, with_entropy=True, entropy_grad=True)
             (logp.sum() + 0.5 * entropy.sum()).backward()
-            logps.append(logp.detach())
-            entropies.append(entropy.detach())
+            logps[rows_of(part)] = logp.detach()
+            entropies[rows_of(part)] = entropy.detach()
         prompts.backward()
     grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
-    return torch.cat(logps), torch.cat(entropies), grads
+    return logps, entropies, grads
 
 
 def grouped_rollout(length: int = 9, group: int = 3) -> Rollout:
@@ -185,6 +201,21 @@ def test_shared_prompts_equal_a_plain_forward_pass(kind, micro_batch_size):
     sharing = shared_logprobs(model, rollout, micro_batch_size)
     plain = value_and_grads(model, lambda: plain_logprobs(model, rollout, 0.7))
     assert_all_close(sharing, plain, model, rollout, 0.7)
+
+
+@pytest.mark.parametrize("kind", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("budget", [40, 10_000])
+def test_packed_micro_batches_equal_a_plain_forward_pass(kind, budget):
+    """Completions run back to back in one sequence (bins), each seeing its prompt and its own
+    tokens only: the log-probs, entropies and gradients of each completion alone."""
+    model = random_model(kind, kv_heads=2).train()
+    rollout = grouped_rollout()  # lengths 9 1 4 | 7 2 9: bins [9] [4 1] | [9] [7 2]
+    assert can_pack(model)
+    plan = micro_batches(rollout, 6, budget, pack=True)
+    assert any(len(b) > 1 for _, micro in plan for m in micro for b in m.bins)
+    packed = shared_logprobs(model, rollout, 6, max_tokens=budget)
+    plain = value_and_grads(model, lambda: plain_logprobs(model, rollout, 0.7))
+    assert_all_close(packed, plain, model, rollout, 0.7)
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -228,38 +259,60 @@ def test_no_sharing_with_gradient_checkpointing_or_other_models():
     assert not SharedPrompts(gpt2, random_rollout()).share
 
 
-def test_token_budget_micro_batches_pack_rows_of_similar_length():
+@pytest.mark.parametrize("pack", [False, True])
+def test_token_budget_micro_batches_pack_rows_of_similar_length(pack):
     rollout = varied_rollout(tiny_policy())  # groups of 2, lengths 12 3 | 7 1 | 12 5 | 9 2
     prompt = rollout.prompt_mask.sum(1).tolist()
     length = rollout.completion_mask.sum(1).tolist()
+    group = [r // 2 for r in range(8)]
     for budget in (1, 40, 60, 120, 10_000):
-        plan = micro_batches(rollout, 8, max_tokens=budget)
-        rows = [r for _, micro in plan for rows in micro for r in rows]
+        plan = micro_batches(rollout, 8, max_tokens=budget, pack=pack)
+        rows = [r for _, micro in plan for m in micro for r in m.rows]
         assert sorted(rows) == list(range(8))  # every row once
         for chunk, micro in plan:
             assert chunk.start % 2 == 0 and chunk.stop % 2 == 0  # whole groups
             width = max(prompt[chunk])
-            for rows in micro:
-                assert all(chunk.start <= r < chunk.stop for r in rows)
-                padded = len(rows) * (width + max(length[r] for r in rows))
-                assert len(rows) == 1 or padded <= budget
-            longest = [max(length[r] for r in rows) for rows in micro]
-            assert longest == sorted(longest, reverse=True)  # longest completions first
+            capacity = max(length[chunk])
+            sizes = []
+            for m in micro:
+                assert all(chunk.start <= r < chunk.stop for r in m.rows)
+                size = [sum(length[r] for r in b) for b in m.bins]
+                assert all(len({group[r] for r in b}) == 1 for b in m.bins)  # one prompt a bin
+                assert max(size) <= capacity and (pack or max(map(len, m.bins)) == 1)
+                assert len(m.bins) == 1 or len(m.bins) * (width + max(size)) <= budget
+                sizes.append(max(size))
+            assert sizes == sorted(sizes, reverse=True)  # longest bins first
     assert len(micro_batches(rollout, 8, max_tokens=10_000)) == 1  # all in one chunk
-    assert all(len(m) == 1 for _, micro in micro_batches(rollout, 8, 1) for m in micro)
+    assert all(len(m.bins) == 1 for _, micro in micro_batches(rollout, 8, 1) for m in micro)
+
+
+def test_packing_leaves_less_padding():
+    """Per group, bins of at most the longest completion: 12 3 -> [12] [3] (nothing fits with
+    12), 7 1 -> [7 1], 12 5 -> [12] [5], 9 2 -> [9 2]; in one chunk, 6 bins of at most 12
+    tokens instead of 8 rows."""
+    rollout = varied_rollout(tiny_policy())
+    length = rollout.completion_mask.sum(1).tolist()
+    ((_, plain),) = micro_batches(rollout, 8, max_tokens=10_000)
+    ((_, packed),) = micro_batches(rollout, 8, max_tokens=10_000, pack=True)
+    assert [len(m.bins) for m in plain] == [8]
+    bins = sorted(sorted(length[r] for r in b) for m in packed for b in m.bins)
+    assert bins == [[1, 7], [2, 9], [3], [5], [12], [12]]
 
 
 def test_a_token_budget_plan_splits_to_the_count_another_rank_has(monkeypatch):
     """FSDP's ranks must run as many micro-batches: given a larger count from the other ranks
     (the collective's answer, here as another rank would give it), the largest micro-batches
-    split until the counts agree, every row still once."""
+    split until the counts agree, every row still once; a bin of several rows splits too."""
     rollout = varied_rollout(tiny_policy())
-    own = len([m for _, micro in micro_batches(rollout, 8, max_tokens=10_000) for m in micro])
-    monkeypatch.setattr("grpo.distributed.max_over_ranks", lambda value: value + 3)
-    plan = micro_batches(rollout, 8, max_tokens=10_000)
-    micro = [m for _, chunk in plan for m in chunk]
-    assert len(micro) == own + 3 and all(micro)
-    assert sorted(r for m in micro for r in m) == list(range(8))
+    for pack in (False, True):
+        plan = micro_batches(rollout, 8, max_tokens=10_000, pack=pack)
+        own = len([m for _, micro in plan for m in micro])
+        monkeypatch.setattr("grpo.distributed.max_over_ranks", lambda value, extra=7: value + extra)
+        plan = micro_batches(rollout, 8, max_tokens=10_000, pack=pack)
+        monkeypatch.undo()
+        micro = [m for _, chunk in plan for m in chunk]
+        assert len(micro) == own + 7 and all(m.rows for m in micro)
+        assert sorted(r for m in micro for r in m.rows) == list(range(8))
 
 
 @pytest.mark.parametrize("share", [True, False])
