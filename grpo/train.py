@@ -92,12 +92,15 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     # rollout.vllm.mode=server: the vLLM servers answer and serve this model before the policy
     # loads (servers=auto: started here, and stopped however the run ends); the environment's
     # processes (a tool's sandbox) stop with the run too.
-    with rollout_servers(cfg, run_dir), contextlib.closing(environment):
-        return run(cfg, run_dir, environment)
+    with rollout_servers(cfg, run_dir) as servers, contextlib.closing(environment):
+        return run(cfg, run_dir, environment, servers)
 
 
-def run(cfg: DictConfig, run_dir: Path, environment: Environment) -> float:
-    """`train` once the config is checked and the rollout servers, if any, are up."""
+def run(
+    cfg: DictConfig, run_dir: Path, environment: Environment, servers: list[str] | None = None
+) -> float:
+    """`train` once the config is checked and the rollout servers, if any, are up (their
+    addresses: `servers`)."""
     alg, tr = cfg.algorithm, cfg.trainer
     g = alg.num_responses_per_prompt
     if threads := job_threads(tr.num_threads):  # null: the job's share of cores in a sweep
@@ -145,7 +148,7 @@ def run(cfg: DictConfig, run_dir: Path, environment: Environment) -> float:
         start_step, before = ckpt.restore(resume)
     # The rollout source: the backend (rollout.backend) holds the policy's current weights; the
     # environment answers the model's turns (environment=single_turn: none).
-    source = build_source(cfg, task, policy, reward_fn, sampling, environment)
+    source = build_source(cfg, task, policy, reward_fn, sampling, environment, servers)
     evaluator = build_evaluator(cfg, source, sampling)
 
     def sample(

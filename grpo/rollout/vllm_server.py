@@ -30,9 +30,10 @@ on CUDA, NCCL between trainer and servers (vLLM's weight-transfer API) would be 
 implemented. Servers on other hosts need `weights_dir` on a file system they share.
 
 Faults: `check_server` refuses a server that does not answer `/health` in time, serves another
-model or tokenizer, has room for fewer tokens than the config's prompts and completions, or lacks
-the RL endpoints. A server that stops answering mid-run (connection refused or reset, or no
-answer in `request_timeout_s`) raises `BackendLost` naming its address.
+model or tokenizer, has room for fewer tokens than the config's prompts and completions, lacks the
+RL endpoints, or runs other engine settings (dtype, log-probs mode, stop rule, LoRA rank). A server
+that stops answering mid-run (connection refused or reset, or no answer in `request_timeout_s`)
+raises `BackendLost` naming its address.
 """
 
 from __future__ import annotations
@@ -119,16 +120,16 @@ def wait_until_healthy(
 
 
 def check_server(
-    address: str,
-    checkpoint: str,
-    tokenizer: PreTrainedTokenizerBase,
-    max_model_len: int,
-    timeout_s: float,
+    address: str, args: dict[str, Any], tokenizer: PreTrainedTokenizerBase, timeout_s: float
 ) -> None:
-    """Refuse, with one line (ValueError), a server at `address` that serves another model
-    than `checkpoint` or another tokenizer than `tokenizer`, has room for fewer than
-    `max_model_len` tokens, or lacks the RL endpoints (started without VLLM_SERVER_DEV_MODE=1);
-    `BackendLost` when it does not answer `/health` within `timeout_s`."""
+    """Refuse, with one line (ValueError), a server at `address` that does not run the engine
+    settings `args` (`engine_args` from the training config): another model than `model`,
+    another tokenizer than `tokenizer`, room for fewer than `max_model_len` tokens, no RL
+    endpoints (started without VLLM_SERVER_DEV_MODE=1), or, read from its config
+    (`/server_info`), another dtype or log-probs mode, no regex stop rule, or no LoRA support
+    for an adapter of rank `max_lora_rank`; `BackendLost` when it does not answer `/health`
+    within `timeout_s`."""
+    checkpoint = args["model"]
     wait_until_healthy(address, timeout_s)
     answer = request(address, "/v1/models", None, timeout_s)["data"]
     models = [m for m in answer if not m.get("parent")]  # LoRA adapters name their base
@@ -136,10 +137,10 @@ def check_server(
     if served != [checkpoint]:
         raise ValueError(f"{address} serves {', '.join(served)}, not the config's {checkpoint}")
     room = models[0].get("max_model_len")
-    if room is not None and room < max_model_len:
+    if room is not None and room < args["max_model_len"]:
         raise ValueError(
             f"{address} has room for {room} tokens; the config's longest prompt and "
-            f"completion take {max_model_len}"
+            f"completion take {args['max_model_len']}"
         )
     probe = {"model": checkpoint, "prompt": TOKENIZER_PROBE, "add_special_tokens": False}
     tokens = request(address, "/tokenize", probe, timeout_s)["tokens"]
@@ -152,6 +153,34 @@ def check_server(
             f"{address} has no /pause, /resume, /collective_rpc for the weight sync: start it "
             "with VLLM_SERVER_DEV_MODE=1 (python -m grpo.serve does)"
         ) from None
+    config = request(address, "/server_info?config_format=json", None, timeout_s)["vllm_config"]
+    problems = engine_differences(config, args)
+    if problems:
+        why = "; ".join(problems)
+        raise ValueError(f"{address} {why}: start it with python -m grpo.serve and this config")
+
+
+def engine_differences(config: dict[str, Any], args: dict[str, Any]) -> list[str]:
+    """What a server's engine config (vLLM's `/server_info` JSON) lacks of `args`, a phrase
+    each: the dtype, the log-probs mode, the regex stop rule, LoRA for an adapter's rank."""
+    model, lora = config["model_config"], config.get("lora_config")
+    problems = []
+    dtype = str(model["dtype"]).removeprefix("torch.")
+    if dtype != args["dtype"]:
+        problems.append(f"computes in {dtype}, the policy in {args['dtype']} (model.dtype)")
+    if model["logprobs_mode"] != args["logprobs_mode"]:
+        problems.append(f"returns {model['logprobs_mode']}, not {args['logprobs_mode']}")
+    missing = set(args["logits_processors"]) - set(model.get("logits_processors") or [])
+    if missing:
+        problems.append(f"lacks the stop rule's logits processor {', '.join(sorted(missing))}")
+    rank = args.get("max_lora_rank")
+    if rank is not None and (lora is None or lora["max_lora_rank"] < rank):
+        has = "no LoRA support" if lora is None else f"LoRA up to rank {lora['max_lora_rank']}"
+        problems.append(
+            f"has {has}; the adapter sync needs rank {rank} (model.lora.r; or "
+            "rollout.vllm.lora_sync=merged)"
+        )
+    return problems
 
 
 def server_command(args: dict[str, Any], host: str, port: int) -> list[str]:

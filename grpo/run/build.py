@@ -63,14 +63,18 @@ def build_source(
     reward: Reward,
     sampling: SamplingSettings,
     environment: Environment,
+    servers: list[str] | None = None,
 ) -> RolloutSource:
     """The rollout source on `policy` with the configured backend (`rollout.backend`, its
     settings under `rollout.<backend>`), which holds the policy's current weights, and the
-    environment (`build_environment`)."""
+    environment (`build_environment`); `servers`: the vLLM servers' addresses in use
+    (`grpo.run.servers.rollout_servers`), for `rollout.vllm.servers=auto` or a count."""
     name = cfg.rollout.backend
     options: dict[str, Any] = {}
     if name in cfg.rollout:
         options = OmegaConf.to_container(cfg.rollout[name], resolve=True)
+    if servers is not None:
+        options["servers"] = servers
     if environment.observation_role == "tool":  # tool results written by the chat template
         try:
             check_tool_template(policy.tokenizer, environment.tools)

@@ -3,11 +3,13 @@ policy loads.
 
 `rollout_servers(cfg, run_dir)` surrounds a run. With `rollout.vllm.servers` a list of
 host:port, each server must answer `/health` within `connect_timeout_s` and serve the config's
-model and tokenizer with room for its prompts and completions (`check_server`); else the run
+model and tokenizer with room for its prompts and completions and the engine settings the
+config gives (`check_server`); else the run
 stops with one line naming the address. With `auto` (one) or a count N, the trainer starts N
 local servers itself, each the command `python -m grpo.serve` runs (`server_command`), on free
 ports, with their output in `RUN/servers/`, and stops them when the run ends, however it ends.
-Inside, `rollout.vllm.servers` holds the addresses in use (the backend reads them there).
+It yields the addresses in use, for the backend; the config keeps what was asked (`auto`), so
+the run folder's config.yaml and the tracker's record it, not this run's ports.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from grpo.model.loading import load_tokenizer
 from grpo.rollout.base import BackendLost
@@ -65,12 +67,12 @@ def server_args(cfg: DictConfig, checkpoint: str) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def rollout_servers(cfg: DictConfig, run_dir: Path) -> Iterator[None]:
-    """The run's vLLM servers up and serving the config's model (see the module docstring);
-    nothing to do unless `rollout.vllm.mode=server`."""
+def rollout_servers(cfg: DictConfig, run_dir: Path) -> Iterator[list[str] | None]:
+    """The run's vLLM servers up and serving the config's model (see the module docstring):
+    their addresses; None unless `rollout.vllm.mode=server`."""
     vllm = cfg.rollout.vllm
     if cfg.rollout.backend != "vllm" or vllm.mode != VLLMMode.server:
-        yield
+        yield None
         return
     checkpoint = checkpoint_folder(cfg)
     wanted = server_addresses(OmegaConf.to_container(vllm, resolve=True)["servers"])
@@ -79,19 +81,13 @@ def rollout_servers(cfg: DictConfig, run_dir: Path) -> Iterator[None]:
         if isinstance(wanted, int):  # auto or a count: ours to start and stop
             addresses = start_servers(stack, cfg, checkpoint, wanted, Path(run_dir) / "servers")
         tokenizer = load_tokenizer(checkpoint)
-        longest = server_sampling(cfg).context_length
+        args = server_args(cfg, checkpoint)
         for address in addresses:
             try:
-                check_server(address, checkpoint, tokenizer, longest, vllm.connect_timeout_s)
+                check_server(address, args, tokenizer, vllm.connect_timeout_s)
             except (BackendLost, ValueError) as error:
                 raise ConfigError(f"rollout.vllm.servers: {error}") from None
-        original = vllm.servers
-        with open_dict(vllm):
-            vllm.servers = addresses
-        try:
-            yield
-        finally:
-            vllm.servers = original
+        yield list(addresses)
 
 
 def free_port() -> int:

@@ -34,22 +34,28 @@ from conftest import (
     step_lines,
 )
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from test_multiturn import (
     continuation_stops_after_the_fence,
     trajectories_hold_their_ids_masks_and_logprobs,
 )
 
 from grpo.actor.logprobs import token_logprobs
-from grpo.model.loading import load_policy
+from grpo.model.loading import load_policy, load_tokenizer
 from grpo.rollout.backends import build_backend
 from grpo.rollout.base import BackendLost
 from grpo.rollout.producer import Producer
 from grpo.rollout.sampler import GroupedSampler
 from grpo.rollout.settings import SamplingSettings
 from grpo.rollout.source import RolloutSource, render_prompts, tokenize_prompts
-from grpo.rollout.vllm_server import VLLMServerBackend, request, wait_until_healthy
+from grpo.rollout.vllm_server import (
+    VLLMServerBackend,
+    check_server,
+    request,
+    wait_until_healthy,
+)
 from grpo.run.config import validate_config
-from grpo.run.servers import free_port
+from grpo.run.servers import checkpoint_folder, free_port, rollout_servers, server_args
 from grpo.train import train
 
 # The config a server and its trainer share: the tiny model, a small KV cache, TINY's lengths.
@@ -279,6 +285,20 @@ def test_a_server_lost_mid_run_stops_it_with_a_checkpoint_and_it_resumes(tmp_pat
         request(f"127.0.0.1:{port}", "/health", None, 5)
 
 
+def test_servers_auto_are_started_for_the_run_and_the_config_keeps_auto(tmp_path):
+    """`rollout.vllm.servers=auto`: the run's own server answers at the address handed to the
+    backend while the run lasts, and is stopped after; the config still says `auto`, so the
+    run folder's config.yaml and the tracker record what was asked, not this run's port."""
+    cfg = compose_config(*TINY, *SHARED[1:], *server_overrides("auto"))
+    before = OmegaConf.to_yaml(cfg)
+    with rollout_servers(cfg, tmp_path) as servers:
+        assert len(servers) == 1 and (tmp_path / "servers").is_dir()
+        wait_until_healthy(servers[0], 5)
+        assert OmegaConf.to_yaml(cfg) == before and cfg.rollout.vllm.servers == "auto"
+    with pytest.raises(BackendLost):
+        request(servers[0], "/health", None, 5)
+
+
 def test_an_unreachable_server_stops_the_run_with_one_line_before_the_policy_loads(tmp_path):
     address = f"127.0.0.1:{free_port()}"  # no one listens there
     run_dir = tmp_path / "run"
@@ -303,6 +323,29 @@ def test_a_server_of_another_model_is_refused_before_the_policy_loads(server, tm
     )
     with pytest.raises(ValueError, match=f"rollout.vllm.servers: {server} serves .*, not the"):
         train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "run_info.json").exists()
+
+
+def test_a_server_running_other_engine_settings_is_refused(server, tmp_path):
+    """The module's server against the settings its own config gives (accepted), and against
+    each engine setting changed: one line naming what differs; through `train`, before the
+    policy loads."""
+    cfg = compose_config(*TINY, *SHARED[1:], "model.lora.enabled=true", *server_overrides(server))
+    checkpoint = checkpoint_folder(cfg)
+    args, tokenizer = server_args(cfg, checkpoint), load_tokenizer(checkpoint)
+    check_server(server, args, tokenizer, 5)
+    rank = args["max_lora_rank"]
+    for change, message in (
+        ({"dtype": "bfloat16"}, "computes in float32, the policy in bfloat16 (model.dtype)"),
+        ({"logprobs_mode": "raw_logprobs"}, "returns processed_logprobs, not raw_logprobs"),
+        ({"logits_processors": ["a.b:Stop"]}, "lacks the stop rule's logits processor a.b:Stop"),
+        ({"max_lora_rank": 2 * rank}, f"has LoRA up to rank {rank}; the adapter sync needs"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(f"{server} {message}")):
+            check_server(server, args | change, tokenizer, 5)
+    bf16 = compose_config(*TINY, *SHARED[1:], *server_overrides(server), "model.dtype=bfloat16")
+    with pytest.raises(ValueError, match=f"rollout.vllm.servers: {server} computes in float32"):
+        train(bf16, tmp_path / "run")
     assert not (tmp_path / "run" / "run_info.json").exists()
 
 
