@@ -196,18 +196,41 @@ class SharedPrompts:
             )
         ids, mask, scored = _trimmed_completions(micro)
         prompt = self.prompt_of_row[rows if isinstance(rows, slice) else torch.tensor(rows)]
-        last, *kv = (x.index_select(0, prompt) for x in self._outputs)
         positions = torch.arange(ids.shape[1], device=ids.device)
+        mask = torch.cat([self.prompt_mask[prompt], mask], 1)
+        out = self._after_prompts(ids, mask, self.prompt_length[prompt, None] + positions, prompt)
+        last = self._outputs[0].index_select(0, prompt)
+        hidden = torch.cat([last[:, None], out[:, :-1]], 1)
+        return self._scores(hidden, micro, ids, scored, with_entropy, entropy_grad)
+
+    def _after_prompts(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, prompt: torch.Tensor
+    ) -> torch.Tensor:
+        """The model's last hidden states at `ids`, each row after its cached prompt (`prompt`:
+        indices of the chunk's prompts), under `mask` (2-D, or a 4-D boolean mask)."""
+        kv = [x.index_select(0, prompt) for x in self._outputs[1:]]
         out = self.model(
             input_ids=ids,
-            attention_mask=torch.cat([self.prompt_mask[prompt], mask], 1),
-            position_ids=self.prompt_length[prompt, None] + positions,
+            attention_mask=mask,
+            position_ids=positions,
             past_key_values=DynamicCache(list(zip(kv[0::2], kv[1::2], strict=True)), self._config),
             use_cache=True,
             output_hidden_states=True,
             logits_to_keep=1,
         )
-        hidden = torch.cat([last[:, None], out.hidden_states[-1][:, :-1]], 1)
+        return out.hidden_states[-1]
+
+    def _scores(
+        self,
+        hidden: torch.Tensor,
+        micro: Rollout,
+        ids: torch.Tensor,
+        scored: torch.Tensor,
+        with_entropy: bool,
+        entropy_grad: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probs (and entropies) of `micro`'s trimmed completions `ids` at the tokens
+        `scored`, from the hidden states before each, padded back to its width."""
         scores = _head_logprobs(
             hidden,
             self.model,
@@ -256,39 +279,19 @@ class SharedPrompts:
         own = (segment[:, :, None] == segment[:, None, :]) & (segment[:, None, :] >= 0)
         own &= torch.ones(width, width, dtype=torch.bool, device=device).tril()
         context = self.prompt_mask[prompt].bool()[:, None, :].expand(-1, width, -1)
-        last, *kv = self._outputs
-        kv = [x.index_select(0, prompt) for x in kv]
-        out = self.model(
-            input_ids=tokens,
-            attention_mask=torch.cat([context, own], 2)[:, None],  # padding sees the prompt
-            position_ids=self.prompt_length[prompt, None] + offset,
-            past_key_values=DynamicCache(list(zip(kv[0::2], kv[1::2], strict=True)), self._config),
-            use_cache=True,
-            output_hidden_states=True,
-            logits_to_keep=1,
-        )
+        mask = torch.cat([context, own], 2)[:, None]  # padding sees the prompt
+        out = self._after_prompts(tokens, mask, self.prompt_length[prompt, None] + offset, prompt)
         # Row k's token t is predicted by the state before it: its prompt's last for t = 0, else
         # bin position starts[k] + t - 1; past the row's end any index will do (not scored).
-        flat = torch.cat(
-            [out.hidden_states[-1].flatten(0, 1), last.index_select(0, self.prompt_of_row[rows])]
-        )
+        last = self._outputs[0].index_select(0, self.prompt_of_row[rows])
+        flat = torch.cat([out.flatten(0, 1), last])
         t = torch.arange(ids.shape[1], device=device)
         before = torch.tensor(starts, device=device)[:, None] + t - 1
         first = len(bins) * width + torch.arange(len(rows), device=device)[:, None]
         ends = torch.tensor([lengths[r] for r in rows], device=device)[:, None]
         inside = (t > 0) & (t < ends)
         hidden = flat[torch.where(inside, before, first)]
-        scores = _head_logprobs(
-            hidden,
-            self.model,
-            ids,
-            scored,
-            self.temperature,
-            with_entropy,
-            entropy_grad,
-            self.chunk_logits,
-        )
-        return _padded(scores, micro.completion_ids.shape[1])
+        return self._scores(hidden, micro, ids, scored, with_entropy, entropy_grad)
 
     def backward(self) -> None:
         """Send the gradients the micro-batches left on the prompts' outputs through their pass."""
