@@ -411,14 +411,19 @@ def test_disabled_adapters_hand_the_engine_the_base_weights():
             assert torch.equal(tensor, plain), name
 
 
-@pytest.mark.parametrize(("strategy", "tp"), [("ddp", 1), ("fsdp", 2)], ids=["ddp", "fsdp-tp2"])
-def test_every_ranks_engine_follows_each_optimiser_step(tmp_path, strategy, tp):
+@pytest.mark.parametrize(
+    ("strategy", "tp", "lora"),
+    [("ddp", 1, False), ("fsdp", 2, False), ("ddp", 1, True)],
+    ids=["ddp", "fsdp-tp2", "ddp-lora-adapter"],
+)
+def test_every_ranks_engine_follows_each_optimiser_step(tmp_path, strategy, tp, lora):
     """2 ranks under torchrun, each generating its own prompts: with ddp each owns an engine,
-    with fsdp-tp2 one engine spans both (vLLM's tensor parallel on CPU). Each step the engine
-    sampled from the current weights, and after the step and the sync (FSDP: the gathered
-    weights) it scores a fixed completion as the training forward pass does, though the step
-    moved those log-probs."""
-    torchrun(2, __file__, strategy, str(tp), str(tmp_path))
+    with fsdp-tp2 one engine spans both (vLLM's tensor parallel on CPU); ddp-lora-adapter:
+    LoRA, each rank's engine handed only the new adapter. Each step the engine sampled from the
+    current weights, and after the step and the sync (FSDP: the gathered weights) it scores a
+    fixed completion as the training forward pass does, though the step moved those
+    log-probs."""
+    torchrun(2, __file__, strategy, str(tp), str(lora), str(tmp_path))
     for rank in range(2):
         steps = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert len(steps) == 2
@@ -442,13 +447,14 @@ def test_an_engine_over_two_ranks_evaluates_fewer_problems_than_ranks(tmp_path):
     assert summary["after"]["eval/avg_response_length"] > 0  # the one problem, completed
 
 
-def each_rank_follows_the_steps(strategy: str, tp: int, out: Path) -> None:
+def each_rank_follows_the_steps(strategy: str, tp: int, lora: bool, out: Path) -> None:
     """A rank of the test above: 2 steps of Adam on its own completions' log-likelihood; what
     it measured goes to OUT/rank<r>.json."""
     distributed.init("cpu")
     cfg = compose_config(
         "model=tiny",
-        "model.lora.enabled=false",
+        f"model.lora.enabled={lora}",
+        "model.lora.dropout=0",  # the training forward pass and the engine's alike
         "rollout.backend=vllm",
         "rollout.vllm.kv_cache_gib=0.02",
         f"rollout.vllm.tensor_parallel_size={tp}",
@@ -463,7 +469,7 @@ def each_rank_follows_the_steps(strategy: str, tp: int, out: Path) -> None:
     settings = SamplingSettings(max_new_tokens=12, max_prompt_length=64)
     engine = build_backend("vllm", policy, settings, dict(cfg.rollout.vllm))
     params = [p for p in policy.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=1e-2)
+    optimizer = torch.optim.Adam(params, lr=5e-2 if lora else 1e-2)
     texts = prompts(policy, 4)[2 * rank : 2 * rank + 2]  # each rank its own prompts
     steps = []
     for _ in range(2):
@@ -559,5 +565,7 @@ def test_a_folder_model_with_heads_vllm_cannot_serve_is_refused_in_one_line(tmp_
     )
 
 
-if __name__ == "__main__":  # a rank started by torchrun: STRATEGY TP OUT
-    each_rank_follows_the_steps(sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]))
+if __name__ == "__main__":  # a rank started by torchrun: STRATEGY TP LORA OUT
+    each_rank_follows_the_steps(
+        sys.argv[1], int(sys.argv[2]), sys.argv[3] == "True", Path(sys.argv[4])
+    )
