@@ -1,15 +1,14 @@
 """A run's vLLM servers (`rollout.backend=vllm rollout.vllm.mode=server`), checked before the
 policy loads.
 
-`rollout_servers(cfg, run_dir)` surrounds a run. With `rollout.vllm.servers` a list of
-host:port, each server must answer `/health` within `connect_timeout_s` and serve the config's
-model and tokenizer with room for its prompts and completions and the engine settings the
-config gives (`check_server`); else the run
-stops with one line naming the address. With `auto` (one) or a count N, the trainer starts N
-local servers itself, each the command `python -m grpo.serve` runs (`server_command`), on free
-ports, with their output in `RUN/servers/`, and stops them when the run ends, however it ends.
-It yields the addresses in use, for the backend; the config keeps what was asked (`auto`), so
-the run folder's config.yaml and the tracker's record it, not this run's ports.
+`rollout_servers(cfg, run_dir)` surrounds a run. With `rollout.vllm.servers` a list of host:port,
+each server must answer `/health` within `connect_timeout_s` and serve the config's model and
+tokenizer with room for its prompts and completions and the engine settings the config gives
+(`check_server`); else the run stops with one line naming the address. With `auto` (one) or a count
+N, the trainer starts N local servers itself, each the command `python -m grpo.serve` runs
+(`server_command`), on free ports, with their output in `RUN/servers/`, and stops them when the run
+ends, however it ends. It yields the addresses in use, for the backend; the config keeps what was
+asked (`auto`), so the run folder's config.yaml and the tracker's record it, not this run's ports.
 """
 
 from __future__ import annotations
