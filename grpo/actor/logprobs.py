@@ -362,13 +362,15 @@ def _token_budget_plan(
         bins = [
             b for start, stop in chunk for b in _bins(range(start, stop), completion_len, capacity)
         ]
+        sized = sorted(((sum(completion_len[r] for r in b), b) for b in bins), key=lambda x: -x[0])
         micro: list[list[list[int]]] = []
-        for b in sorted(bins, key=lambda b: -sum(completion_len[r] for r in b)):
-            longest = sum(completion_len[r] for r in micro[-1][0]) if micro else 0
+        longest = 0  # the current micro-batch's first bin: the longest, bins come longest first
+        for size, b in sized:
             if micro and (len(micro[-1]) + 1) * (width + longest) <= max_tokens:
                 micro[-1].append(b)
             else:
                 micro.append([b])
+                longest = size
         plan.append((slice(begin, end), micro))
     _same_count_on_every_rank([micro for _, micro in plan])
     return [

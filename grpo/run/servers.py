@@ -75,12 +75,12 @@ def rollout_servers(cfg: DictConfig, run_dir: Path) -> Iterator[list[str] | None
         return
     checkpoint = checkpoint_folder(cfg)
     wanted = server_addresses(OmegaConf.to_container(vllm, resolve=True)["servers"])
+    args = server_args(cfg, checkpoint)  # what each server runs, started here or checked
     with contextlib.ExitStack() as stack:
         addresses = wanted
         if isinstance(wanted, int):  # auto or a count: ours to start and stop
-            addresses = start_servers(stack, cfg, checkpoint, wanted, Path(run_dir) / "servers")
+            addresses = start_servers(stack, cfg, args, wanted, Path(run_dir) / "servers")
         tokenizer = load_tokenizer(checkpoint)
-        args = server_args(cfg, checkpoint)
         for address in addresses:
             try:
                 check_server(address, args, tokenizer, vllm.connect_timeout_s)
@@ -102,17 +102,18 @@ def _die_with_parent() -> None:
 
 
 def start_servers(
-    stack: contextlib.ExitStack, cfg: DictConfig, checkpoint: str, count: int, log_dir: Path
+    stack: contextlib.ExitStack, cfg: DictConfig, args: dict[str, Any], count: int, log_dir: Path
 ) -> list[str]:
-    """`count` vLLM servers on this machine for the config, on free ports, each stopped when
-    `stack` closes; their addresses once all answer `/health` (within
-    `rollout.vllm.start_timeout_s`, else one line with the server's log)."""
+    """`count` vLLM servers on this machine running the engine settings `args`
+    (`server_args`), on free ports, each stopped when `stack` closes; their addresses once all
+    answer `/health` (within `rollout.vllm.start_timeout_s`, else one line with the server's
+    log)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     started = []
     for _ in range(count):
         port = free_port()
         log = log_dir / f"server-{port}.log"
-        argv = server_command(server_args(cfg, checkpoint), "127.0.0.1", port)
+        argv = server_command(args, "127.0.0.1", port)
         with log.open("w") as out:
             process = subprocess.Popen(
                 argv,
