@@ -552,9 +552,13 @@ def _logprobs_from_logits(
 class _ChunkedLogProbs(torch.autograd.Function):
     """Log-probs (and entropies) of chosen tokens from final hidden states, chunk by chunk.
 
-    Forward keeps only the hidden states and each row's logsumexp; backward recomputes a
-    chunk's logits z and applies d logp / d z = (onehot - p) / temperature and
-    d H / d z = -p (log p + H) / temperature. Two (chunk, V) buffers at a time, updated in place.
+    Forward keeps the hidden states and each row's logsumexp; backward recomputes a chunk's
+    log-probabilities log p = z - logsumexp(z) from its logits z and applies d logp / d z =
+    (onehot - p) / temperature and d H / d z = -p (log p + H) / temperature. Two (chunk, V)
+    buffers at a time, updated in place. When every row fits in one chunk and a gradient is
+    needed, forward keeps that chunk's log p for backward instead (one buffer held from the
+    head's forward to its backward, which comes first in the backward pass): the recomputed
+    product was one of the update's four LM-head products (docs/performance.md, change 17).
     """
 
     @staticmethod
@@ -562,13 +566,17 @@ class _ChunkedLogProbs(torch.autograd.Function):
         n = ids.shape[0]
         logp, lse = (hidden.new_empty(n, dtype=torch.float32) for _ in range(2))
         entropy = hidden.new_zeros(n, dtype=torch.float32)
+        keep = n <= rows and any(ctx.needs_input_grad[:2])
+        ctx.log_p = None
         for start in range(0, n, rows):
             part = slice(start, start + rows)
             logits = _head_logits(hidden[part], weight, temperature)
             lse[part] = logits.logsumexp(-1)
             logp[part] = logits.gather(1, ids[part, None])[:, 0] - lse[part]
+            if keep:
+                ctx.log_p = logits - lse[part, None]
             if with_entropy:  # H = lse - sum(p z)
-                p = (logits - lse[part, None]).exp_()
+                p = ctx.log_p.exp() if keep else (logits - lse[part, None]).exp_()
                 entropy[part] = lse[part] - p.mul_(logits).sum(-1)
         ctx.save_for_backward(hidden, weight, ids, lse, entropy)
         ctx.temperature, ctx.rows = temperature, rows
@@ -584,7 +592,9 @@ class _ChunkedLogProbs(torch.autograd.Function):
         g_logp = grad_logp if grad_logp is not None else lse.new_zeros(n)
         for start in range(0, n, ctx.rows):
             part = slice(start, start + ctx.rows)
-            log_p = _head_logits(hidden[part], weight, ctx.temperature).sub_(lse[part, None])
+            log_p, ctx.log_p = ctx.log_p, None
+            if log_p is None:
+                log_p = _head_logits(hidden[part], weight, ctx.temperature).sub_(lse[part, None])
             p = log_p.exp()
             # grad z = p * c + onehot * g_logp, with c = -g_logp - g_H (log p + H)
             coef = -g_logp[part, None]
