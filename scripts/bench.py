@@ -73,6 +73,10 @@ class Workload:
     backend: str = "lean"  # ours: rollout.backend (vllm: the engine in the process)
     vllm_mode: str = "colocate"  # ours, backend vllm: rollout.vllm.mode (server: servers=auto)
     micro_batch_tokens: int | None = None  # ours: update micro-batches by token budget
+    # ours, vLLM + LoRA: rollout.vllm.lora_sync. merged: the CPU's faster choice (vLLM's CPU LoRA
+    # path slows generation ~3.8x, docs/performance.md section 15), as the rows measured before
+    # the project's default became `adapter` (the GPU's choice).
+    lora_sync: str = "merged"
 
     @property
     def completions(self) -> int:
@@ -96,6 +100,8 @@ SMOLLM2_LORA_VLLM = replace(SMOLLM2_LORA, name="smollm2-lora-vllm", backend="vll
 SMOLLM2_LORA_VLLM_SERVER = replace(
     SMOLLM2_LORA_VLLM, name="smollm2-lora-vllm-server", vllm_mode="server"
 )
+# `--asynchronous`: the LoRA row against a vLLM server, adapters synced (as section 16 measured).
+SMOLLM2_LORA_VLLM_ASYNC = replace(SMOLLM2_LORA_VLLM, lora_sync="adapter")
 # `--asynchronous --quick`: the tiny model against a vLLM server (a smoke test of the placement).
 TINY_VLLM_SERVER = replace(TINY, name="tiny-vllm-server", backend="vllm", vllm_mode="server")
 WORKLOADS = {
@@ -214,6 +220,7 @@ def our_overrides(
         f"trainer.num_threads={threads}",
         f"rollout.backend={workload.backend}",
         f"rollout.vllm.mode={workload.vllm_mode}",
+        f"rollout.vllm.lora_sync={workload.lora_sync}",
         "rollout.vllm.kv_cache_gib=0.1",
         "eval.heldout.max_new_tokens=4",
         "eval.heldout.num_samples=0",
@@ -422,6 +429,9 @@ def run_floor(workload: Workload) -> dict:
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in LORA_TARGETS:
                 adapter += LORA_RANK * (module.in_features + module.out_features)
+    # vllm_engine.hf_weights: the checkpoint's tensors (LoRA merged in), and the head again when
+    # tied; with rollout.vllm.lora_sync=adapter, the adapter alone after the first sync
+    synced = adapter if workload.lora_sync == "adapter" and adapter else total + head.numel() * tied
     heads = config.num_attention_heads
     shape = {
         "body": total - embed.numel() - (0 if tied else head.numel()),
@@ -432,9 +442,7 @@ def run_floor(workload: Workload) -> dict:
         "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
         "trainable": adapter or total,
         "adapter": adapter,
-        # vllm_engine.hf_weights: the checkpoint's tensors, and the head again when tied; LoRA
-        # (rollout.vllm.lora_sync=adapter, the default): the adapter alone after the first sync
-        "synced": (adapter or total + head.numel() * tied) * (workload.backend == "vllm"),
+        "synced": synced * (workload.backend == "vllm"),
     }
     tokenizer = load_tokenizer(folder)
     rows = step_prompts(workload, workload.model != "tiny", tokenizer)
@@ -895,7 +903,9 @@ def main() -> None:
     if args.asynchronous:
         if not available() or len(os.sched_getaffinity(0)) < 2:
             raise SystemExit("--asynchronous needs vLLM (`make install-vllm`) and 2 cores")
-        asynchronous_modes(TINY_VLLM_SERVER if args.quick else SMOLLM2_LORA_VLLM, args.repeats)
+        asynchronous_modes(
+            TINY_VLLM_SERVER if args.quick else SMOLLM2_LORA_VLLM_ASYNC, args.repeats
+        )
         return
     ensure_trl(args.install)
     import torch
