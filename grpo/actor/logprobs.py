@@ -573,10 +573,12 @@ class _ChunkedLogProbs(torch.autograd.Function):
             logits = _head_logits(hidden[part], weight, temperature)
             lse[part] = logits.logsumexp(-1)
             logp[part] = logits.gather(1, ids[part, None])[:, 0] - lse[part]
+            if keep or with_entropy:
+                log_p = logits - lse[part, None]
             if keep:
-                ctx.log_p = logits - lse[part, None]
+                ctx.log_p = log_p
             if with_entropy:  # H = lse - sum(p z)
-                p = ctx.log_p.exp() if keep else (logits - lse[part, None]).exp_()
+                p = log_p.exp() if keep else log_p.exp_()
                 entropy[part] = lse[part] - p.mul_(logits).sum(-1)
         ctx.save_for_backward(hidden, weight, ids, lse, entropy)
         ctx.temperature, ctx.rows = temperature, rows
