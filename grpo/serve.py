@@ -18,6 +18,7 @@ import os
 import sys
 
 import hydra
+import torch
 from omegaconf import DictConfig
 
 from grpo.rollout import vllm_engine
@@ -33,7 +34,9 @@ def main(cfg: DictConfig) -> None:
             raise ConfigError("python -m grpo.serve needs vLLM: run `make install-vllm`")
         validate_config(cfg)
         vllm = cfg.rollout.vllm
-        argv = server_command(server_args(cfg, checkpoint_folder(cfg)), vllm.host, vllm.port)
+        nccl = torch.cuda.is_available() and vllm.weight_transfer != "files"  # joined if asked
+        args = server_args(cfg, checkpoint_folder(cfg), nccl)
+        argv = server_command(args, vllm.host, vllm.port)
     except Exception as error:
         exit_on_config_error(error)  # one line and exit code 2; any other error is raised
         raise

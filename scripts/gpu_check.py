@@ -6,19 +6,23 @@ tokenizer. Prints, for 8 prompts x 4 completions x 128 forced tokens in bf16: ge
 the lean decoder, transformers' `generate` and vLLM, and the engine's log-probs against the
 training forward; then 3 training steps with `rollout.backend=vllm` per mode (`MODES`: the
 engine in the process with full fine-tuning, LoRA adapter sync and merged sync; a vLLM server the
-trainer starts on the same GPU, full and LoRA; with 2 GPUs, an engine on each of 2 ranks), each
+trainer starts on the same GPU, full and LoRA; with 2 GPUs, an engine on each of 2 ranks, and a
+server on GPU 1 of its own taking the weights by NCCL and by files), each
 step's time split (generation, scoring, update, weight sync) and the engine's mismatch with the
 training forward.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,6 +36,8 @@ from grpo.model.loading import load_policy, tiny_checkpoint  # noqa: E402
 from grpo.rollout.backends import build_backend  # noqa: E402
 from grpo.rollout.settings import SamplingSettings  # noqa: E402
 from grpo.rollout.source import tokenize_prompts  # noqa: E402
+from grpo.rollout.vllm_server import wait_until_healthy  # noqa: E402
+from grpo.run.servers import free_port  # noqa: E402
 from grpo.tasks.arithmetic import tokenizer_corpus  # noqa: E402
 
 
@@ -104,6 +110,36 @@ MODES = [
 ]  # fmt: skip
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 TWO_RANKS = ("colocate on 2 ranks, full fine-tuning", TORCHRUN, ["model.lora.enabled=false"])
+# With 2 GPUs: a server of its own on GPU 1 (`python -m grpo.serve`), the trainer on GPU 0; whole
+# weights by NCCL (auto's choice for listed servers on CUDA), then by files, for the comparison.
+SERVER_GPU = "1"
+OWN_SERVER = [
+    (f"server on GPU {SERVER_GPU}, full fine-tuning, weights by {transfer}", [],
+     ["model.lora.enabled=false", "rollout.vllm.mode=server",
+      f"rollout.vllm.weight_transfer={transfer}"])
+    for transfer in ("nccl", "files")
+]  # fmt: skip
+
+
+@contextlib.contextmanager
+def own_server(folder: str) -> Iterator[str]:
+    """`python -m grpo.serve` with the runs' config on GPU `SERVER_GPU`: its address once up."""
+    port, log = free_port(), Path(tempfile.mkdtemp()) / "server.log"
+    args = [*RUN_ARGS, f"model.checkpoint={folder}", "model.lora.enabled=false"]
+    args += ["rollout.vllm.gpu_memory_utilization=0.9", f"rollout.vllm.port={port}"]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=SERVER_GPU)
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "grpo.serve", *args, f"hydra.run.dir={log.parent}"],
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        address = f"127.0.0.1:{port}"
+        wait_until_healthy(address, 600, alive=lambda: server.poll() is None)
+        yield address
+    finally:
+        server.terminate()
+        server.wait(60)
 
 
 def train_run(folder: str, name: str, launcher: list[str], overrides: list[str]) -> None:
@@ -131,6 +167,10 @@ def main() -> None:
     modes = MODES + ([TWO_RANKS] if torch.cuda.device_count() >= 2 else [])
     for name, launcher, overrides in modes:
         train_run(folder, name, launcher, overrides)
+    if torch.cuda.device_count() >= 2:
+        with own_server(folder) as address:
+            for name, launcher, overrides in OWN_SERVER:
+                train_run(folder, name, launcher, [*overrides, f"rollout.vllm.servers=[{address}]"])
 
 
 if __name__ == "__main__":

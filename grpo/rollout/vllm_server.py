@@ -25,9 +25,10 @@ servers run with vLLM's LoRA support (`engine_args`), the first sync loads the p
 weights, and each later one writes only the adapter (`write_adapter`) and, paused, has every
 server load it under a new name (`/v1/load_lora_adapter`, `policy-vN`; the previous name is
 unloaded), which requests then name; while the adapters are disabled they name the base.
-The file handoff is the transport on every device:
-on CUDA, NCCL between trainer and servers (vLLM's weight-transfer API) would be faster and is not
-implemented. Servers on other hosts need `weights_dir` on a file system they share.
+Whole weights take the file handoff on a CPU, or with `weight_transfer="nccl"` (CUDA, servers on
+GPUs of their own) an NCCL broadcast from the trainer's GPU (`grpo.rollout.vllm_nccl`), one server
+at a time, each paused meanwhile. Adapters always go as files. Servers on other hosts need
+`weights_dir` on a file system they share.
 
 Faults: `check_server` refuses a server that does not answer `/health` in time, serves another
 model or tokenizer, has room for fewer tokens than the config's prompts and completions, lacks the
@@ -44,6 +45,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -59,6 +61,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from grpo.batch import Rollout
 from grpo.model.loading import Policy
+from grpo.rollout import vllm_nccl
 from grpo.rollout.base import Backend, BackendLost
 from grpo.rollout.settings import SamplingSettings
 from grpo.rollout.vllm_adapters import adapters_active, write_adapter
@@ -162,7 +165,8 @@ def check_server(
 
 def engine_differences(config: dict[str, Any], args: dict[str, Any]) -> list[str]:
     """What a server's engine config (vLLM's `/server_info` JSON) lacks of `args`, a phrase
-    each: the dtype, the log-probs mode, the regex stop rule, LoRA for an adapter's rank."""
+    each: the dtype, the log-probs mode, the regex stop rule, the NCCL weight transfer, LoRA for
+    an adapter's rank."""
     model, lora = config["model_config"], config.get("lora_config")
     problems = []
     dtype = str(model["dtype"]).removeprefix("torch.")
@@ -173,6 +177,11 @@ def engine_differences(config: dict[str, Any], args: dict[str, Any]) -> list[str
     missing = set(args["logits_processors"]) - set(model.get("logits_processors") or [])
     if missing:
         problems.append(f"lacks the stop rule's logits processor {', '.join(sorted(missing))}")
+    transfer = config.get("weight_transfer_config") or {}
+    if "weight_transfer_config" in args and transfer.get("backend") != "nccl":
+        problems.append(
+            "runs without vLLM's NCCL weight transfer (rollout.vllm.weight_transfer=nccl; or files)"
+        )
     rank = args.get("max_lora_rank")
     if rank is not None and (lora is None or lora["max_lora_rank"] < rank):
         has = "no LoRA support" if lora is None else f"LoRA up to rank {lora['max_lora_rank']}"
@@ -243,6 +252,7 @@ class VLLMServerBackend(Backend):
         request_timeout_s: float = 600.0,
         weights_dir: str | None = None,
         lora_sync: str = "adapter",
+        weight_transfer: str = "files",
     ) -> None:
         super().__init__(policy, settings)
         self.servers, self.timeout = list(servers), request_timeout_s
@@ -256,6 +266,10 @@ class VLLMServerBackend(Backend):
         self.handoff = Path(tempfile.mkdtemp(prefix=HANDOFF_PREFIX, dir=root))
         weakref.finalize(self, shutil.rmtree, self.handoff, ignore_errors=True)
         self.version = 0  # weight versions sent so far
+        self.nccl = weight_transfer == "nccl"  # whole weights by NCCL (`grpo.rollout.vllm_nccl`)
+        self.senders: dict[str, Any] = {}  # address: its NCCL group, made at the first sync
+        self.source: Any = None  # what the senders read: the policy's weights
+        self.nccl_lock = threading.Lock()
 
     def _each(self, call: Callable[..., Any], *args: Sequence[Any]) -> list[Any]:
         """`call` on each tuple of `args`, all at once from threads; answers in order. The first
@@ -276,8 +290,7 @@ class VLLMServerBackend(Backend):
         if not self.base_loaded:  # once: no adapter of an earlier trainer stays loaded
             self._on_every_server(self._unload_stale_adapters, None)
         if not self.as_adapters or not self.base_loaded:
-            write_weights(model, folder, merged=not self.as_adapters)
-            self._on_every_server(self._reload_weights, folder)
+            self._send_weights(model, folder, merged=not self.as_adapters)
             self.base_loaded = True
         if self.as_adapters:
             name = self.checkpoint
@@ -291,6 +304,30 @@ class VLLMServerBackend(Backend):
             self.model_name = name
         shutil.rmtree(self.handoff / f"v{self.version - 1:06d}", ignore_errors=True)
         return time.perf_counter() - start
+
+    def _send_weights(self, model: PreTrainedModel, folder: Path, merged: bool) -> None:
+        """Every server loads `model`'s whole weights (`hf_weights`: LoRA merged, or the base
+        alone), through `folder` or by NCCL."""
+        if not self.nccl:
+            write_weights(model, folder, merged=merged)
+            self._on_every_server(self._reload_weights, folder)
+            return
+        if not self.senders:  # the groups, made once: the servers' workers join them
+            self.source = vllm_nccl.checkpoint_source(model)
+            self.senders = {
+                a: vllm_nccl.NcclSender(a, self.source, self.timeout) for a in self.servers
+            }
+            weakref.finalize(
+                self, lambda senders=self.senders: [s.close() for s in senders.values()]
+            )
+        self.source.merged = merged
+        self._on_every_server(self._broadcast_weights, None)
+
+    def _broadcast_weights(self, address: str, _: Any = None) -> None:
+        """Server `address` loads the weights broadcast by NCCL; one server at a time (each
+        group holds the trainer's GPU)."""
+        with self.nccl_lock:
+            self.senders[address].send()
 
     def _on_every_server(self, change: Callable[[str, Any], None], arg: Any) -> None:
         """`change(address, arg)` on every server at once, each paused meanwhile."""

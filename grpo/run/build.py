@@ -18,7 +18,7 @@ from grpo.rollout.backends import build_backend
 from grpo.rollout.chat_tools import check_tool_template
 from grpo.rollout.settings import SamplingSettings
 from grpo.rollout.source import RolloutSource
-from grpo.run.config import ConfigError, max_turns, micro_batch_size
+from grpo.run.config import ConfigError, max_turns, micro_batch_size, weight_transfer
 from grpo.tasks.base import Task
 from grpo.tasks.rewards import Reward
 
@@ -75,6 +75,7 @@ def build_source(
         options = OmegaConf.to_container(cfg.rollout[name], resolve=True)
     if servers is not None:
         options["servers"] = servers
+        options["weight_transfer"] = weight_transfer(cfg)
     if environment.observation_role == "tool":  # tool results written by the chat template
         try:
             check_tool_template(policy.tokenizer, environment.tools)

@@ -309,6 +309,17 @@ def server_addresses(servers: Any) -> list[str] | int | None:
     return [str(address) for address in servers]
 
 
+def weight_transfer(cfg: DictConfig) -> str:
+    """`rollout.vllm.weight_transfer` resolved: auto is nccl for listed servers (each on GPUs
+    of its own) when training on CUDA, else files (a CPU; local servers on the trainer's GPU)."""
+    choice = str(cfg.rollout.vllm.weight_transfer)
+    if choice != "auto":
+        return choice
+    servers = OmegaConf.to_container(cfg.rollout.vllm, resolve=True)["servers"]
+    cuda = torch.cuda.is_available() and cfg.trainer.device != "cpu"
+    return "nccl" if cuda and isinstance(server_addresses(servers), list) else "files"
+
+
 # What vLLM's external launcher reads to place an engine on each rank.
 LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -333,6 +344,15 @@ def _check_vllm(cfg: DictConfig, world: int) -> None:
         _require(not shared, "rollout.vllm.servers", why, servers)
         why = "sleep mode frees the GPU of a colocated engine: set it false with mode=server"
         _require(not vllm.sleep, "rollout.vllm.sleep", why, True)
+        why = (
+            "NCCL sends from the trainer's GPU to servers on GPUs of their own (one GPU cannot "
+            "hold two ranks): train on CUDA with servers listed, each started with `python -m "
+            "grpo.serve` on its GPUs; or files"
+        )
+        cuda = torch.cuda.is_available() and cfg.trainer.device != "cpu"
+        nccl_ok = cuda and isinstance(count, list)
+        transfer = str(vllm.weight_transfer)
+        _require(transfer != "nccl" or nccl_ok, "rollout.vllm.weight_transfer", why, transfer)
     else:
         tp = vllm.tensor_parallel_size
         why = f"must divide the {world} processes (WORLD_SIZE): each engine spans that many ranks"

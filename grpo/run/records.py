@@ -47,6 +47,7 @@ RESUMABLE_KEYS = (
     "rollout.vllm.start_timeout_s",
     "rollout.vllm.request_timeout_s",
     "rollout.vllm.weights_dir",
+    "rollout.vllm.weight_transfer",
 )
 # Logged numbers that measure speed, not results: left out when two runs are compared.
 TIMING_KEY = re.compile(r"^time/|tokens_per_s|tokens/s")

@@ -43,6 +43,12 @@ class OldLogprobs(StrEnum):
     engine = "engine"
 
 
+class WeightTransfer(StrEnum):
+    auto = "auto"
+    files = "files"
+    nccl = "nccl"
+
+
 class VLLMMode(StrEnum):
     colocate = "colocate"
     server = "server"
@@ -146,6 +152,7 @@ class VLLMSchema:
     start_timeout_s: float = MISSING
     request_timeout_s: float = MISSING
     weights_dir: str | None = MISSING
+    weight_transfer: WeightTransfer = MISSING
     tensor_parallel_size: int = MISSING
 
 

@@ -30,8 +30,9 @@ from grpo.model.loading import load_tokenizer
 from grpo.rollout.base import BackendLost
 from grpo.rollout.settings import SamplingSettings
 from grpo.rollout.vllm_engine import engine_args
+from grpo.rollout.vllm_nccl import NCCL_BACKEND
 from grpo.rollout.vllm_server import check_server, server_command, server_env, wait_until_healthy
-from grpo.run.config import ConfigError, max_turns, server_addresses
+from grpo.run.config import ConfigError, max_turns, server_addresses, weight_transfer
 from grpo.run.schema import VLLMMode
 
 STOP_WAIT_S = 30  # seconds a server gets to exit after SIGTERM, before SIGKILL
@@ -48,9 +49,10 @@ def server_sampling(cfg: DictConfig) -> SamplingSettings:
     return SamplingSettings.from_config(cfg.rollout, None, False, max_turns(cfg))
 
 
-def server_args(cfg: DictConfig, checkpoint: str) -> dict[str, Any]:
+def server_args(cfg: DictConfig, checkpoint: str, nccl: bool = False) -> dict[str, Any]:
     """The settings of a server's engine, from the config as the colocated engine takes them,
-    split over `tensor_parallel_size` devices."""
+    split over `tensor_parallel_size` devices; `nccl`: with vLLM's NCCL weight transfer
+    (`grpo.rollout.vllm_nccl`)."""
     vllm = cfg.rollout.vllm
     adapters = cfg.model.lora.enabled and vllm.lora_sync == "adapter"
     args = engine_args(
@@ -62,7 +64,10 @@ def server_args(cfg: DictConfig, checkpoint: str) -> dict[str, Any]:
         enforce_eager=vllm.enforce_eager,
         lora_rank=cfg.model.lora.r if adapters else None,
     )
-    return args | {"tensor_parallel_size": vllm.tensor_parallel_size}
+    args["tensor_parallel_size"] = vllm.tensor_parallel_size
+    if nccl:
+        args["weight_transfer_config"] = NCCL_BACKEND
+    return args
 
 
 @contextlib.contextmanager
@@ -75,7 +80,8 @@ def rollout_servers(cfg: DictConfig, run_dir: Path) -> Iterator[list[str] | None
         return
     checkpoint = checkpoint_folder(cfg)
     wanted = server_addresses(OmegaConf.to_container(vllm, resolve=True)["servers"])
-    args = server_args(cfg, checkpoint)  # what each server runs, started here or checked
+    nccl = weight_transfer(cfg) == "nccl"
+    args = server_args(cfg, checkpoint, nccl)  # what each server runs, started here or checked
     with contextlib.ExitStack() as stack:
         addresses = wanted
         if isinstance(wanted, int):  # auto or a count: ours to start and stop

@@ -48,6 +48,7 @@ from grpo.rollout.producer import Producer
 from grpo.rollout.sampler import GroupedSampler
 from grpo.rollout.settings import SamplingSettings
 from grpo.rollout.source import RolloutSource, render_prompts, tokenize_prompts
+from grpo.rollout.vllm_nccl import NCCL_BACKEND
 from grpo.rollout.vllm_server import (
     VLLMServerBackend,
     check_server,
@@ -340,6 +341,7 @@ def test_a_server_running_other_engine_settings_is_refused(server, tmp_path):
         ({"logprobs_mode": "raw_logprobs"}, "returns processed_logprobs, not raw_logprobs"),
         ({"logits_processors": ["a.b:Stop"]}, "lacks the stop rule's logits processor a.b:Stop"),
         ({"max_lora_rank": 2 * rank}, f"has LoRA up to rank {rank}; the adapter sync needs"),
+        ({"weight_transfer_config": NCCL_BACKEND}, "runs without vLLM's NCCL weight transfer"),
     ):
         with pytest.raises(ValueError, match=re.escape(f"{server} {message}")):
             check_server(server, args | change, tokenizer, 5)
