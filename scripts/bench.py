@@ -1037,8 +1037,8 @@ def asynchronous_modes(workload: Workload, repeats: int) -> None:
     started here on core 0 (`python -m grpo.serve`, one thread), the trainer on core 1 (one
     thread), alternating, and the colocated synchronous step on both cores; step times as in
     the main table (the update's step plus the weight sync), medians over repeats."""
-    from grpo.rollout.vllm_server import wait_until_healthy
-    from grpo.run.servers import free_port, stop
+    from grpo.rollout.vllm_server import free_port, wait_until_healthy
+    from grpo.run.servers import stop
 
     server, trainer = {min(os.sched_getaffinity(0))}, {max(os.sched_getaffinity(0))}
     port = free_port()

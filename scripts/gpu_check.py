@@ -36,8 +36,7 @@ from grpo.model.loading import load_policy, tiny_checkpoint  # noqa: E402
 from grpo.rollout.backends import build_backend  # noqa: E402
 from grpo.rollout.settings import SamplingSettings  # noqa: E402
 from grpo.rollout.source import tokenize_prompts  # noqa: E402
-from grpo.rollout.vllm_server import wait_until_healthy  # noqa: E402
-from grpo.run.servers import free_port  # noqa: E402
+from grpo.rollout.vllm_server import free_port, wait_until_healthy  # noqa: E402
 from grpo.tasks.arithmetic import tokenizer_corpus  # noqa: E402
 
 

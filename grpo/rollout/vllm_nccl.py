@@ -45,13 +45,6 @@ def trainer_address(server: str) -> str:
         return probe.getsockname()[0]
 
 
-def free_port(address: str) -> int:
-    """A TCP port no one listens on at `address` now (the system's pick)."""
-    with socket.socket() as probe:
-        probe.bind((address, 0))
-        return probe.getsockname()[1]
-
-
 def checkpoint_source(model: PreTrainedModel) -> Any:
     """A vLLM `WeightSource` over `model`'s weights as `hf_weights` names them; `merged` (an
     attribute, True at first) says whether active LoRA adapters are merged in. Its metadata
@@ -88,7 +81,7 @@ class NcclSender:
             NCCLTrainerWeightTransferEngine,
         )
 
-        from grpo.rollout.vllm_server import request
+        from grpo.rollout.vllm_server import free_port, request
 
         self.address = address
         workers = request(address, "/get_world_size", None, timeout_s)["world_size"]

@@ -43,6 +43,7 @@ import http.client
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import threading
@@ -104,6 +105,13 @@ def request(address: str, path: str, body: dict[str, Any] | None, timeout: float
     if kind != "application/json":  # e.g. the adapter endpoints' plain-text answers
         return text.decode(errors="replace")
     return json.loads(text) if text else None
+
+
+def free_port(address: str = "127.0.0.1") -> int:
+    """A TCP port no one listens on at `address` now (the system's pick)."""
+    with socket.socket() as probe:
+        probe.bind((address, 0))
+        return probe.getsockname()[1]
 
 
 def wait_until_healthy(

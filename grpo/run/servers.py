@@ -17,7 +17,6 @@ import contextlib
 import ctypes
 import os
 import signal
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +30,13 @@ from grpo.rollout.base import BackendLost
 from grpo.rollout.settings import SamplingSettings
 from grpo.rollout.vllm_engine import engine_args
 from grpo.rollout.vllm_nccl import NCCL_BACKEND
-from grpo.rollout.vllm_server import check_server, server_command, server_env, wait_until_healthy
+from grpo.rollout.vllm_server import (
+    check_server,
+    free_port,
+    server_command,
+    server_env,
+    wait_until_healthy,
+)
 from grpo.run.config import ConfigError, max_turns, server_addresses, weight_transfer
 from grpo.run.schema import VLLMMode
 
@@ -93,13 +98,6 @@ def rollout_servers(cfg: DictConfig, run_dir: Path) -> Iterator[list[str] | None
             except (BackendLost, ValueError) as error:
                 raise ConfigError(f"rollout.vllm.servers: {error}") from None
         yield list(addresses)
-
-
-def free_port() -> int:
-    """A TCP port no one listens on now (the system's pick)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _die_with_parent() -> None:

@@ -52,11 +52,12 @@ from grpo.rollout.vllm_nccl import NCCL_BACKEND
 from grpo.rollout.vllm_server import (
     VLLMServerBackend,
     check_server,
+    free_port,
     request,
     wait_until_healthy,
 )
 from grpo.run.config import validate_config
-from grpo.run.servers import checkpoint_folder, free_port, rollout_servers, server_args
+from grpo.run.servers import checkpoint_folder, rollout_servers, server_args
 from grpo.train import train
 
 # The config a server and its trainer share: the tiny model, a small KV cache, TINY's lengths.
