@@ -18,12 +18,17 @@ import os
 import sys
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
 from grpo.rollout import vllm_engine
 from grpo.rollout.vllm_server import server_command, server_env
-from grpo.run.config import ConfigError, command_line, exit_on_config_error, validate_config
+from grpo.run.config import (
+    ConfigError,
+    command_line,
+    exit_on_config_error,
+    validate_config,
+    weight_transfer,
+)
 from grpo.run.servers import checkpoint_folder, server_args
 
 
@@ -34,14 +39,14 @@ def main(cfg: DictConfig) -> None:
             raise ConfigError("python -m grpo.serve needs vLLM: run `make install-vllm`")
         validate_config(cfg)
         vllm = cfg.rollout.vllm
-        nccl = torch.cuda.is_available() and vllm.weight_transfer != "files"  # joined if asked
-        args = server_args(cfg, checkpoint_folder(cfg), nccl)
+        # a listed server of the trainer's: NCCL on a GPU (auto), unless the config says otherwise
+        args = server_args(cfg, checkpoint_folder(cfg), weight_transfer(cfg, listed=True))
         argv = server_command(args, vllm.host, vllm.port)
     except Exception as error:
         exit_on_config_error(error)  # one line and exit code 2; any other error is raised
         raise
     print(" ".join(argv), file=sys.stderr, flush=True)
-    os.execve(argv[0], argv, server_env())
+    os.execve(argv[0], argv, server_env(args))
 
 
 if __name__ == "__main__":

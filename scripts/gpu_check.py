@@ -6,8 +6,9 @@ tokenizer. Prints, for 8 prompts x 4 completions x 128 forced tokens in bf16: ge
 the lean decoder, transformers' `generate` and vLLM, and the engine's log-probs against the
 training forward; then 3 training steps with `rollout.backend=vllm` per mode (`MODES`: the
 engine in the process with full fine-tuning, LoRA adapter sync and merged sync; a vLLM server the
-trainer starts on the same GPU, full and LoRA; with 2 GPUs, an engine on each of 2 ranks, and a
-server on GPU 1 of its own taking the weights by NCCL and by files), each
+trainer starts on the same GPU, full (weights by CUDA IPC and by files) and LoRA; with 2 GPUs, an
+engine on each of 2 ranks, and a server on GPU 1 of its own taking the weights by NCCL and by
+files), each
 step's time split (generation, scoring, update, weight sync) and the engine's mismatch with the
 training forward.
 """
@@ -103,8 +104,12 @@ MODES = [
     ("colocate, full fine-tuning", [], ["model.lora.enabled=false"]),
     ("colocate, LoRA, adapter sync", [], ["rollout.vllm.lora_sync=adapter", NO_DROPOUT]),
     ("colocate, LoRA, merged sync", [], ["rollout.vllm.lora_sync=merged", NO_DROPOUT]),
-    # The trainer and the server it starts (servers=auto) share the GPU.
-    ("server, full fine-tuning", [], ["model.lora.enabled=false", "rollout.vllm.mode=server"]),
+    # The trainer and the server it starts (servers=auto) share the GPU: weights by CUDA IPC
+    # (auto's choice there), then by files, for the comparison.
+    ("server, full fine-tuning, weights by ipc", [], ["model.lora.enabled=false",
+     "rollout.vllm.mode=server"]),
+    ("server, full fine-tuning, weights by files", [], ["model.lora.enabled=false",
+     "rollout.vllm.mode=server", "rollout.vllm.weight_transfer=files"]),
     ("server, LoRA, adapter sync", [], ["rollout.vllm.mode=server", NO_DROPOUT]),
 ]  # fmt: skip
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]

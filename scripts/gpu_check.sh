@@ -6,5 +6,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 make install-vllm
-.venv/bin/python -m pytest -q -p no:cacheprovider tests/rollout/test_vllm_engine.py tests/rollout/test_vllm_server.py tests/rollout/test_vllm_nccl.py tests/model/test_precision.py
+.venv/bin/python -m pytest -q -p no:cacheprovider tests/rollout/test_vllm_engine.py tests/rollout/test_vllm_server.py tests/rollout/test_vllm_transfer.py tests/model/test_precision.py
 .venv/bin/python scripts/gpu_check.py

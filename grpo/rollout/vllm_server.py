@@ -25,10 +25,10 @@ servers run with vLLM's LoRA support (`engine_args`), the first sync loads the p
 weights, and each later one writes only the adapter (`write_adapter`) and, paused, has every
 server load it under a new name (`/v1/load_lora_adapter`, `policy-vN`; the previous name is
 unloaded), which requests then name; while the adapters are disabled they name the base.
-Whole weights take the file handoff on a CPU, or with `weight_transfer="nccl"` (CUDA, servers on
-GPUs of their own) an NCCL broadcast from the trainer's GPU (`grpo.rollout.vllm_nccl`), one server
-at a time, each paused meanwhile. Adapters always go as files. Servers on other hosts need
-`weights_dir` on a file system they share.
+Whole weights take the file handoff on a CPU; on CUDA, with `weight_transfer` nccl (servers on
+GPUs of their own) or ipc (a server on the trainer's GPU), vLLM's weight-transfer API
+(`grpo.rollout.vllm_transfer`), one server at a time, each paused meanwhile. Adapters always go
+as files. Servers on other hosts need `weights_dir` on a file system they share.
 
 Faults: `check_server` refuses a server that does not answer `/health` in time, serves another
 model or tokenizer, has room for fewer tokens than the config's prompts and completions, lacks the
@@ -62,7 +62,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from grpo.batch import Rollout
 from grpo.model.loading import Policy
-from grpo.rollout import vllm_nccl
+from grpo.rollout import vllm_transfer
 from grpo.rollout.base import Backend, BackendLost
 from grpo.rollout.settings import SamplingSettings
 from grpo.rollout.vllm_adapters import adapters_active, write_adapter
@@ -173,8 +173,8 @@ def check_server(
 
 def engine_differences(config: dict[str, Any], args: dict[str, Any]) -> list[str]:
     """What a server's engine config (vLLM's `/server_info` JSON) lacks of `args`, a phrase
-    each: the dtype, the log-probs mode, the regex stop rule, the NCCL weight transfer, LoRA for
-    an adapter's rank."""
+    each: the dtype, the log-probs mode, the regex stop rule, the weight-transfer backend, LoRA
+    for an adapter's rank."""
     model, lora = config["model_config"], config.get("lora_config")
     problems = []
     dtype = str(model["dtype"]).removeprefix("torch.")
@@ -185,10 +185,12 @@ def engine_differences(config: dict[str, Any], args: dict[str, Any]) -> list[str
     missing = set(args["logits_processors"]) - set(model.get("logits_processors") or [])
     if missing:
         problems.append(f"lacks the stop rule's logits processor {', '.join(sorted(missing))}")
-    transfer = config.get("weight_transfer_config") or {}
-    if "weight_transfer_config" in args and transfer.get("backend") != "nccl":
+    wanted = json.loads(args.get("weight_transfer_config", "null"))
+    transfer = config.get("weight_transfer_config")
+    if wanted is not None and (transfer or {}).get("backend") != wanted["backend"]:
+        has = "no weight transfer" if transfer is None else f"weight transfer {transfer['backend']}"
         problems.append(
-            "runs without vLLM's NCCL weight transfer (rollout.vllm.weight_transfer=nccl; or files)"
+            f"has {has}, not {wanted['backend']} (rollout.vllm.weight_transfer; or files)"
         )
     rank = args.get("max_lora_rank")
     if rank is not None and (lora is None or lora["max_lora_rank"] < rank):
@@ -215,12 +217,16 @@ def server_command(args: dict[str, Any], host: str, port: int) -> list[str]:
     return argv
 
 
-def server_env() -> dict[str, str]:
-    """A server's environment: this process's, with the RL endpoints on
-    (VLLM_SERVER_DEV_MODE=1), adapters loaded at run time (VLLM_ALLOW_RUNTIME_LORA_UPDATING),
-    grpo importable (the stop rule's logits processor), the engine in its own process, and no
-    VLLM_CPU_KVCACHE_SPACE (it would override `kv_cache_gib`)."""
+def server_env(args: dict[str, Any]) -> dict[str, str]:
+    """The environment of a server running the engine settings `args`: this process's, with the
+    RL endpoints on (VLLM_SERVER_DEV_MODE=1), adapters loaded at run time
+    (VLLM_ALLOW_RUNTIME_LORA_UPDATING), IPC weight transfer's pickled handles accepted
+    (VLLM_ALLOW_INSECURE_SERIALIZATION, for `weight_transfer=ipc` only), grpo importable (the
+    stop rule's logits processor), the engine in its own process, and no VLLM_CPU_KVCACHE_SPACE
+    (it would override `kv_cache_gib`)."""
     env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", VLLM_ALLOW_RUNTIME_LORA_UPDATING="1")
+    if args.get("weight_transfer_config") == vllm_transfer.transfer_config("ipc"):
+        env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     for name in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING"):
         env.pop(name, None)
     root = str(Path(__file__).resolve().parents[2])  # the folder holding the grpo package
@@ -274,10 +280,10 @@ class VLLMServerBackend(Backend):
         self.handoff = Path(tempfile.mkdtemp(prefix=HANDOFF_PREFIX, dir=root))
         weakref.finalize(self, shutil.rmtree, self.handoff, ignore_errors=True)
         self.version = 0  # weight versions sent so far
-        self.nccl = weight_transfer == "nccl"  # whole weights by NCCL (`grpo.rollout.vllm_nccl`)
-        self.senders: dict[str, Any] = {}  # address: its NCCL group, made at the first sync
+        self.transfer = weight_transfer  # files | nccl | ipc (`grpo.rollout.vllm_transfer`)
+        self.senders: dict[str, Any] = {}  # address: its `vllm_transfer.Sender`, made at first
         self.source: Any = None  # what the senders read: the policy's weights
-        self.nccl_lock = threading.Lock()
+        self.send_lock = threading.Lock()
 
     def _each(self, call: Callable[..., Any], *args: Sequence[Any]) -> list[Any]:
         """`call` on each tuple of `args`, all at once from threads; answers in order. The first
@@ -315,15 +321,16 @@ class VLLMServerBackend(Backend):
 
     def _send_weights(self, model: PreTrainedModel, folder: Path, merged: bool) -> None:
         """Every server loads `model`'s whole weights (`hf_weights`: LoRA merged, or the base
-        alone), through `folder` or by NCCL."""
-        if not self.nccl:
+        alone), through `folder` or `vllm_transfer`."""
+        if self.transfer == "files":
             write_weights(model, folder, merged=merged)
             self._on_every_server(self._reload_weights, folder)
             return
-        if not self.senders:  # the groups, made once: the servers' workers join them
-            self.source = vllm_nccl.checkpoint_source(model)
+        if not self.senders:  # made once (NCCL: the servers' workers join a group each)
+            self.source = vllm_transfer.checkpoint_source(model)
             self.senders = {
-                a: vllm_nccl.NcclSender(a, self.source, self.timeout) for a in self.servers
+                address: vllm_transfer.Sender(address, self.source, self.timeout, self.transfer)
+                for address in self.servers
             }
             weakref.finalize(
                 self, lambda senders=self.senders: [s.close() for s in senders.values()]
@@ -332,9 +339,9 @@ class VLLMServerBackend(Backend):
         self._on_every_server(self._broadcast_weights, None)
 
     def _broadcast_weights(self, address: str, _: Any = None) -> None:
-        """Server `address` loads the weights broadcast by NCCL; one server at a time (each
-        group holds the trainer's GPU)."""
-        with self.nccl_lock:
+        """Server `address` loads the weights its sender hands over; one server at a time (the
+        trainer's GPU takes part in each)."""
+        with self.send_lock:
             self.senders[address].send()
 
     def _on_every_server(self, change: Callable[[str, Any], None], arg: Any) -> None:

@@ -309,15 +309,19 @@ def server_addresses(servers: Any) -> list[str] | int | None:
     return [str(address) for address in servers]
 
 
-def weight_transfer(cfg: DictConfig) -> str:
-    """`rollout.vllm.weight_transfer` resolved: auto is nccl for listed servers (each on GPUs
-    of its own) when training on CUDA, else files (a CPU; local servers on the trainer's GPU)."""
+def weight_transfer(cfg: DictConfig, listed: bool | None = None) -> str:
+    """`rollout.vllm.weight_transfer` resolved: auto is files on a CPU; on CUDA nccl for listed
+    servers (`listed`, by default read from `rollout.vllm.servers`: each on GPUs of its own) and
+    ipc for the server the trainer starts (on its GPU)."""
     choice = str(cfg.rollout.vllm.weight_transfer)
     if choice != "auto":
         return choice
-    servers = OmegaConf.to_container(cfg.rollout.vllm, resolve=True)["servers"]
-    cuda = torch.cuda.is_available() and cfg.trainer.device != "cpu"
-    return "nccl" if cuda and isinstance(server_addresses(servers), list) else "files"
+    if listed is None:
+        servers = OmegaConf.to_container(cfg.rollout.vllm, resolve=True)["servers"]
+        listed = isinstance(server_addresses(servers), list)
+    if not (torch.cuda.is_available() and cfg.trainer.device != "cpu"):
+        return "files"
+    return "nccl" if listed else "ipc"
 
 
 # What vLLM's external launcher reads to place an engine on each rank.
@@ -344,15 +348,15 @@ def _check_vllm(cfg: DictConfig, world: int) -> None:
         _require(not shared, "rollout.vllm.servers", why, servers)
         why = "sleep mode frees the GPU of a colocated engine: set it false with mode=server"
         _require(not vllm.sleep, "rollout.vllm.sleep", why, True)
+        transfer, key = str(vllm.weight_transfer), "rollout.vllm.weight_transfer"
         why = (
-            "NCCL sends from the trainer's GPU to servers on GPUs of their own (one GPU cannot "
-            "hold two ranks): train on CUDA with servers listed, each started with `python -m "
-            "grpo.serve` on its GPUs; or files"
+            "NCCL cannot join two ranks on one GPU, and the server the trainer starts shares its "
+            "GPU: ipc (or auto) for it, nccl for listed servers on GPUs of their own"
         )
+        _require(transfer != "nccl" or isinstance(count, list), key, why, transfer)
         cuda = torch.cuda.is_available() and cfg.trainer.device != "cpu"
-        nccl_ok = cuda and isinstance(count, list)
-        transfer = str(vllm.weight_transfer)
-        _require(transfer != "nccl" or nccl_ok, "rollout.vllm.weight_transfer", why, transfer)
+        why = "vLLM's weight-transfer API sends from the trainer's GPU: train on CUDA, or files"
+        _require(transfer in ("auto", "files") or cuda, key, why, transfer)
     else:
         tp = vllm.tensor_parallel_size
         why = f"must divide the {world} processes (WORLD_SIZE): each engine spans that many ranks"

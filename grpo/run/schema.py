@@ -47,6 +47,7 @@ class WeightTransfer(StrEnum):
     auto = "auto"
     files = "files"
     nccl = "nccl"
+    ipc = "ipc"
 
 
 class VLLMMode(StrEnum):

@@ -29,7 +29,6 @@ from grpo.model.loading import load_tokenizer
 from grpo.rollout.base import BackendLost
 from grpo.rollout.settings import SamplingSettings
 from grpo.rollout.vllm_engine import engine_args
-from grpo.rollout.vllm_nccl import NCCL_BACKEND
 from grpo.rollout.vllm_server import (
     check_server,
     free_port,
@@ -37,6 +36,7 @@ from grpo.rollout.vllm_server import (
     server_env,
     wait_until_healthy,
 )
+from grpo.rollout.vllm_transfer import BACKENDS, transfer_config
 from grpo.run.config import ConfigError, max_turns, server_addresses, weight_transfer
 from grpo.run.schema import VLLMMode
 
@@ -54,10 +54,10 @@ def server_sampling(cfg: DictConfig) -> SamplingSettings:
     return SamplingSettings.from_config(cfg.rollout, None, False, max_turns(cfg))
 
 
-def server_args(cfg: DictConfig, checkpoint: str, nccl: bool = False) -> dict[str, Any]:
+def server_args(cfg: DictConfig, checkpoint: str, transfer: str = "files") -> dict[str, Any]:
     """The settings of a server's engine, from the config as the colocated engine takes them,
-    split over `tensor_parallel_size` devices; `nccl`: with vLLM's NCCL weight transfer
-    (`grpo.rollout.vllm_nccl`)."""
+    split over `tensor_parallel_size` devices, taking whole weights by `transfer` (files, or a
+    backend of vLLM's weight-transfer API: `grpo.rollout.vllm_transfer`)."""
     vllm = cfg.rollout.vllm
     adapters = cfg.model.lora.enabled and vllm.lora_sync == "adapter"
     args = engine_args(
@@ -70,8 +70,8 @@ def server_args(cfg: DictConfig, checkpoint: str, nccl: bool = False) -> dict[st
         lora_rank=cfg.model.lora.r if adapters else None,
     )
     args["tensor_parallel_size"] = vllm.tensor_parallel_size
-    if nccl:
-        args["weight_transfer_config"] = NCCL_BACKEND
+    if transfer in BACKENDS:
+        args["weight_transfer_config"] = transfer_config(transfer)
     return args
 
 
@@ -85,8 +85,8 @@ def rollout_servers(cfg: DictConfig, run_dir: Path) -> Iterator[list[str] | None
         return
     checkpoint = checkpoint_folder(cfg)
     wanted = server_addresses(OmegaConf.to_container(vllm, resolve=True)["servers"])
-    nccl = weight_transfer(cfg) == "nccl"
-    args = server_args(cfg, checkpoint, nccl)  # what each server runs, started here or checked
+    # what each server runs, started here or checked
+    args = server_args(cfg, checkpoint, weight_transfer(cfg))
     with contextlib.ExitStack() as stack:
         addresses = wanted
         if isinstance(wanted, int):  # auto or a count: ours to start and stop
@@ -123,7 +123,7 @@ def start_servers(
                 argv,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env=server_env(),
+                env=server_env(args),
                 preexec_fn=_die_with_parent,
                 start_new_session=True,  # the terminal's Ctrl-C and SLURM's signals are ours
             )

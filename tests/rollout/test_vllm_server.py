@@ -48,7 +48,6 @@ from grpo.rollout.producer import Producer
 from grpo.rollout.sampler import GroupedSampler
 from grpo.rollout.settings import SamplingSettings
 from grpo.rollout.source import RolloutSource, render_prompts, tokenize_prompts
-from grpo.rollout.vllm_nccl import NCCL_BACKEND
 from grpo.rollout.vllm_server import (
     VLLMServerBackend,
     check_server,
@@ -56,6 +55,7 @@ from grpo.rollout.vllm_server import (
     request,
     wait_until_healthy,
 )
+from grpo.rollout.vllm_transfer import transfer_config
 from grpo.run.config import validate_config
 from grpo.run.servers import checkpoint_folder, rollout_servers, server_args
 from grpo.train import train
@@ -342,7 +342,7 @@ def test_a_server_running_other_engine_settings_is_refused(server, tmp_path):
         ({"logprobs_mode": "raw_logprobs"}, "returns processed_logprobs, not raw_logprobs"),
         ({"logits_processors": ["a.b:Stop"]}, "lacks the stop rule's logits processor a.b:Stop"),
         ({"max_lora_rank": 2 * rank}, f"has LoRA up to rank {rank}; the adapter sync needs"),
-        ({"weight_transfer_config": NCCL_BACKEND}, "runs without vLLM's NCCL weight transfer"),
+        ({"weight_transfer_config": transfer_config("nccl")}, "has no weight transfer, not nccl"),
     ):
         with pytest.raises(ValueError, match=re.escape(f"{server} {message}")):
             check_server(server, args | change, tokenizer, 5)

@@ -211,7 +211,7 @@ def test_the_schema_enumerates_choice_keys():
         "model.tokenizer.padding_side": ["left", "right"],
         "rollout.vllm.lora_sync": ["adapter", "merged"],
         "rollout.vllm.mode": ["colocate", "server"],
-        "rollout.vllm.weight_transfer": ["auto", "files", "nccl"],
+        "rollout.vllm.weight_transfer": ["auto", "files", "nccl", "ipc"],
         "trainer.device": ["auto", "cpu", "cuda"],
         "trainer.strategy": ["ddp", "fsdp"],
     }

