@@ -309,6 +309,11 @@ def server_addresses(servers: Any) -> list[str] | int | None:
     return [str(address) for address in servers]
 
 
+def trains_on_cuda(cfg: DictConfig) -> bool:
+    """`trainer.device` is cuda, or auto on a machine with a GPU."""
+    return torch.cuda.is_available() and cfg.trainer.device != "cpu"
+
+
 def weight_transfer(cfg: DictConfig, listed: bool | None = None) -> str:
     """`rollout.vllm.weight_transfer` resolved: auto is files on a CPU; on CUDA nccl for listed
     servers (`listed`, by default read from `rollout.vllm.servers`: each on GPUs of its own) and
@@ -319,7 +324,7 @@ def weight_transfer(cfg: DictConfig, listed: bool | None = None) -> str:
     if listed is None:
         servers = OmegaConf.to_container(cfg.rollout.vllm, resolve=True)["servers"]
         listed = isinstance(server_addresses(servers), list)
-    if not (torch.cuda.is_available() and cfg.trainer.device != "cpu"):
+    if not trains_on_cuda(cfg):
         return "files"
     return "nccl" if listed else "ipc"
 
@@ -354,9 +359,8 @@ def _check_vllm(cfg: DictConfig, world: int) -> None:
             "GPU: ipc (or auto) for it, nccl for listed servers on GPUs of their own"
         )
         _require(transfer != "nccl" or isinstance(count, list), key, why, transfer)
-        cuda = torch.cuda.is_available() and cfg.trainer.device != "cpu"
         why = "vLLM's weight-transfer API sends from the trainer's GPU: train on CUDA, or files"
-        _require(transfer in ("auto", "files") or cuda, key, why, transfer)
+        _require(transfer in ("auto", "files") or trains_on_cuda(cfg), key, why, transfer)
     else:
         tp = vllm.tensor_parallel_size
         why = f"must divide the {world} processes (WORLD_SIZE): each engine spans that many ranks"
