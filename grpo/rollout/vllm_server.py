@@ -336,9 +336,9 @@ class VLLMServerBackend(Backend):
                 self, lambda senders=self.senders: [s.close() for s in senders.values()]
             )
         self.source.merged = merged
-        self._on_every_server(self._broadcast_weights, None)
+        self._on_every_server(self._transfer_weights, None)
 
-    def _broadcast_weights(self, address: str, _: Any = None) -> None:
+    def _transfer_weights(self, address: str, _: Any = None) -> None:
         """Server `address` loads the weights its sender hands over; one server at a time (the
         trainer's GPU takes part in each)."""
         with self.send_lock:
