@@ -131,7 +131,11 @@ def wait_until_healthy(
 
 
 def check_server(
-    address: str, args: dict[str, Any], tokenizer: PreTrainedTokenizerBase, timeout_s: float
+    address: str,
+    args: dict[str, Any],
+    tokenizer: PreTrainedTokenizerBase,
+    timeout_s: float,
+    request_timeout_s: float,
 ) -> None:
     """Refuse, with one line (ValueError), a server at `address` that does not run the engine
     settings `args` (`engine_args` from the training config): another model than `model`,
@@ -139,10 +143,11 @@ def check_server(
     endpoints (started without VLLM_SERVER_DEV_MODE=1), or, read from its config
     (`/server_info`), another dtype or log-probs mode, no regex stop rule, or no LoRA support
     for an adapter of rank `max_lora_rank`; `BackendLost` when it does not answer `/health`
-    within `timeout_s`."""
+    within `timeout_s`, or a check's request within `request_timeout_s` (a server's first
+    `/server_info` gathers its system facts: seconds on a busy machine)."""
     checkpoint = args["model"]
     wait_until_healthy(address, timeout_s)
-    answer = request(address, "/v1/models", None, timeout_s)["data"]
+    answer = request(address, "/v1/models", None, request_timeout_s)["data"]
     models = [m for m in answer if not m.get("parent")]  # LoRA adapters name their base
     served = sorted({m["id"] for m in models} | {m.get("root") or m["id"] for m in models})
     if served != [checkpoint]:
@@ -154,17 +159,19 @@ def check_server(
             f"completion take {args['max_model_len']}"
         )
     probe = {"model": checkpoint, "prompt": TOKENIZER_PROBE, "add_special_tokens": False}
-    tokens = request(address, "/tokenize", probe, timeout_s)["tokens"]
+    tokens = request(address, "/tokenize", probe, request_timeout_s)["tokens"]
     if tokens != tokenizer(TOKENIZER_PROBE, add_special_tokens=False).input_ids:
         raise ValueError(f"{address} tokenizes text unlike the config's tokenizer ({checkpoint})")
     try:
-        request(address, "/is_paused", None, timeout_s)
+        request(address, "/is_paused", None, request_timeout_s)
     except RuntimeError:
         raise ValueError(
             f"{address} has no /pause, /resume, /collective_rpc for the weight sync: start it "
             "with VLLM_SERVER_DEV_MODE=1 (python -m grpo.serve does)"
         ) from None
-    config = request(address, "/server_info?config_format=json", None, timeout_s)["vllm_config"]
+    config = request(address, "/server_info?config_format=json", None, request_timeout_s)[
+        "vllm_config"
+    ]
     problems = engine_differences(config, args)
     if problems:
         why = "; ".join(problems)

@@ -94,7 +94,9 @@ def rollout_servers(cfg: DictConfig, run_dir: Path) -> Iterator[list[str] | None
         tokenizer = load_tokenizer(checkpoint)
         for address in addresses:
             try:
-                check_server(address, args, tokenizer, vllm.connect_timeout_s)
+                check_server(
+                    address, args, tokenizer, vllm.connect_timeout_s, vllm.request_timeout_s
+                )
             except (BackendLost, ValueError) as error:
                 raise ConfigError(f"rollout.vllm.servers: {error}") from None
         yield list(addresses)

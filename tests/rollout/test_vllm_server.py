@@ -335,7 +335,7 @@ def test_a_server_running_other_engine_settings_is_refused(server, tmp_path):
     cfg = compose_config(*TINY, *SHARED[1:], "model.lora.enabled=true", *server_overrides(server))
     checkpoint = checkpoint_folder(cfg)
     args, tokenizer = server_args(cfg, checkpoint), load_tokenizer(checkpoint)
-    check_server(server, args, tokenizer, 5)
+    check_server(server, args, tokenizer, 5, 120)
     rank = args["max_lora_rank"]
     for change, message in (
         ({"dtype": "bfloat16"}, "computes in float32, the policy in bfloat16 (model.dtype)"),
@@ -345,7 +345,7 @@ def test_a_server_running_other_engine_settings_is_refused(server, tmp_path):
         ({"weight_transfer_config": transfer_config("nccl")}, "has no weight transfer, not nccl"),
     ):
         with pytest.raises(ValueError, match=re.escape(f"{server} {message}")):
-            check_server(server, args | change, tokenizer, 5)
+            check_server(server, args | change, tokenizer, 5, 120)
     bf16 = compose_config(*TINY, *SHARED[1:], *server_overrides(server), "model.dtype=bfloat16")
     with pytest.raises(ValueError, match=f"rollout.vllm.servers: {server} computes in float32"):
         train(bf16, tmp_path / "run")
