@@ -7,8 +7,9 @@ through the model's own forward once (prefill), then decodes with the model's ow
 (norms, projections, MLP, LM head; LoRA and 4-bit layers included) in a short loop: key/value
 buffers allocated once, rotary tables computed once, one boolean mask updated in place. LoRA
 adapters are merged into their layer's weight for the call (W + B A scaling, a transient copy):
-one product per token instead of three; big models' weights are packed by oneDNN and small
-models' projections stacked, when sampling (`grpo.rollout.products`).
+one product per token instead of three; big models' weights go through a product made for
+streaming them and small models' projections are stacked, when sampling
+(`grpo.rollout.products`).
 
 Each operation mirrors transformers' sdpa code path, so greedy decoding returns the same tokens
 as `generate`, bit for bit (with trained LoRA adapters the merged products differ from peft's
@@ -105,8 +106,9 @@ class _Decoder:
 
     Modules are called through `.forward` (no hook dispatch); rotary embedding uses
     q * cos + roll(q) * sin', with sin' the sine with its first half negated, which is
-    transformers' q * cos + rotate_half(q) * sin to the bit. With `pack`, plain fp32 linear
-    layers use `products.PackedLinear`; with `fuse`, q/k/v and gate/up are one product each.
+    transformers' q * cos + rotate_half(q) * sin to the bit. With `stream`, plain fp32 linear
+    layers use `products.streaming_product`; with `fuse`, q/k/v and gate/up are one product
+    each.
     """
 
     def __init__(
@@ -116,13 +118,13 @@ class _Decoder:
         prompt_mask: torch.Tensor,
         steps: int,
         copies: int,
-        pack: bool,
+        stream: bool,
         fuse: bool,
     ):
         body = lm.model
         n, p = prompt_mask.shape
         self.embed, self.norm = body.embed_tokens, _rms_norm(body.norm)
-        self.head = products.projection(lm.lm_head, n, pack)
+        self.head = products.projection(lm.lm_head, n, stream)
         self.layers = []
         for layer in body.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -130,15 +132,15 @@ class _Decoder:
                 (
                     _rms_norm(layer.input_layernorm),
                     attn,
-                    products.projections((attn.q_proj, attn.k_proj, attn.v_proj), n, pack, fuse),
-                    products.projection(attn.o_proj, n, pack),
+                    products.projections((attn.q_proj, attn.k_proj, attn.v_proj), n, stream, fuse),
+                    products.projection(attn.o_proj, n, stream),
                     *(  # Qwen3 normalises q and k per head
                         _rms_norm(attn.q_norm) if hasattr(attn, "q_norm") else None,
                         _rms_norm(attn.k_norm) if hasattr(attn, "k_norm") else None,
                     ),
                     _rms_norm(layer.post_attention_layernorm),
-                    products.projections((mlp.gate_proj, mlp.up_proj), n, pack, fuse),
-                    products.projection(mlp.down_proj, n, pack),
+                    products.projections((mlp.gate_proj, mlp.up_proj), n, stream, fuse),
+                    products.projection(mlp.down_proj, n, stream),
                     mlp.act_fn,
                 )
             )
@@ -275,12 +277,12 @@ def sample(
         x.repeat_interleave(g, 0) for x in (prompt_ids, prompt_mask, positions, logits)
     )
     n = prompt_ids.shape[0]
-    # Sampling only (greedy stays bit-exact with `generate`): big models' weights packed for
-    # streaming, small models' projections fused against per-call overhead.
-    pack, fuse = products.modes(lm, do_sample)
-    if pack:  # the packed copy of the weights goes into memory given back, not on top of it
+    # Sampling only (greedy stays bit-exact with `generate`): big models' weights through a
+    # streaming product, small models' projections fused against per-call overhead.
+    stream, fuse = products.modes(lm, do_sample)
+    if stream:  # copies of weights (packed, LoRA merged) go into memory given back, not on top
         products.trim_heap()
-    decoder = _Decoder(lm, cache, prompt_mask, max_new_tokens, g, pack, fuse)
+    decoder = _Decoder(lm, cache, prompt_mask, max_new_tokens, g, stream, fuse)
     del cache
     ids = prompt_ids.new_full((n, p + max_new_tokens), pad_token_id)
     ids[:, :p] = prompt_ids
@@ -317,7 +319,7 @@ def sample(
         position = position + 1
         logits = decoder.step(tokens, position)
     del decoder
-    if pack:
+    if stream:
         products.trim_heap()
     return ids[:, : p + steps], None if logprobs is None else logprobs[:, :steps]
 

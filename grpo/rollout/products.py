@@ -1,19 +1,25 @@
-"""The lean decoder's matrix products with a layer's weight: LoRA adapters merged, packed by
-oneDNN for models that stream their weights, stacked for small ones.
+"""The lean decoder's matrix products with a layer's weight: LoRA adapters merged, streamed
+through a few-row kernel for models that stream their weights, stacked for small ones.
 
 Decoding multiplies a few rows by every weight matrix once per token. For a model too big for
-the CPU caches (SmolLM2: 540 MB of fp32) the products are bound by reading the weights, and
-oneDNN's blocked layout reads them 2.3-4x faster than MKL's sgemm (docs/performance.md); for a
-small model every product is per-call overhead, so q/k/v and gate/up run as one product each.
-Both round differently from `F.linear`, so `modes` uses them for sampling only: greedy decoding
-stays bit-exact with `generate`.
+the CPU caches (SmolLM2: 540 MB of fp32) the products are bound by reading the weights: on CPUs
+with AVX2 but not AVX-512, our kernel (`few_rows.cpp`, built on first use) reads them in their
+own layout 1.4-1.8x faster than oneDNN's packed kernel, which still serves AVX-512 CPUs (and
+reads 2.3-4x faster than MKL's sgemm, docs/performance.md); for a small model every product is
+per-call overhead, so q/k/v and gate/up run as one product each. All of these round differently
+from `F.linear`, so `modes` uses them for sampling only: greedy decoding stays bit-exact with
+`generate`.
 """
 
 from __future__ import annotations
 
 import ctypes
+import subprocess
+import sys
 from collections.abc import Callable
-from functools import partial
+from functools import cache, partial
+from pathlib import Path
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -21,15 +27,20 @@ from torch import nn
 from transformers import PreTrainedModel
 
 # Models with more bytes of weights than this stream them from memory on every decoding step.
-PACK_BYTES = 2**26
+STREAM_BYTES = 2**26
+KERNEL_SOURCE = Path(__file__).with_name("few_rows.cpp")
+
+Product = Callable[[torch.Tensor], torch.Tensor]
 
 
 def modes(lm: PreTrainedModel, do_sample: bool) -> tuple[bool, bool]:
-    """(pack, fuse) for a `sample` call: pack the weights of models too big for the CPU caches
-    (where oneDNN's packed linear runs), fuse small models' projections; neither for greedy
-    decoding."""
-    big = weight_bytes(lm) > PACK_BYTES
-    return do_sample and big and _onednn_packs(lm), do_sample and not big
+    """(stream, fuse) for a `sample` call: a streaming product (`streaming_product`) for the
+    weights of CPU models too big for the caches, fused projections for small models; neither
+    for greedy decoding."""
+    big = weight_bytes(lm) > STREAM_BYTES
+    on_cpu = next(lm.parameters()).device.type == "cpu"
+    stream = do_sample and big and on_cpu and streaming_product() is not None
+    return stream, do_sample and not big
 
 
 def weight_bytes(lm: PreTrainedModel) -> int:
@@ -37,14 +48,53 @@ def weight_bytes(lm: PreTrainedModel) -> int:
     return sum(p.numel() * p.element_size() for p in lm.parameters())
 
 
-def _onednn_packs(lm: PreTrainedModel) -> bool:
-    """oneDNN's packed linear is available and the model is on the CPU."""
+def streaming_product() -> type[FewRowsLinear] | type[PackedLinear] | None:
+    """The product for weights streamed from memory on this CPU: our kernel where the CPU has
+    AVX2 but not AVX-512 (where it was measured) and it builds; else oneDNN's packed linear
+    where this torch has it; else None (`F.linear`)."""
+    avx2_only = torch.cpu._is_avx2_supported() and not torch.cpu._is_avx512_supported()
+    if avx2_only and few_rows_kernel() is not None:
+        return FewRowsLinear
     ops = getattr(torch.ops, "mkldnn", None)
-    return (
-        torch.backends.mkldnn.is_available()
-        and hasattr(ops, "_linear_pointwise")
-        and next(lm.parameters()).device.type == "cpu"
-    )
+    if torch.backends.mkldnn.is_available() and hasattr(ops, "_linear_pointwise"):
+        return PackedLinear
+    return None
+
+
+@cache
+def few_rows_kernel() -> ModuleType | None:
+    """`few_rows.cpp` compiled (once per machine and torch: torch caches the build under
+    TORCH_EXTENSIONS_DIR, ~40 s) and loaded; None where it cannot be, said in one line."""
+    if not torch.cpu._is_avx2_supported():
+        return None
+    from torch.utils.cpp_extension import load
+
+    flags = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # OpenMP: torch's threads (at::parallel_for)
+    try:
+        return load(
+            "grpo_few_rows", [str(KERNEL_SOURCE)], extra_cflags=flags, extra_ldflags=flags[-1:]
+        )
+    except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as error:
+        # no compiler or ninja, a failed build: the first line of what torch says
+        reason = (str(error).strip() or type(error).__name__).splitlines()[0]
+        print(
+            f"note: decoding with oneDNN's products, {KERNEL_SOURCE.name} did not build: {reason}",
+            file=sys.stderr,
+        )
+        return None
+
+
+class FewRowsLinear:
+    """An fp32 linear product through our few-row kernel (`few_rows.cpp`): the weight read in
+    its own layout, no copy; a row's result does not depend on the other rows. Results differ
+    from `F.linear` in the last bits."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int):
+        self.weight, self.bias = weight.contiguous(), bias
+        self.kernel = few_rows_kernel()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernel.linear(x, self.weight, self.bias)
 
 
 class PackedLinear:
@@ -89,19 +139,19 @@ def plain_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] 
     return (module.weight, module.bias) if type(module) is nn.Linear else None
 
 
-def projection(module: nn.Module, rows: int, pack: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The product with `module`'s weight (`plain_weight`), packed when `pack` (fp32); else
-    `module.forward`."""
+def projection(module: nn.Module, rows: int, stream: bool) -> Product:
+    """The product with `module`'s weight (`plain_weight`), through `streaming_product` when
+    `stream` (fp32); else `module.forward`."""
     weights = plain_weight(module)
     if weights is None:
         return module.forward
-    if pack and weights[0].dtype == torch.float32:
-        return PackedLinear(*weights, rows).forward
+    if stream and weights[0].dtype == torch.float32:
+        return streaming_product()(*weights, rows).forward
     return partial(F.linear, weight=weights[0], bias=weights[1])
 
 
 def projections(
-    modules: tuple[nn.Module, ...], rows: int, pack: bool, fuse: bool
+    modules: tuple[nn.Module, ...], rows: int, stream: bool, fuse: bool
 ) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
     """One input through several projections (q, k, v; gate, up): their outputs.
 
@@ -116,16 +166,16 @@ def projections(
         bias = torch.cat([b for _, b in weights]) if biases[0] else None
         sizes = [w.shape[0] for w, _ in weights]
         return lambda x: F.linear(x, stacked, bias).split(sizes, -1)
-    products = [projection(m, rows, pack) for m in modules]
+    products = [projection(m, rows, stream) for m in modules]
     return lambda x: tuple(product(x) for product in products)
 
 
 def trim_heap() -> None:
     """Give the heap's free pages back to the OS (glibc `malloc_trim`; a no-op elsewhere).
 
-    The allocator keeps freed memory (the last update's activations and gradients, the packed
-    weights) mapped; without this, the packed weights and the next update's tensors land on
-    top of it and the peak resident memory grows by their size.
+    The allocator keeps freed memory (the last update's activations and gradients, packed or
+    merged weights) mapped; without this, the decoder's copies of weights and the next update's
+    tensors land on top of it and the peak resident memory grows by their size.
     """
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)

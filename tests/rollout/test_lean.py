@@ -53,15 +53,21 @@ def test_lean_greedy_tokens_equal_generate(kind, kv_heads, padded, copies):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-@pytest.mark.parametrize("pack", [False, True])
-def test_lean_sampling_logprobs_equal_a_forward_pass(temperature, pack, monkeypatch):
-    """With oneDNN-packed weights (models too big for the caches) and without: then this small
-    model's q/k/v and gate/up products are fused, biases included (Qwen2)."""
-    if pack:
-        monkeypatch.setattr(products, "PACK_BYTES", 0)  # pack even this small model
+@pytest.mark.parametrize("product", [None, "FewRowsLinear", "PackedLinear"])
+def test_lean_sampling_logprobs_equal_a_forward_pass(temperature, product, monkeypatch):
+    """Through each streaming product (models too big for the caches: our few-row kernel,
+    oneDNN's packed linear) and without: then this small model's q/k/v and gate/up products are
+    fused, biases included (Qwen2)."""
+    if product is not None:
+        monkeypatch.setattr(products, "STREAM_BYTES", 0)  # stream even this small model
+        if product == "FewRowsLinear" and products.few_rows_kernel() is None:
+            pytest.skip("the few-row kernel does not build on this machine")
+        if product == "PackedLinear" and not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+            pytest.skip("this torch build has no oneDNN packed linear")
+        chosen = getattr(products, product)
+        monkeypatch.setattr(products, "streaming_product", lambda: chosen)
     model = random_model("qwen2", 2)
-    if products.modes(model, do_sample=True)[0] != pack:
-        pytest.skip("this torch build has no oneDNN packed linear")
+    assert products.modes(model, do_sample=True)[0] == (product is not None)
     ids, mask = prompt_batch(padded=True)
     torch.manual_seed(3)
     tokens, logprobs = lean_sample(
