@@ -4,7 +4,7 @@ through a few-row kernel for models that stream their weights, stacked for small
 Decoding multiplies a few rows by every weight matrix once per token. For a model too big for
 the CPU caches (SmolLM2: 540 MB of fp32) the products are bound by reading the weights: on CPUs
 with AVX2 but not AVX-512, our kernel (`few_rows.cpp`, built on first use) reads them in their
-own layout 1.4-1.8x faster than oneDNN's packed kernel, which still serves AVX-512 CPUs (and
+own layout 1.5-1.7x faster than oneDNN's packed kernel, which still serves AVX-512 CPUs (and
 reads 2.3-4x faster than MKL's sgemm, docs/performance.md); for a small model every product is
 per-call overhead, so q/k/v and gate/up run as one product each. All of these round differently
 from `F.linear`, so `modes` uses them for sampling only: greedy decoding stays bit-exact with
@@ -64,7 +64,7 @@ def streaming_product() -> type[FewRowsLinear] | type[PackedLinear] | None:
 @cache
 def few_rows_kernel() -> ModuleType | None:
     """`few_rows.cpp` compiled (once per machine and torch: torch caches the build under
-    TORCH_EXTENSIONS_DIR, ~40 s) and loaded; None where it cannot be, said in one line."""
+    TORCH_EXTENSIONS_DIR, ~45 s) and loaded; None where it cannot be, said in one line."""
     if not torch.cpu._is_avx2_supported():
         return None
     from torch.utils.cpp_extension import load
@@ -87,7 +87,7 @@ def few_rows_kernel() -> ModuleType | None:
 class FewRowsLinear:
     """An fp32 linear product through our few-row kernel (`few_rows.cpp`): the weight read in
     its own layout, no copy; a row's result does not depend on the other rows. Results differ
-    from `F.linear` in the last bits."""
+    from `F.linear` in the last bits. `rows` is not needed (`PackedLinear`'s signature)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int):
         self.weight, self.bias = weight.contiguous(), bias
