@@ -364,10 +364,14 @@ def run_trl(workload: Workload, threads: int) -> dict:
 def run_machine(threads: int, size: int = 4096, repeats: int = 3) -> dict:
     """The machine's two limits: GFLOP/s of the best of `repeats` fp32 (size x size) @
     (size x size) products, and memory GB/s of the best of `repeats` STREAM triads
-    (`triad_gbs`); the kernels torch dispatches to."""
+    (`triad_gbs`); the kernels torch dispatches to, and the lean decoder's product for streamed
+    weights (`products.streaming_product`)."""
     import torch
 
+    from grpo.rollout import products
+
     torch.set_num_threads(threads)
+    streaming = products.streaming_product()
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b  # warm-up
     best = min(_timed(lambda: a @ b) for _ in range(repeats))
@@ -378,6 +382,7 @@ def run_machine(threads: int, size: int = 4096, repeats: int = 3) -> dict:
         "capability": torch.backends.cpu.get_cpu_capability(),
         "blas": blas.group(1) if blas else "unknown",
         "mkl_instructions": os.environ.get("MKL_ENABLE_INSTRUCTIONS", "(default: the best)"),
+        "streaming": streaming.__name__ if streaming else "F.linear",
     }
 
 
@@ -923,7 +928,9 @@ def main() -> None:
     forced = " ".join(f"{k}={v}" for k, v in DISPATCH_ENV.items())
     print(
         f"dispatch: torch CPU capability {machine['capability']}, BLAS {machine['blas']}, MKL "
-        f"instructions {machine['mkl_instructions']}" + (f" ({forced})" if forced else ""),
+        f"instructions {machine['mkl_instructions']}"
+        + (f" ({forced})" if forced else "")
+        + f"; the decoder streams weights through {machine['streaming']}",
         flush=True,
     )
     print(
