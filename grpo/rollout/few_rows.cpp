@@ -3,9 +3,9 @@
 // Decoding multiplies a handful of rows by every weight matrix once per token, so a product is
 // bound by reading W once from memory. W is read in its own row-major layout (no packed copy):
 // each output n streams its row W[n, :] once, 8 floats at a time, against up to 8 rows of x
-// (held in L1), one accumulator vector per row; the next-but-one row is prefetched. More rows
-// of x take further passes over the same W row, which is in cache by then. Outputs are split
-// over torch's threads. Every output's sum runs over k in the same order whatever the batch,
+// (held in L1), one accumulator vector per row; the next row of W is prefetched. More rows of x
+// take further passes over the same tile of 64 W rows, which is in cache by then. Outputs are
+// split over torch's threads. Every output's sum runs over k in the same order whatever the batch,
 // the row block or the thread count, so the result of a row does not depend on the other rows.
 // Built on first use by grpo.rollout.products (torch.utils.cpp_extension).
 #include <torch/extension.h>
