@@ -48,10 +48,12 @@ def weight_bytes(lm: PreTrainedModel) -> int:
     return sum(p.numel() * p.element_size() for p in lm.parameters())
 
 
+@cache
 def streaming_product() -> type[FewRowsLinear] | type[PackedLinear] | None:
     """The product for weights streamed from memory on this CPU: our kernel where the CPU has
     AVX2 but not AVX-512 (where it was measured) and it builds; else oneDNN's packed linear
-    where this torch has it; else None (`F.linear`)."""
+    where this torch has it; else None (`F.linear`). Chosen once per process: `modes` and
+    every projection of a `sample` call ask."""
     avx2_only = torch.cpu._is_avx2_supported() and not torch.cpu._is_avx512_supported()
     if avx2_only and few_rows_kernel() is not None:
         return FewRowsLinear
