@@ -149,7 +149,10 @@ def test_a_4bit_run_exports_its_dequantized_weights(tmp_path):
     assert "quantization_config" not in config
     card = (folder / "README.md").read_text()
     assert "de-quantized NF4 weights" in card and "4-bit NF4 base, QLoRA" in card
-    assert_same_policy(run_dir, folder, atol=1e-4)
+    # bitsandbytes' CPU 4-bit products round differently from an fp32 product with the same
+    # de-quantized weights, by instruction set: up to 4.7e-4 in a log-prob on an AVX-512 EPYC
+    # (under 1e-4 on an AVX2 one); the run itself moved them by more than 1e-2 (checked below)
+    assert_same_policy(run_dir, folder, atol=2e-3)
 
 
 def vllm_greedy(folder: Path, prompt_ids: list[list[int]]):
