@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from grpo import distributed
+from grpo import distributed, heap
 from grpo.actor.logprobs import SharedPrompts, batch_logprobs, can_pack, micro_batches, rows_of
 from grpo.actor.reference import Reference
 from grpo.algorithm.kl import sequence_kl_penalty
@@ -55,6 +55,7 @@ class UpdateSettings:
     mask_truncated: bool = False  # DAPO's overlong filtering
     need_old: bool = False  # the old policy's log-probs: several steps, or the KL in the reward
     engine_as_old: bool = False  # pi_old = the engine's log-probs (algorithm.old_logprobs=engine)
+    keep_freed_memory: bool = False  # micro-batches reuse freed memory (grpo.heap.kept)
 
 
 class Actor:
@@ -111,17 +112,18 @@ class Actor:
         size = n // s.num_mini_batches
         steps = []
         model.train()
-        for _ in range(s.epochs):
-            for start in range(0, n, size):
-                rows = slice(start, start + size)
-                norm = normalisers(mask[rows])
-                if not norm["num_tokens"]:  # on any rank
-                    continue
-                batch = take(rollout, rows)
-                inputs = _per_token_inputs(scores, rollout, rows, s.engine_as_old)
-                steps.append(
-                    self._optimizer_step(batch, advantages[rows], mask[rows], norm, inputs)
-                )
+        with heap.kept(s.keep_freed_memory):  # then given back
+            for _ in range(s.epochs):
+                for start in range(0, n, size):
+                    rows = slice(start, start + size)
+                    norm = normalisers(mask[rows])
+                    if not norm["num_tokens"]:  # on any rank
+                        continue
+                    batch = take(rollout, rows)
+                    inputs = _per_token_inputs(scores, rollout, rows, s.engine_as_old)
+                    steps.append(
+                        self._optimizer_step(batch, advantages[rows], mask[rows], norm, inputs)
+                    )
         model.eval()
         keys = steps[0] if steps else {}
         stats = {key: sum(step[key] for step in steps) / len(steps) for key in keys}

@@ -37,6 +37,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from grpo import heap
 from grpo.model.loading import LLAMA_LIKE, causal_lm
 from grpo.rollout import products
 from grpo.rollout.base import StopOnPattern
@@ -281,7 +282,7 @@ def sample(
     # streaming product, small models' projections fused against per-call overhead.
     stream, fuse = products.modes(lm, do_sample)
     if stream:  # copies of weights (packed, LoRA merged) go into memory given back, not on top
-        products.trim_heap()
+        heap.trim()
     decoder = _Decoder(lm, cache, prompt_mask, max_new_tokens, g, stream, fuse)
     del cache
     ids = prompt_ids.new_full((n, p + max_new_tokens), pad_token_id)
@@ -320,7 +321,7 @@ def sample(
         logits = decoder.step(tokens, position)
     del decoder
     if stream:
-        products.trim_heap()
+        heap.trim()
     return ids[:, : p + steps], None if logprobs is None else logprobs[:, :steps]
 
 

@@ -13,7 +13,6 @@ from `F.linear`, so `modes` uses them for sampling only: greedy decoding stays b
 
 from __future__ import annotations
 
-import ctypes
 import subprocess
 import sys
 from collections.abc import Callable
@@ -170,16 +169,3 @@ def projections(
         return lambda x: F.linear(x, stacked, bias).split(sizes, -1)
     products = [projection(m, rows, stream) for m in modules]
     return lambda x: tuple(product(x) for product in products)
-
-
-def trim_heap() -> None:
-    """Give the heap's free pages back to the OS (glibc `malloc_trim`; a no-op elsewhere).
-
-    The allocator keeps freed memory (the last update's activations and gradients, packed or
-    merged weights) mapped; without this, the decoder's copies of weights and the next update's
-    tensors land on top of it and the peak resident memory grows by their size.
-    """
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass

@@ -111,4 +111,5 @@ def update_settings(cfg: DictConfig) -> UpdateSettings:
         mask_truncated=alg.mask_truncated,
         need_old=(several and not engine_as_old) or alg.kl.in_reward,
         engine_as_old=engine_as_old,
+        keep_freed_memory=tr.keep_freed_memory,
     )

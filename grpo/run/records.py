@@ -40,6 +40,7 @@ RESUMABLE_KEYS = (
     "trainer.save_every",
     "trainer.keep_checkpoints",
     "trainer.num_threads",
+    "trainer.keep_freed_memory",
     "logging.progress_bar",
     # where the vLLM servers run and how long they may take (mode=server)
     "rollout.vllm.servers",

@@ -190,6 +190,7 @@ class TrainerSchema:
     device: Device = MISSING
     strategy: Strategy = MISSING
     num_threads: int | None = MISSING
+    keep_freed_memory: bool = MISSING
 
 
 @dataclass
