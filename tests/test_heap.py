@@ -27,7 +27,7 @@ def resident_mb():
 out = {"faults": []}
 hidden = torch.randn(128, 576)
 with heap.kept(sys.argv[1] == "keep") as kept:
-    for _ in range(8):  # an update's micro-batches: SmolLM2's LM-head gradients, 113 MB each
+    for _ in range(10):  # an update's micro-batches: SmolLM2's LM-head gradients, 113 MB each
         start = faults()
         grad = torch.zeros(49152, 576)
         grad += torch.randn(49152, 128) @ hidden

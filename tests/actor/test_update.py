@@ -214,6 +214,19 @@ def test_inference_batch_size_does_not_change_the_update(rollout):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_keeping_freed_memory_gives_the_same_update_bit_for_bit(rollout):
+    """`keep_freed_memory` (grpo.heap.kept) changes where tensors live, not what they hold."""
+    results = []
+    for keep in (False, True):
+        policy = tiny_policy()
+        stats = update(policy, rollout, micro_batch_size=2, keep_freed_memory=keep)
+        results.append((stats, snapshot(policy)))
+    (stats_off, params_off), (stats_on, params_on) = results
+    assert stats_on == stats_off
+    for a, b in zip(params_off, params_on, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_top_entropy_tokens_are_the_batch_quantile():
     entropy = torch.tensor([[0.1, 0.5, 0.9, 0.0], [0.3, 0.7, 0.0, 0.0]])
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
