@@ -18,11 +18,12 @@ measured/floor ratio (scripts/floors.py), and how our step time grows with G x l
 micro-batches and with `trainer.micro_batch_tokens` on one GSM8K rollout of varied lengths
 (needs ../shared/data/gsm8k or GRPO_GSM8K_DIR). `--weight-sync` times vLLM's weight sync per
 step for SmolLM2 + LoRA r16, the adapter alone against the merged weights
-(`rollout.vllm.lora_sync`; needs vLLM). `--asynchronous` times our step with generation ahead of
-training (`rollout.max_staleness` 0 and 1) against one vLLM server the bench starts pinned to
-core 0, the trainer pinned to core 1 (as generation and training would own their GPUs), beside
-the colocated synchronous step on both cores (SmolLM2 + LoRA; `--quick`: the tiny model, a
-smoke test; needs vLLM and 2 cores).
+(`rollout.vllm.lora_sync`; needs vLLM). `--freed-memory` times the update alone with
+`trainer.keep_freed_memory` on and off, alternated in one process. `--asynchronous` times our
+step with generation ahead of training (`rollout.max_staleness` 0 and 1) against one vLLM server
+the bench starts pinned to core 0, the trainer pinned to core 1 (as generation and training
+would own their GPUs), beside the colocated synchronous step on both cores (SmolLM2 + LoRA;
+`--quick`: the tiny model, a smoke test; needs vLLM and 2 cores).
 """
 
 from __future__ import annotations
@@ -586,6 +587,44 @@ def run_update_piece(workload: Workload, threads: int, repeats: int = 3) -> dict
     return {"update_s": wall, "lengths": lengths}
 
 
+def run_heap_piece(workload: Workload, threads: int, repeats: int) -> dict:
+    """`--freed-memory`, the update alone with `trainer.keep_freed_memory` on and off, alternated
+    `repeats` times in one process after a warm-up of each (the bench's first measured rollout,
+    AdamW at lr 0: the same weights each time): seconds and page faults of each update."""
+    import resource
+
+    import torch
+
+    from grpo.actor.update import Actor, UpdateSettings
+    from grpo.algorithm.loss import GRPOLoss
+
+    policy, _, rollout = _policy_and_rollout(workload, threads)
+    if workload.lora:
+        policy = lora_policy(workload)
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=0.0, betas=(0.9, 0.99), fused=True)
+    advantages = torch.linspace(-1.0, 1.0, workload.completions)
+    result = {"kept_s": [], "default_s": [], "kept_faults": [], "default_faults": []}
+
+    def update(keep: bool) -> tuple[float, int]:
+        settings = UpdateSettings(1.0, workload.micro_batch, None, 8, True, 1.0)
+        settings = replace(settings, keep_freed_memory=keep)
+        actor = Actor(policy, None, GRPOLoss(kl={"coef": 0.0}), optimizer, settings)
+        scores = actor.score(rollout)
+        faults, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+        actor.update(rollout, advantages, scores)
+        seconds = time.perf_counter() - start
+        return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+
+    update(True), update(False)  # warm-up
+    for _ in range(repeats):
+        for keep, side in ((True, "kept"), (False, "default")):
+            seconds, faults = update(keep)
+            result[f"{side}_s"].append(seconds)
+            result[f"{side}_faults"].append(faults)
+    return result
+
+
 def run_sync_piece(workload: Workload, threads: int, lora_sync: str, syncs: int = 5) -> dict:
     """`--weight-sync`: SmolLM2 + LoRA r16 in a vLLM engine (`rollout.vllm.lora_sync`); the
     seconds of `syncs` weight syncs after the engine's first (which loads the base weights),
@@ -626,6 +665,8 @@ def worker(args: argparse.Namespace) -> None:
         result = run_update_piece(workload, args.threads)
     elif args.worker == "sync":
         result = run_sync_piece(workload, args.threads, args.set[0])
+    elif args.worker == "heap":
+        result = run_heap_piece(workload, args.threads, int(args.set[0]))
     elif args.worker == "logprobs":
         chunk, micro = json.loads(args.set[0])
         result = run_logprobs_piece(workload, args.threads, chunk, micro)
@@ -855,6 +896,12 @@ def main() -> None:
         "../shared/data/gsm8k or GRPO_GSM8K_DIR)",
     )
     parser.add_argument(
+        "--freed-memory",
+        action="store_true",
+        help="ours only: the update alone with trainer.keep_freed_memory on and off, alternated "
+        "in one process (SmolLM2 full and + LoRA)",
+    )
+    parser.add_argument(
         "--weight-sync",
         action="store_true",
         help="ours only: vLLM weight-sync seconds per step, LoRA adapter vs merged (needs vLLM)",
@@ -875,7 +922,17 @@ def main() -> None:
     # Worker mode (internal): run one measurement and write JSON.
     parser.add_argument(
         "--worker",
-        choices=["ours", "trl", "machine", "floor", "generation", "logprobs", "update", "sync"],
+        choices=[
+            "ours",
+            "trl",
+            "machine",
+            "floor",
+            "generation",
+            "logprobs",
+            "update",
+            "sync",
+            "heap",
+        ],
     )
     parser.add_argument("--spec", help="the workload as JSON")
     parser.add_argument("--out")
@@ -899,6 +956,9 @@ def main() -> None:
         return
     if args.micro_batches:
         micro_batch_modes(args.repeats, args.threads)
+        return
+    if args.freed_memory:
+        freed_memory_modes(args.repeats, args.threads)
         return
     if args.weight_sync:
         if not available():
@@ -1010,6 +1070,26 @@ def micro_batch_modes(repeats: int, threads: int) -> None:
     print(
         f"  tokens/fixed: update time {tokens / fixed:.2f}x, peak RSS {tokens_rss / fixed_rss:.2f}x"
     )
+
+
+def freed_memory_modes(repeats: int, threads: int) -> None:
+    """`--freed-memory`: the update of SmolLM2 (full, then + LoRA) with the memory it frees kept
+    for its next micro-batch (`grpo.heap.kept`) and without, alternated `repeats` times in one
+    process (`run_heap_piece`): medians of the seconds and page faults per update."""
+    for workload in (SMOLLM2, SMOLLM2_LORA):
+        r = spawn("heap", workload, threads, [str(repeats)])
+        wins = sum(k < d for k, d in zip(r["kept_s"], r["default_s"], strict=True))
+        print(
+            f"{workload.name}: the update alone, micro-batches of {workload.micro_batch}, "
+            f"{repeats} alternations in one process; kept faster in {wins} of {repeats}"
+        )
+        for side in ("kept", "default"):
+            seconds, faults = r[f"{side}_s"], r[f"{side}_faults"]
+            print(
+                f"  {side:<8} update {statistics.median(seconds):6.2f} s "
+                f"({min(seconds):.2f}-{max(seconds):.2f})  "
+                f"page faults {statistics.median(faults) / 1000:7.0f}k"
+            )
 
 
 def weight_sync_modes(repeats: int, threads: int) -> None:
