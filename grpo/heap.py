@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 
 # mallopt parameters and glibc's values for them (malloc.h, malloc.c)
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
@@ -24,8 +25,9 @@ DEFAULT_TRIM_THRESHOLD = 2 * 32 * 2**20  # where glibc's dynamic threshold ends 
 KEEP_BYTES = 2**31 - 1  # free memory the heap keeps at its top within `kept` (an int)
 
 
+@cache
 def _libc() -> ctypes.CDLL | None:
-    """glibc, where there is one."""
+    """glibc, where there is one (loaded once per process: each update and sampling call asks)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:

@@ -607,8 +607,9 @@ def run_heap_piece(workload: Workload, threads: int, repeats: int) -> dict:
     result = {"kept_s": [], "default_s": [], "kept_faults": [], "default_faults": []}
 
     def update(keep: bool) -> tuple[float, int]:
-        settings = UpdateSettings(1.0, workload.micro_batch, None, 8, True, 1.0)
-        settings = replace(settings, keep_freed_memory=keep)
+        settings = UpdateSettings(
+            1.0, workload.micro_batch, None, 8, True, 1.0, keep_freed_memory=keep
+        )
         actor = Actor(policy, None, GRPOLoss(kl={"coef": 0.0}), optimizer, settings)
         scores = actor.score(rollout)
         faults, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
