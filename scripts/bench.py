@@ -366,13 +366,13 @@ def run_machine(threads: int, size: int = 4096, repeats: int = 3) -> dict:
     """The machine's two limits: GFLOP/s of the best of `repeats` fp32 (size x size) @
     (size x size) products, and memory GB/s of the best of `repeats` STREAM triads
     (`triad_gbs`); the kernels torch dispatches to, and the lean decoder's product for streamed
-    weights (`products.streaming_product`)."""
+    weights for the bench's 8 decoding rows (`products.streaming_product`)."""
     import torch
 
     from grpo.rollout import products
 
     torch.set_num_threads(threads)
-    streaming = products.streaming_product()
+    streaming = products.streaming_product(8)
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b  # warm-up
     best = min(_timed(lambda: a @ b) for _ in range(repeats))

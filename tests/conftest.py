@@ -30,7 +30,7 @@ import grpo.run.config  # noqa: F401  (registers the config schema)
 from grpo.actor.update import Actor, UpdateSettings
 from grpo.algorithm.loss import GRPOLoss
 from grpo.batch import Rollout
-from grpo.rollout import lean
+from grpo.rollout import kernels, lean
 from grpo.rollout.backends import BACKENDS
 from grpo.rollout.settings import SamplingSettings
 from grpo.rollout.source import render_prompts, tokenize_prompts
@@ -186,6 +186,14 @@ def random_model(kind: str, kv_heads: int, eos: int = EOS, dtype: torch.dtype = 
     )
     torch.manual_seed(0)
     return model_cls(config).to(dtype).eval()
+
+
+def built_kernel(name: str):
+    """`grpo.rollout.kernels.load(name)`, or skip the test where `<name>.cpp` does not build."""
+    kernel = kernels.load(name)
+    if kernel is None:
+        pytest.skip(f"{name}.cpp does not build on this machine (no AVX2 or no compiler)")
+    return kernel
 
 
 def lean_sample(model, ids, mask, max_new_tokens: int, eos: int = EOS, n: int = 1, **sampling):

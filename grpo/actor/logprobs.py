@@ -83,8 +83,10 @@ def token_logprobs(
     ids, mask, scored = _trimmed_completions(rollout)
     if _chunked_head(model) and chunk_logits is not None:
         inputs = _model_inputs(prompt_ids, prompt_mask, ids, mask)
-        # The model's own forward (hooks see it), for its final hidden states; one logit row each.
-        out = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+        # The model's own forward (hooks see it), for its final hidden states; no logits.
+        out = model(
+            **inputs, output_hidden_states=True, logits_to_keep=_no_logits(ids), use_cache=False
+        )
         hidden = out.hidden_states[-1][:, -(ids.shape[1] + 1) : -1]
         scores = _head_logprobs(
             hidden, model, ids, scored, temperature, with_entropy, entropy_grad, chunk_logits
@@ -161,7 +163,7 @@ class SharedPrompts:
             position_ids=(self.prompt_mask.cumsum(1) - 1).clamp(min=0),
             use_cache=True,
             output_hidden_states=True,
-            logits_to_keep=1,
+            logits_to_keep=_no_logits(ids),
         )
         # The last prompt position's hidden state predicts the first completion token.
         outputs = [out.hidden_states[-1][:, -1]]
@@ -216,7 +218,7 @@ class SharedPrompts:
             past_key_values=DynamicCache(list(zip(kv[0::2], kv[1::2], strict=True)), self._config),
             use_cache=True,
             output_hidden_states=True,
-            logits_to_keep=1,
+            logits_to_keep=_no_logits(ids),
         )
         return out.hidden_states[-1]
 
@@ -475,6 +477,13 @@ def _chunked_head(model: PreTrainedModel) -> bool:
         and isinstance(head, nn.Linear)
         and not distributed.sharded(head.weight)
     )
+
+
+def _no_logits(like: torch.Tensor) -> torch.Tensor:
+    """`logits_to_keep` for a forward pass read for its hidden states only: no position, so the
+    model's LM head multiplies nothing (1 would still cost a rows x vocabulary product: SmolLM2's
+    update spent ~0.1 s a step on logits it never read)."""
+    return torch.empty(0, dtype=torch.long, device=like.device)
 
 
 def _model_inputs(

@@ -9,7 +9,9 @@ buffers allocated once, rotary tables computed once, one boolean mask updated in
 adapters are merged into their layer's weight for the call (W + B A scaling, a transient copy):
 one product per token instead of three; big models' weights go through a product made for
 streaming them and small models' projections are stacked, when sampling
-(`grpo.rollout.products`).
+(`grpo.rollout.products`); sampling on the CPU also runs the operations between products fused
+(attention with rotary embedding and the cache write, each residual add with its RMSNorm,
+SwiGLU: `decode_ops.cpp`, `fused_ops`), which round differently in the last bits.
 
 Each operation mirrors transformers' sdpa code path, so greedy decoding returns the same tokens
 as `generate`, bit for bit (with trained LoRA adapters the merged products differ from peft's
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial, wraps
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -39,7 +42,7 @@ from transformers import (
 
 from grpo import heap
 from grpo.model.loading import LLAMA_LIKE, causal_lm
-from grpo.rollout import products
+from grpo.rollout import kernels, products
 from grpo.rollout.base import StopOnPattern
 from grpo.rollout.hf_generate import TransformersBackend
 from grpo.rollout.settings import SamplingSettings
@@ -58,6 +61,7 @@ UNSUPPORTED_GENERATION_FIELDS = (
 )
 
 _DEFAULTS = GenerationConfig()
+SILU = ("SiLU", "SiLUActivation")  # torch's and transformers' modules for F.silu
 # stop(ids so far, scores) -> (N,) bool, True where a row is done (a transformers StoppingCriteria).
 Stop = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
@@ -102,6 +106,27 @@ def _rms_norm(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return partial(F.rms_norm, normalized_shape=weight.shape, weight=weight, eps=eps)
 
 
+def fused_ops(lm: PreTrainedModel, do_sample: bool) -> ModuleType | None:
+    """`decode_ops.cpp` (`grpo.rollout.kernels`) for a `sample` call that can use it: sampling
+    (greedy decoding stays bit-exact with `generate`) on the CPU, fp32 RMSNorms
+    (`_rms_norm`'s fused case), SwiGLU, and widths its 8-float vectors divide; else None."""
+    body, config = lm.model, lm.config
+    norms = [body.norm] + [
+        norm
+        for layer in body.layers
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm)
+    ]
+    widths = (config.hidden_size, config.intermediate_size, body.layers[0].self_attn.head_dim)
+    suits = (
+        do_sample
+        and lm.device.type == "cpu"
+        and all(isinstance(_rms_norm(norm), partial) for norm in norms)
+        and all(type(layer.mlp.act_fn).__name__ in SILU for layer in body.layers)
+        and all(w % 8 == 0 for w in widths)
+    )
+    return kernels.load("decode_ops") if suits else None
+
+
 class _Decoder:
     """One token per row through the model's layers, with preallocated key/value buffers.
 
@@ -109,7 +134,7 @@ class _Decoder:
     q * cos + roll(q) * sin', with sin' the sine with its first half negated, which is
     transformers' q * cos + rotate_half(q) * sin to the bit. With `stream`, plain fp32 linear
     layers use `products.streaming_product`; with `fuse`, q/k/v and gate/up are one product
-    each.
+    each (`products.product`); with `ops`, `decode_ops.cpp` does the rest (`_fused_step`).
     """
 
     def __init__(
@@ -121,11 +146,19 @@ class _Decoder:
         copies: int,
         stream: bool,
         fuse: bool,
+        ops: ModuleType | None = None,
     ):
         body = lm.model
+        self.ops = ops
+        if ops is not None:  # the RMSNorms' (weight, eps) in the order the residual meets them
+            self.norm_weights = [
+                (norm.weight, norm.variance_epsilon)
+                for layer in body.layers
+                for norm in (layer.input_layernorm, layer.post_attention_layernorm)
+            ] + [(body.norm.weight, body.norm.variance_epsilon)]
         n, p = prompt_mask.shape
         self.embed, self.norm = body.embed_tokens, _rms_norm(body.norm)
-        self.head = products.projection(lm.lm_head, n, stream)
+        self.head = products.projection(lm.lm_head, n, stream, fuse)
         self.layers = []
         for layer in body.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -134,14 +167,14 @@ class _Decoder:
                     _rms_norm(layer.input_layernorm),
                     attn,
                     products.projections((attn.q_proj, attn.k_proj, attn.v_proj), n, stream, fuse),
-                    products.projection(attn.o_proj, n, stream),
+                    products.projection(attn.o_proj, n, stream, fuse),
                     *(  # Qwen3 normalises q and k per head
                         _rms_norm(attn.q_norm) if hasattr(attn, "q_norm") else None,
                         _rms_norm(attn.k_norm) if hasattr(attn, "k_norm") else None,
                     ),
                     _rms_norm(layer.post_attention_layernorm),
                     products.projections((mlp.gate_proj, mlp.up_proj), n, stream, fuse),
-                    products.projection(mlp.down_proj, n, stream),
+                    products.projection(mlp.down_proj, n, stream, fuse),
                     mlp.act_fn,
                 )
             )
@@ -158,7 +191,10 @@ class _Decoder:
                 grouped[:, :, :, :p] = prefilled[:, None]
         # transformers passes no mask (and uses enable_gqa) when no row is padded.
         self.mask = None
-        if not bool(prompt_mask.all()):
+        if ops is not None:  # the kernel reads one row of slots per batch row
+            self.mask = torch.ones(n, p + steps, dtype=torch.bool, device=prompt_mask.device)
+            self.mask[:, :p] = prompt_mask.bool()
+        elif not bool(prompt_mask.all()):
             self.mask = torch.ones(n, 1, 1, p + steps, dtype=torch.bool, device=prompt_mask.device)
             self.mask[:, 0, 0, :p] = prompt_mask.bool()
         # Rotary tables for every position a row can reach, indexed by position each step.
@@ -172,6 +208,8 @@ class _Decoder:
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Float32 next-token logits (N, V) after feeding `tokens` (N,) at `positions` (N,)."""
+        if self.ops is not None:
+            return self._fused_step(tokens, positions)
         n, slot = tokens.shape[0], self.length
         end = slot + 1
         mask = None if self.mask is None else self.mask[..., :end]
@@ -212,6 +250,38 @@ class _Decoder:
         if self.mask is not None:
             self.mask[:, 0, 0, slot] = True
         return self.head(self.norm(h))[:, -1].to(copy=True, dtype=torch.float32)
+
+    def _fused_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """`step` with the operations between products fused (`fused_ops`): rotary embedding,
+        the cache write and attention in one call per layer, each residual add with the
+        RMSNorm after it, SwiGLU; the same arithmetic rounded in other orders."""
+        ops, slot, n = self.ops, self.length, tokens.shape[0]
+        norms = iter(self.norm_weights)
+        h = self.embed.forward(tokens)  # (N, D), the residual stream, added to in place
+        x = ops.add_rms_norm(h, None, *next(norms))
+        for i, layer in enumerate(self.layers):
+            _, attn, qkv, o_proj, q_norm, k_norm, _, gate_up, down, _ = layer
+            q, k, v = qkv(x)
+            if q_norm is not None:  # Qwen3: per head, before rotary embedding
+                d = attn.head_dim
+                q, k = q_norm(q.view(n, -1, d)).view(n, -1), k_norm(k.view(n, -1, d)).view(n, -1)
+            out = ops.attend(
+                q,
+                k,
+                v,
+                self.cos,
+                self.sin,
+                positions,
+                self.keys[i],
+                self.values[i],
+                slot,
+                self.mask,
+                attn.scaling,
+            )
+            x = ops.add_rms_norm(h, o_proj(out), *next(norms))
+            x = ops.add_rms_norm(h, down(ops.silu_mul(*gate_up(x))), *next(norms))
+        self.length = slot + 1
+        return self.head(x).to(copy=True, dtype=torch.float32)
 
 
 def inference(fn: Callable[..., tuple[Any, ...]]) -> Callable[..., tuple[Any, ...]]:
@@ -283,7 +353,8 @@ def sample(
     stream, fuse = products.modes(lm, do_sample)
     if stream:  # copies of weights (packed, LoRA merged) go into memory given back, not on top
         heap.trim()
-    decoder = _Decoder(lm, cache, prompt_mask, max_new_tokens, g, stream, fuse)
+    ops = fused_ops(lm, do_sample)
+    decoder = _Decoder(lm, cache, prompt_mask, max_new_tokens, g, stream, fuse, ops)
     del cache
     ids = prompt_ids.new_full((n, p + max_new_tokens), pad_token_id)
     ids[:, :p] = prompt_ids

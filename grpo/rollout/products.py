@@ -2,32 +2,35 @@
 through a few-row kernel for models that stream their weights, stacked for small ones.
 
 Decoding multiplies a few rows by every weight matrix once per token. For a model too big for
-the CPU caches (SmolLM2: 540 MB of fp32) the products are bound by reading the weights: on CPUs
-with AVX2 but not AVX-512, our kernel (`few_rows.cpp`, built on first use) reads them in their
-own layout 1.5-1.7x faster than oneDNN's packed kernel, which still serves AVX-512 CPUs (and
-reads 2.3-4x faster than MKL's sgemm, docs/performance.md); for a small model every product is
-per-call overhead, so q/k/v and gate/up run as one product each. All of these round differently
-from `F.linear`, so `modes` uses them for sampling only: greedy decoding stays bit-exact with
-`generate`.
+the CPU caches (SmolLM2: 540 MB of fp32) the products are bound by reading the weights: our
+kernel (`few_rows.cpp`, built on first use) reads them in their own layout, faster than
+oneDNN's packed kernel on CPUs with AVX2 but not AVX-512 and, with oneDNN's packing counted, for
+up to 16 rows on AVX-512 CPUs; oneDNN serves the rest (and reads 2.3-4x faster than MKL's sgemm,
+docs/performance.md). For a small model every product is per-call overhead, so q/k/v and
+gate/up run as one product each, through our kernel too (its calls cost less than F.linear's).
+All of these round differently from `F.linear`, so `modes` uses them for sampling only: greedy
+decoding stays bit-exact with `generate`.
 """
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Callable
 from functools import cache, partial
-from pathlib import Path
-from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from grpo.rollout import kernels
+
 # Models with more bytes of weights than this stream them from memory on every decoding step.
 STREAM_BYTES = 2**26
-KERNEL_SOURCE = Path(__file__).with_name("few_rows.cpp")
+# Rows up to which our kernel streams weights faster than oneDNN's packed product on AVX-512
+# CPUs too, its packing included (docs/performance.md, changes 21 and 22: SmolLM2 at 16 rows
+# 3.3 against 4.0 s a generation, at 32 rows 6.6 against 5.7); CPUs with AVX2 but not AVX-512
+# use ours for any number of rows (change 18).
+KERNEL_ROWS = 16
 
 Product = Callable[[torch.Tensor], torch.Tensor]
 
@@ -38,7 +41,8 @@ def modes(lm: PreTrainedModel, do_sample: bool) -> tuple[bool, bool]:
     for greedy decoding."""
     big = weight_bytes(lm) > STREAM_BYTES
     on_cpu = next(lm.parameters()).device.type == "cpu"
-    stream = do_sample and big and on_cpu and streaming_product() is not None
+    # whether any product streams: our kernel (at 1 row) or oneDNN's
+    stream = do_sample and big and on_cpu and streaming_product(1) is not None
     return stream, do_sample and not big
 
 
@@ -48,41 +52,19 @@ def weight_bytes(lm: PreTrainedModel) -> int:
 
 
 @cache
-def streaming_product() -> type[FewRowsLinear] | type[PackedLinear] | None:
-    """The product for weights streamed from memory on this CPU: our kernel where the CPU has
-    AVX2 but not AVX-512 (where it was measured) and it builds; else oneDNN's packed linear
-    where this torch has it; else None (`F.linear`). Chosen once per process: `modes` and
-    every projection of a `sample` call ask."""
-    avx2_only = torch.cpu._is_avx2_supported() and not torch.cpu._is_avx512_supported()
-    if avx2_only and few_rows_kernel() is not None:
-        return FewRowsLinear
+def streaming_product(rows: int) -> type[FewRowsLinear] | type[PackedLinear] | None:
+    """The product for weights streamed from memory on this CPU, for `rows` rows of input: our
+    kernel where it builds and the CPU has AVX2 but not AVX-512, or for at most `KERNEL_ROWS`
+    rows (where it was measured faster); else oneDNN's packed linear where this torch has it;
+    else ours where it builds; else None (`F.linear`). The same for every projection of a
+    `sample` call."""
+    ours = FewRowsLinear if kernels.load("few_rows") is not None else None
+    if ours and (rows <= KERNEL_ROWS or not torch.cpu._is_avx512_supported()):
+        return ours
     ops = getattr(torch.ops, "mkldnn", None)
     if torch.backends.mkldnn.is_available() and hasattr(ops, "_linear_pointwise"):
         return PackedLinear
-    return None
-
-
-@cache
-def few_rows_kernel() -> ModuleType | None:
-    """`few_rows.cpp` compiled (once per machine and torch: torch caches the build under
-    TORCH_EXTENSIONS_DIR, ~45 s) and loaded; None where it cannot be, said in one line."""
-    if not torch.cpu._is_avx2_supported():
-        return None
-    from torch.utils.cpp_extension import load
-
-    flags = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # OpenMP: torch's threads (at::parallel_for)
-    try:
-        return load(
-            "grpo_few_rows", [str(KERNEL_SOURCE)], extra_cflags=flags, extra_ldflags=flags[-1:]
-        )
-    except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as error:
-        # no compiler or ninja, a failed build: the first line of what torch says
-        reason = (str(error).strip() or type(error).__name__).splitlines()[0]
-        print(
-            f"note: decoding with oneDNN's products, {KERNEL_SOURCE.name} did not build: {reason}",
-            file=sys.stderr,
-        )
-        return None
+    return ours
 
 
 class FewRowsLinear:
@@ -92,7 +74,7 @@ class FewRowsLinear:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int):
         self.weight, self.bias = weight.contiguous(), bias
-        self.kernel = few_rows_kernel()
+        self.kernel = kernels.load("few_rows")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernel.linear(x, self.weight, self.bias)
@@ -140,15 +122,24 @@ def plain_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] 
     return (module.weight, module.bias) if type(module) is nn.Linear else None
 
 
-def projection(module: nn.Module, rows: int, stream: bool) -> Product:
-    """The product with `module`'s weight (`plain_weight`), through `streaming_product` when
-    `stream` (fp32); else `module.forward`."""
+def product(
+    weight: torch.Tensor, bias: torch.Tensor | None, rows: int, stream: bool, fuse: bool
+) -> Product:
+    """The product with an fp32 `weight` for `rows` rows: `streaming_product` when `stream`; with
+    `fuse` (a small model, its weights in cache) our few-row kernel, whose per-call cost is a
+    third to two thirds of F.linear's at these sizes, where it builds; else F.linear."""
+    if weight.dtype == torch.float32 and stream:
+        return streaming_product(rows)(weight, bias, rows).forward
+    if weight.dtype == torch.float32 and fuse and kernels.load("few_rows") is not None:
+        return FewRowsLinear(weight, bias, rows).forward
+    return partial(F.linear, weight=weight, bias=bias)
+
+
+def projection(module: nn.Module, rows: int, stream: bool, fuse: bool) -> Product:
+    """The product with `module`'s weight (`plain_weight`, through `product`); `module.forward`
+    for any other layer."""
     weights = plain_weight(module)
-    if weights is None:
-        return module.forward
-    if stream and weights[0].dtype == torch.float32:
-        return streaming_product()(*weights, rows).forward
-    return partial(F.linear, weight=weights[0], bias=weights[1])
+    return module.forward if weights is None else product(*weights, rows, stream, fuse)
 
 
 def projections(
@@ -166,6 +157,7 @@ def projections(
         stacked = torch.cat([w for w, _ in weights])
         bias = torch.cat([b for _, b in weights]) if biases[0] else None
         sizes = [w.shape[0] for w, _ in weights]
-        return lambda x: F.linear(x, stacked, bias).split(sizes, -1)
-    products = [projection(m, rows, stream) for m in modules]
-    return lambda x: tuple(product(x) for product in products)
+        stacked_product = product(stacked, bias, rows, stream, fuse)
+        return lambda x: stacked_product(x).split(sizes, -1)
+    each = [projection(m, rows, stream, fuse) for m in modules]
+    return lambda x: tuple(p(x) for p in each)

@@ -11,6 +11,7 @@ from conftest import (
     EOS,
     PAD,
     VOCAB,
+    built_kernel,
     lean_sample,
     prompt_batch,
     random_model,
@@ -52,36 +53,79 @@ def test_lean_greedy_tokens_equal_generate(kind, kv_heads, padded, copies):
     assert (tokens[:, ids.shape[1] :] == PAD).any(), "some rows should have finished early"
 
 
+def sampled_rollout(ids, mask, tokens, copies: int = 1) -> Rollout:
+    """A rollout of `lean_sample`'s rows: each completion up to and including its first EOS."""
+    completion = tokens[:, ids.shape[1] :]
+    is_eos = (completion == EOS).long()
+    sampled = ((is_eos.cumsum(1) - is_eos) == 0).long()  # up to and including the first EOS
+    rows = completion.shape[0]
+    ids, mask = ids.repeat_interleave(copies, 0), mask.repeat_interleave(copies, 0)
+    return Rollout(
+        ids, mask, completion, sampled, torch.zeros(rows, dtype=torch.bool), [""] * rows, PAD
+    )
+
+
+def use_fused_ops(fused: bool, monkeypatch) -> None:
+    """The decoder with `decode_ops.cpp` (skip where it does not build) or with ATen's ops."""
+    if not fused:
+        monkeypatch.setattr(lean, "fused_ops", lambda lm, do_sample: None)
+    else:
+        built_kernel("decode_ops")
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("product", [None, "FewRowsLinear", "PackedLinear"])
-def test_lean_sampling_logprobs_equal_a_forward_pass(temperature, product, monkeypatch):
+@pytest.mark.parametrize("fused", [True, False])
+def test_lean_sampling_logprobs_equal_a_forward_pass(temperature, product, fused, monkeypatch):
     """Through each streaming product (models too big for the caches: our few-row kernel,
     oneDNN's packed linear) and without: then this small model's q/k/v and gate/up products are
-    fused, biases included (Qwen2)."""
+    fused, biases included (Qwen2); with the operations between products fused
+    (`decode_ops.cpp`) and with ATen's."""
+    use_fused_ops(fused, monkeypatch)
     if product is not None:
         monkeypatch.setattr(products, "STREAM_BYTES", 0)  # stream even this small model
-        if product == "FewRowsLinear" and products.few_rows_kernel() is None:
-            pytest.skip("the few-row kernel does not build on this machine")
+        if product == "FewRowsLinear":
+            built_kernel("few_rows")
         if product == "PackedLinear" and not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
             pytest.skip("this torch build has no oneDNN packed linear")
         chosen = getattr(products, product)
-        monkeypatch.setattr(products, "streaming_product", lambda: chosen)
+        monkeypatch.setattr(products, "streaming_product", lambda rows: chosen)
     model = random_model("qwen2", 2)
     assert products.modes(model, do_sample=True)[0] == (product is not None)
+    assert (lean.fused_ops(model, do_sample=True) is not None) == fused
     ids, mask = prompt_batch(padded=True)
     torch.manual_seed(3)
     tokens, logprobs = lean_sample(
         model, ids, mask, 12, temperature=temperature, keep_logprobs=True
     )
-    completion = tokens[:, ids.shape[1] :]
-    is_eos = (completion == EOS).long()
-    sampled = ((is_eos.cumsum(1) - is_eos) == 0).long()  # up to and including the first EOS
-    rollout = Rollout(
-        ids, mask, completion, sampled, torch.zeros(6, dtype=torch.bool), [""] * 6, PAD
-    )
     with torch.no_grad():
-        expected, _ = token_logprobs(model, rollout, temperature)
+        expected, _ = token_logprobs(model, sampled_rollout(ids, mask, tokens), temperature)
     torch.testing.assert_close(logprobs, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("kv_heads", [4, 1])
+@pytest.mark.parametrize("padded", [True, False])
+def test_fused_ops_sample_every_architecture(kind, kv_heads, padded):
+    """`decode_ops.cpp` for each architecture (Qwen3's per-head q/k norms between the products
+    and the kernel), with and without GQA and padding, each prompt's cache copied to 3 rows."""
+    built_kernel("decode_ops")
+    model = random_model(kind, kv_heads)
+    assert lean.fused_ops(model, do_sample=True) is not None
+    assert lean.fused_ops(model, do_sample=False) is None  # greedy stays bit-exact
+    ids, mask = prompt_batch(padded)
+    torch.manual_seed(5)
+    tokens, logprobs = lean_sample(model, ids, mask, 10, n=3, keep_logprobs=True)
+    with torch.no_grad():
+        expected, _ = token_logprobs(model, sampled_rollout(ids, mask, tokens, copies=3))
+    torch.testing.assert_close(logprobs, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_ops_leave_other_activations_to_aten():
+    model = random_model("llama", 4)
+    for layer in model.model.layers:
+        layer.mlp.act_fn = torch.nn.GELU()
+    assert lean.fused_ops(model, do_sample=True) is None
 
 
 def test_inverse_cdf_sampler_draws_from_probs():

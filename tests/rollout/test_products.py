@@ -10,20 +10,19 @@ import sys
 
 import pytest
 import torch
+from conftest import built_kernel
 
 from grpo.rollout import products
 
 
 @pytest.fixture(scope="module")
 def kernel():
-    kernel = products.few_rows_kernel()
-    if kernel is None:
-        pytest.skip("the few-row kernel does not build on this machine (no AVX2 or no compiler)")
-    return kernel
+    return built_kernel("few_rows")
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 16, 17])
-@pytest.mark.parametrize(("outputs", "columns"), [(200, 576), (37, 43)])  # 43: a tail of 3
+# 43: a tail of 3; 1100: past 1024 columns, where rows go 4 to a pass
+@pytest.mark.parametrize(("outputs", "columns"), [(200, 576), (37, 43), (70, 1100)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_few_rows_linear_equals_float64_arithmetic(kernel, rows, outputs, columns, bias):
     torch.manual_seed(rows + columns)
@@ -42,9 +41,10 @@ def test_few_rows_linear_takes_any_leading_shape_and_strides(kernel):
     torch.testing.assert_close(got, torch.nn.functional.linear(x.transpose(0, 1), w))
 
 
-def test_a_rows_result_depends_on_no_other_row_nor_the_thread_count(kernel):
+@pytest.mark.parametrize("columns", [576, 1100])
+def test_a_rows_result_depends_on_no_other_row_nor_the_thread_count(kernel, columns):
     torch.manual_seed(0)
-    x, w = torch.randn(13, 576), torch.randn(300, 576)
+    x, w = torch.randn(13, columns), torch.randn(300, columns)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -60,8 +60,8 @@ def test_a_kernel_that_does_not_build_leaves_onednn_with_one_line(tmp_path):
     """No compiler (CXX fails): a note on stderr, no kernel, oneDNN's product (where the
     CPU has AVX2; without it the kernel is not tried)."""
     code = (
-        "from grpo.rollout import products\n"
-        "print(products.few_rows_kernel() is None, products.streaming_product().__name__)"
+        "from grpo.rollout import kernels, products\n"
+        "print(kernels.load('few_rows') is None, products.streaming_product(8).__name__)"
     )
     env = dict(os.environ, CXX="false", TORCH_EXTENSIONS_DIR=str(tmp_path))
     run = subprocess.run(
@@ -72,3 +72,12 @@ def test_a_kernel_that_does_not_build_leaves_onednn_with_one_line(tmp_path):
     notes = [line for line in run.stderr.splitlines() if line.startswith("note:")]
     if torch.cpu._is_avx2_supported():
         assert len(notes) == 1 and "few_rows.cpp did not build" in notes[0], run.stderr
+
+
+def test_the_streaming_product_by_cpu_and_rows(kernel):
+    """Ours up to KERNEL_ROWS rows on every CPU it builds on; above, oneDNN's packed product on
+    AVX-512 CPUs and ours on the others."""
+    assert products.streaming_product(products.KERNEL_ROWS) is products.FewRowsLinear
+    above = products.streaming_product(products.KERNEL_ROWS + 1)
+    avx512 = torch.cpu._is_avx512_supported()
+    assert above is (products.PackedLinear if avx512 else products.FewRowsLinear)
