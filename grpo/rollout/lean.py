@@ -106,21 +106,22 @@ def _rms_norm(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return partial(F.rms_norm, normalized_shape=weight.shape, weight=weight, eps=eps)
 
 
+def _residual_norms(body: nn.Module) -> list[nn.Module]:
+    """The RMSNorms in the order the residual stream meets them: each layer's two, the final."""
+    pairs = [(layer.input_layernorm, layer.post_attention_layernorm) for layer in body.layers]
+    return [norm for pair in pairs for norm in pair] + [body.norm]
+
+
 def fused_ops(lm: PreTrainedModel, do_sample: bool) -> ModuleType | None:
     """`decode_ops.cpp` (`grpo.rollout.kernels`) for a `sample` call that can use it: sampling
     (greedy decoding stays bit-exact with `generate`) on the CPU, fp32 RMSNorms
     (`_rms_norm`'s fused case), SwiGLU, and widths its 8-float vectors divide; else None."""
     body, config = lm.model, lm.config
-    norms = [body.norm] + [
-        norm
-        for layer in body.layers
-        for norm in (layer.input_layernorm, layer.post_attention_layernorm)
-    ]
     widths = (config.hidden_size, config.intermediate_size, body.layers[0].self_attn.head_dim)
     suits = (
         do_sample
         and lm.device.type == "cpu"
-        and all(isinstance(_rms_norm(norm), partial) for norm in norms)
+        and all(isinstance(_rms_norm(norm), partial) for norm in _residual_norms(body))
         and all(type(layer.mlp.act_fn).__name__ in SILU for layer in body.layers)
         and all(w % 8 == 0 for w in widths)
     )
@@ -150,12 +151,8 @@ class _Decoder:
     ):
         body = lm.model
         self.ops = ops
-        if ops is not None:  # the RMSNorms' (weight, eps) in the order the residual meets them
-            self.norm_weights = [
-                (norm.weight, norm.variance_epsilon)
-                for layer in body.layers
-                for norm in (layer.input_layernorm, layer.post_attention_layernorm)
-            ] + [(body.norm.weight, body.norm.variance_epsilon)]
+        if ops is not None:  # for the kernel: each RMSNorm's (weight, eps)
+            self.norm_weights = [(m.weight, m.variance_epsilon) for m in _residual_norms(body)]
         n, p = prompt_mask.shape
         self.embed, self.norm = body.embed_tokens, _rms_norm(body.norm)
         self.head = products.projection(lm.lm_head, n, stream, fuse)
