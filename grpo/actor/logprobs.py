@@ -34,6 +34,12 @@ from grpo.batch import Rollout, take
 from grpo.model.loading import LLAMA_LIKE, causal_lm
 
 Rows = slice | list[int]  # rows of a batch: a slice, or row indices
+# Words of the vocabulary per LM-head product on the CPU (`_head_logits`, the head's weight
+# gradient). MKL's sgemm takes 1.6-1.8x longer for SmolLM2's 128 rows x 49152 words in one
+# product than in chunks of 2048, whose outputs stay in cache, and gives the same bits: a logit's
+# sum over the hidden size does not depend on how many words share its product
+# (docs/performance.md, change 24).
+HEAD_WORDS = 2048
 
 
 @dataclass(frozen=True)
@@ -618,14 +624,31 @@ class _ChunkedLogProbs(torch.autograd.Function):
             if grad_hidden is not None:
                 torch.mm(grad, weight, out=grad_hidden[part])
             if ctx.needs_input_grad[1]:
-                if grad_weight is None:
-                    grad_weight = grad.T @ hidden[part]
-                else:
-                    grad_weight.addmm_(grad.T, hidden[part])
+                first = grad_weight is None
+                if first:
+                    grad_weight = torch.empty_like(weight)
+                for words in _vocabulary_chunks(weight):  # each word's row: the same sums
+                    if first:
+                        torch.mm(grad[:, words].T, hidden[part], out=grad_weight[words])
+                    else:
+                        grad_weight[words].addmm_(grad[:, words].T, hidden[part])
         return grad_hidden, grad_weight, None, None, None, None
 
 
 def _head_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Float32 logits of the LM head, divided by the temperature."""
-    logits = F.linear(hidden, weight).float()
+    """Float32 logits of the LM head, divided by the temperature: one product per chunk of
+    `HEAD_WORDS` words (`_vocabulary_chunks`) into one buffer, each logit the same sum as in
+    one product."""
+    logits = hidden.new_empty(hidden.shape[0], weight.shape[0])
+    for words in _vocabulary_chunks(weight):
+        torch.mm(hidden, weight[words].T, out=logits[:, words])
+    logits = logits.float()
     return logits / temperature if temperature != 1.0 else logits
+
+
+def _vocabulary_chunks(weight: torch.Tensor) -> list[slice]:
+    """The LM head's rows (`weight`: vocabulary x hidden) in chunks of `HEAD_WORDS` words on
+    the CPU (cache-sized outputs); elsewhere one chunk (a GPU runs one large product best)."""
+    words = weight.shape[0]
+    step = HEAD_WORDS if weight.device.type == "cpu" else words
+    return [slice(start, start + step) for start in range(0, words, step)]

@@ -27,6 +27,7 @@ from conftest import (
 )
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from grpo.actor import logprobs
 from grpo.actor.logprobs import (
     SharedPrompts,
     batch_logprobs,
@@ -109,6 +110,43 @@ def test_chunked_logprobs_for_each_architecture(kind, length):
     got = value_and_grads(model, lambda: token_logprobs(model, rollout, 0.7, True, True, 900))
     want = value_and_grads(model, lambda: plain_logprobs(model, rollout, 0.7))
     assert_all_close(got, want, model, rollout, 0.7)
+
+
+def test_the_head_in_vocabulary_chunks_is_as_accurate(monkeypatch):
+    """Products of a few words at a time (the last chunk shorter) in the head's forward and
+    weight gradient: values and gradients as accurate as the plain pass."""
+    monkeypatch.setattr(logprobs, "HEAD_WORDS", 64)  # VOCAB 300: 4 chunks of 64, one of 44
+    model = random_model("llama", kv_heads=2)
+    rollout = random_rollout(20)
+    got = value_and_grads(model, lambda: token_logprobs(model, rollout, 0.7, True, True, 900))
+    want = value_and_grads(model, lambda: plain_logprobs(model, rollout, 0.7))
+    assert_all_close(got, want, model, rollout, 0.7)
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="the claim is MKL's")
+@pytest.mark.parametrize("keep", [True, False])  # log p kept for backward, or recomputed there
+def test_vocabulary_chunks_give_the_bits_of_one_product(monkeypatch, keep):
+    """What keeps the quickstart's numbers: the head's products in chunks of `HEAD_WORDS`
+    words give the bits of one product (log-probs, entropies, both gradients), at SmolLM2's
+    hidden size and the update's rows."""
+    torch.manual_seed(0)
+    words, rows = 3 * logprobs.HEAD_WORDS + 100, 128
+    hidden = torch.randn(rows, 576, requires_grad=True)
+    weight = (torch.randn(words, 576) * 0.05).requires_grad_()
+    ids = torch.randint(0, words, (rows,))
+
+    def run():
+        chunk_rows = rows if keep else rows // 2
+        logp, entropy = logprobs._ChunkedLogProbs.apply(hidden, weight, ids, 0.7, True, chunk_rows)
+        (logp.sum() + 0.5 * entropy.sum()).backward()
+        out = [logp, entropy, hidden.grad, weight.grad]
+        hidden.grad = weight.grad = None
+        return out
+
+    chunked = run()
+    monkeypatch.setattr(logprobs, "HEAD_WORDS", words)  # one product
+    for got, want in zip(chunked, run(), strict=True):
+        assert torch.equal(got, want)
 
 
 def exact(model, rollout: Rollout, temperature: float):
