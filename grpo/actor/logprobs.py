@@ -624,14 +624,11 @@ class _ChunkedLogProbs(torch.autograd.Function):
             if grad_hidden is not None:
                 torch.mm(grad, weight, out=grad_hidden[part])
             if ctx.needs_input_grad[1]:
-                first = grad_weight is None
+                first = grad_weight is None  # beta 0: the empty buffer is not read
                 if first:
                     grad_weight = torch.empty_like(weight)
                 for words in _vocabulary_chunks(weight):  # each word's row: the same sums
-                    if first:
-                        torch.mm(grad[:, words].T, hidden[part], out=grad_weight[words])
-                    else:
-                        grad_weight[words].addmm_(grad[:, words].T, hidden[part])
+                    grad_weight[words].addmm_(grad[:, words].T, hidden[part], beta=int(not first))
         return grad_hidden, grad_weight, None, None, None, None
 
 
@@ -642,8 +639,8 @@ def _head_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float)
     logits = hidden.new_empty(hidden.shape[0], weight.shape[0])
     for words in _vocabulary_chunks(weight):
         torch.mm(hidden, weight[words].T, out=logits[:, words])
-    logits = logits.float()
-    return logits / temperature if temperature != 1.0 else logits
+    logits = logits.float()  # a buffer of our own: divided in place
+    return logits.div_(temperature) if temperature != 1.0 else logits
 
 
 def _vocabulary_chunks(weight: torch.Tensor) -> list[slice]:
